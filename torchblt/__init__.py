@@ -1,0 +1,33 @@
+"""torchblt: the Byte Latent Transformer in PyTorch — exact to the released models."""
+
+from torchblt.formats import load_model, save_model
+from torchblt.model import (
+    BLT,
+    BLTConfig,
+    EntropyModel,
+    EntropyModelConfig,
+    StackConfig,
+    entropy,
+    named_config,
+    ngram_hash_ids,
+)
+from torchblt.patching import Patcher
+from torchblt.tokenizer import BPEDelimitedTokenizer, ByteTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLT",
+    "BLTConfig",
+    "BPEDelimitedTokenizer",
+    "ByteTokenizer",
+    "EntropyModel",
+    "EntropyModelConfig",
+    "Patcher",
+    "StackConfig",
+    "entropy",
+    "load_model",
+    "named_config",
+    "ngram_hash_ids",
+    "save_model",
+]

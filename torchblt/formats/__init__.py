@@ -1,0 +1,106 @@
+"""Checkpoint formats, detected automatically by :func:`load_model`.
+
+=========================  ===========================================================  =====================
+format                     files                                                        adapter
+=========================  ===========================================================  =====================
+torchblt (ours)            ``config.json`` (``{"format": "torchblt", ...}``) + ``model.safetensors``  :mod:`.native`
+reference Hugging Face     ``config.json`` (``{"args": {...}}``) + ``model.safetensors`` (+ ``train_args.json``)  :mod:`.reference`
+reference consolidated     ``params.json`` + ``consolidated.pth`` (``{"model": state_dict}``)          :mod:`.consolidated`
+=========================  ===========================================================  =====================
+
+A path that does not exist locally and looks like ``org/name`` is fetched with ``huggingface_hub``.
+Weights are matched strictly: a missing or unexpected tensor, or a wrong shape, is an error that lists
+them. Pickled checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from torchblt.formats.common import CheckpointError, build_model, load_state_dict_strict, resolve_dtype
+from torchblt.formats.consolidated import is_consolidated_folder, read_consolidated
+from torchblt.formats.native import is_native_folder, read_native, save_model
+from torchblt.formats.reference import config_from_reference_folder
+from torchblt.model.blt import BLT
+from torchblt.model.entropy_model import EntropyModel
+
+Model = Union[BLT, EntropyModel]
+
+__all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "Model"]
+
+
+def detect_format(folder: Path) -> str:
+    """``"torchblt"``, ``"reference-hf"`` or ``"consolidated"`` for a local folder."""
+    if is_native_folder(folder):
+        return "torchblt"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        from torchblt.formats.reference import read_json
+
+        raw = read_json(folder / "config.json")
+        if isinstance(raw, dict) and "args" in raw:
+            return "reference-hf"
+    if is_consolidated_folder(folder):
+        return "consolidated"
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"{folder}: not a model folder we recognise (found {present[:12]}); expected config.json + "
+        "model.safetensors (torchblt or reference format) or params.json + consolidated.pth"
+    )
+
+
+def _resolve_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.exists():
+        if p.is_file():
+            p = p.parent  # allow pointing at a file inside the folder
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from torchblt.formats.hub import download
+
+        return download(text)
+    raise CheckpointError(f"{path}: no such file or folder")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    entropy_model: str | os.PathLike[str] | EntropyModel | None = None,
+) -> Model:
+    """Load a BLT or an entropy model from a folder (any supported format) or a hub repo id.
+
+    The model is in eval mode, on ``device``, with parameters in ``dtype`` (fp32 by default; ``"bf16"``
+    as the reference's inference path). A BLT folder that holds an ``entropy_model/`` sub-folder (as the
+    released repos do), or an explicit ``entropy_model``, gets that model attached for patching.
+    """
+    folder = _resolve_path(path)
+    fmt = detect_format(folder)
+    if fmt == "torchblt":
+        config, state = read_native(folder)
+    elif fmt == "reference-hf":
+        from torchblt.formats.native import read_safetensors
+
+        config = config_from_reference_folder(folder)
+        state = read_safetensors(folder / "model.safetensors")
+    else:
+        config, state = read_consolidated(folder)
+    model = build_model(config)
+    load_state_dict_strict(model, state, source=str(folder))
+    model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    if isinstance(model, BLT):
+        em = entropy_model
+        if em is None and (folder / "entropy_model").is_dir():
+            em = folder / "entropy_model"
+        if em is not None and not isinstance(em, nn.Module):
+            em = load_model(em, device=device, dtype=dtype)
+        if em is not None:
+            if not isinstance(em, EntropyModel):
+                raise CheckpointError(f"{entropy_model}: not an entropy model")
+            model.attach_entropy_model(em)
+    return model

@@ -1,0 +1,68 @@
+"""Helpers shared by the format adapters: building a model from its config, strict weight loading."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchblt.model.blt import BLT
+from torchblt.model.config import BLTConfig
+from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file and what is wrong."""
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def build_model(config: BLTConfig | EntropyModelConfig, device: str | torch.device = "meta") -> BLT | EntropyModel:
+    """An uninitialised model (on the meta device by default: no memory, no init cost)."""
+    with torch.device(device):
+        return BLT(config) if isinstance(config, BLTConfig) else EntropyModel(config)
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model`` (built on meta or real) or raise listing every mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:10])}")
+        raise CheckpointError(f"{source}: weights do not match the model config: " + " | ".join(parts))
+    for k, v in state.items():
+        if not v.is_floating_point() and expected[k].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {k} has dtype {v.dtype}, expected floating point")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    # non-persistent buffers (RoPE frequencies) are not in checkpoints: recompute them on a real device
+    for module in model.modules():
+        rope = getattr(module, "rope", None)
+        if rope is not None and rope.inv_freq.is_meta:
+            rope.inv_freq = rope._inv_freq(torch.device("cpu"))

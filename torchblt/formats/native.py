@@ -1,0 +1,105 @@
+"""Our own format: ``config.json`` + ``model.safetensors``.
+
+``config.json`` = ``{"format": "torchblt", "format_version": 1, "model_type": "blt" | "entropy_model",
+"config": {...nested architecture config...}}``. Tensor names are the module paths of our models (which
+are the reference's names, so the weights of a reference checkpoint and of ours are interchangeable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchblt.formats.common import CheckpointError
+from torchblt.model.blt import BLT
+from torchblt.model.config import BLTConfig, blt_config_from_dict, config_to_dict, entropy_config_from_dict
+from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+
+FORMAT_NAME = "torchblt"
+FORMAT_VERSION = 1
+
+
+def is_native_folder(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def config_dict(model: BLT | EntropyModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": "blt" if isinstance(model, BLT) else "entropy_model",
+        "config": config_to_dict(model.config),
+        **(extra or {}),
+    }
+
+
+def read_native(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dict[str, torch.Tensor]]:
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / 'config.json'}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    kind = raw.get("model_type")
+    try:
+        if kind == "blt":
+            config: BLTConfig | EntropyModelConfig = blt_config_from_dict(raw["config"])
+        elif kind == "entropy_model":
+            config = entropy_config_from_dict(raw["config"])
+        else:
+            raise CheckpointError(f"{folder / 'config.json'}: model_type {kind!r} is not 'blt' or 'entropy_model'")
+    except (ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    return config, read_safetensors(folder / "model.safetensors")
+
+
+def save_model(
+    model: BLT | EntropyModel,
+    folder: str | os.PathLike[str],
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` in our format. Refuses to replace existing files unless ``overwrite``.
+
+    Files are written to temporary names and renamed, so an interrupted save never leaves a half file.
+    ``extra`` adds top-level keys to ``config.json`` (e.g. training metadata).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    targets = [out / "config.json", out / "model.safetensors"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass overwrite=True / --overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp_weights = out / ".model.safetensors.tmp"
+    save_file(state, str(tmp_weights), metadata={"format": "pt"})
+    tmp_cfg = out / ".config.json.tmp"
+    tmp_cfg.write_text(json.dumps(config_dict(model, extra), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_weights, out / "model.safetensors")
+    os.replace(tmp_cfg, out / "config.json")
+    return out

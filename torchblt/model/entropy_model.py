@@ -1,0 +1,107 @@
+"""The entropy model: a small byte-level causal LM (the reference's ``LMTransformer``) whose next-byte
+entropies decide where patches start.
+
+Shape legend: B batch, T bytes, V vocabulary (260), D width.
+
+``EntropyModel(tokens) -> logits (B, T, V)`` (fp32). :func:`entropy` is the natural-log entropy of the
+next-byte distribution. :meth:`EntropyModel.entropies` computes it **per row**: every row of a batch gets
+exactly the entropies it would get alone (the reference concatenates a batch's rows into one stream,
+so rows leak into each other). Sequences longer than ``chunk_size`` are processed in chunks that carry
+enough left context (``n_layers * (window - 1)`` keys, the model's full receptive field under a sliding
+window) for the result to equal one forward over the whole sequence; positions keep counting (RoPE is
+relative, so only the distance between positions matters). The reference instead cuts its input into
+independent 8192-byte chunks with no context across them: below position 8192 both agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchblt.model.masks import build_self_attention_mask, uses_window
+from torchblt.model.transformer import RMSNorm, StackConfig, Transformer, trunc_normal_
+from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
+
+
+def _default_entropy_stack() -> StackConfig:
+    return StackConfig(dim=768, n_layers=14, n_heads=12, attention="local_block_causal", window=512)
+
+
+@dataclass
+class EntropyModelConfig:
+    """Architecture of the entropy model (a plain byte-level transformer LM)."""
+
+    transformer: StackConfig = field(default_factory=_default_entropy_stack)
+    vocab_size: int = VOCAB_SIZE
+    eos_id: int = EOS_ID
+
+    def validate(self) -> None:
+        self.transformer.validate("transformer")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Natural-log entropy of ``softmax(logits)`` over the last dimension, in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class EntropyModel(Transformer):
+    """Byte LM: embedding -> transformer blocks -> RMSNorm -> output head. Also the paper's byte baseline.
+
+    Parameter names are those of the reference (``tok_embeddings``, ``layers.i``, ``norm``, ``output``).
+    """
+
+    def __init__(self, config: EntropyModelConfig) -> None:
+        config.validate()
+        super().__init__(config.transformer)
+        self.config = config
+        t = config.transformer
+        self.tok_embeddings = nn.Embedding(config.vocab_size, t.dim)
+        self.norm = RMSNorm(t.dim, t.norm_eps)
+        self.output = nn.Linear(t.dim, config.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens (B, T) int64 -> logits (B, T, V) float32``."""
+        t = self.config.transformer
+        mask = build_self_attention_mask(tokens, t.attention, t.window, self.config.eos_id)
+        h = self.tok_embeddings(tokens)
+        h = self.run_layers(h, mask, positions)
+        return self.output(self.norm(h)).float()
+
+    @property
+    def receptive_field(self) -> int | None:
+        """How many earlier positions can influence a position's output (None: unbounded)."""
+        t = self.config.transformer
+        if not uses_window(t.attention):
+            return None
+        return t.n_layers * (t.window - 1)  # type: ignore[operator]
+
+    @torch.no_grad()
+    def entropies(self, tokens: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
+        """Per-row next-byte entropies ``(B, T) -> (B, T)`` float32 (see the module docstring)."""
+        B, T = tokens.shape
+        context = self.receptive_field
+        if T <= chunk_size or context is None:
+            return entropy(self(tokens))
+        out = torch.empty(B, T, dtype=torch.float32, device=tokens.device)
+        for start in range(0, T, chunk_size):
+            end = min(start + chunk_size, T)
+            left = max(0, start - context)
+            positions = torch.arange(left, end, device=tokens.device)[None]
+            ent = entropy(self(tokens[:, left:end], positions=positions))
+            out[:, start:end] = ent[:, start - left :]
+        return out
+
+    def init_weights(self) -> None:
+        """Truncated normal: embeddings and head ``dim^-0.5``; blocks as :meth:`Transformer.init_weights`
+        without depth scaling (the reference entropy model's ``init_std_factor="disabled"``); norms 1."""
+        d = self.config.transformer.dim
+        trunc_normal_(self.tok_embeddings.weight, d**-0.5)
+        trunc_normal_(self.output.weight, d**-0.5)
+        super().init_weights(depth_scaled=False)
+        self.norm.reset_parameters()

@@ -1,0 +1,89 @@
+"""Hash n-gram embeddings of the local encoder.
+
+For every byte position j and n-gram size g, the ids ``x[j-g+1..j]`` (left-padded with 0 = BOE) are
+hashed with a polynomial rolling hash ``sum_i x[j-g+1+i] * p^i`` (oldest byte times ``p^0``) in int64
+with two's-complement wrap-around, then reduced with floor modulo into ``[0, vocab_size)``. This is
+bit-exact with the reference (including the wrap-around, which the reference gets from torch's int64
+overflow; we compute the wrapped prime powers explicitly so the result does not depend on how a device
+evaluates ``p ** i``).
+
+Tables are ordered function-major, then n-gram size: table ``f * len(sizes) + s`` embeds
+``ngram_hash_ids(tokens, sizes[s], f, vocab)``. The embeddings are *added* to the byte embedding in that
+order (the order matters in bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Primes of the reference's hash functions (hash_index selects one).
+HASH_PRIMES = (
+    1000000007,
+    5915587277,
+    1500450271,
+    3267000013,
+    5754853343,
+    4093082899,
+    9576890767,
+    3628273133,
+    2860486313,
+    5463458053,
+    3367900313,
+)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _wrapped_int64(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _prime_powers(prime: int, group_size: int) -> list[int]:
+    return [_wrapped_int64(pow(prime, i, 1 << 64)) for i in range(group_size)]
+
+
+def ngram_hash_ids(
+    tokens: torch.Tensor, group_size: int = 3, hash_index: int = 0, vocab_size: int = 500002
+) -> torch.Tensor:
+    """Hash ids of the n-grams ending at every position: ``(B, T) int64 -> (B, T) int64``."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    if not 0 <= hash_index < len(HASH_PRIMES):
+        raise ValueError(f"hash_index must be in [0, {len(HASH_PRIMES)}), got {hash_index}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    x = tokens.to(torch.int64)
+    padded = torch.nn.functional.pad(x, (group_size - 1, 0), value=0)  # (B, T+g-1)
+    windows = padded.unfold(1, group_size, 1)  # (B, T, g), oldest byte first
+    powers = torch.tensor(_prime_powers(HASH_PRIMES[hash_index], group_size), dtype=torch.int64, device=x.device)
+    h = (windows * powers).sum(-1)  # int64, wraps on overflow
+    return torch.remainder(h, vocab_size)
+
+
+class HashNgramEmbedding(nn.ModuleList):
+    """``n_functions * len(group_sizes)`` embedding tables whose lookups are summed onto byte embeddings.
+
+    A ``ModuleList`` so that parameter names are ``<name>.<i>.weight``, as in the released checkpoints.
+    """
+
+    def __init__(self, group_sizes: list[int], vocab_size: int, n_functions: int, dim: int) -> None:
+        super().__init__(nn.Embedding(vocab_size, dim) for _ in range(n_functions * len(group_sizes)))
+        self.group_sizes = list(group_sizes)
+        self.vocab_size = vocab_size
+        self.n_functions = n_functions
+
+    def ids(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Hash ids for every table, in table order (function-major, then n-gram size)."""
+        return [
+            ngram_hash_ids(tokens, g, f, self.vocab_size)
+            for f in range(self.n_functions)
+            for g in self.group_sizes
+        ]
+
+    def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``embeds + table_0(ids_0) + table_1(ids_1) + ...`` summed in the reference's order."""
+        for table, table_ids in zip(self, ids if ids is not None else self.ids(tokens)):
+            embeds = embeds + table(table_ids)
+        return embeds

@@ -1,0 +1,129 @@
+"""Attention masks: causal, sliding window, document-masked sliding window, and cross-attention.
+
+Shape legend: B batch, Tq query positions, Tk key positions, T bytes, P patches, K slots per patch.
+
+Masks are boolean, ``True`` = may attend. Self-attention masks are built from *positions* and
+*document ids* so the same function serves a full forward (query and key positions equal) and a cached
+decoding step (a few queries against many cached keys):
+
+    allowed(i, j) = pos_k[j] <= pos_q[i]
+                    and pos_q[i] - pos_k[j] < window          (if a window is set)
+                    and doc_q[i] == doc_k[j]                    (if documents are masked)
+
+Documents (the xformers ``BlockDiagonalCausalMask.from_seqlens`` + ``make_local_attention`` semantics the
+released models were trained with): a document ends *with* an EOS token; the token after an EOS starts a
+new one. Each batch row is independent. RoPE positions are not reset at document starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+MaskKind = Literal["causal", "block_causal", "local_block_causal", "local_causal"]
+MASK_KINDS: tuple[str, ...] = ("causal", "block_causal", "local_block_causal", "local_causal")
+
+
+def document_ids(tokens: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
+    """Document index of every position: the number of EOS tokens strictly before it. ``(B, T) -> (B, T)``."""
+    is_eos = (tokens == eos_id).to(torch.int32)
+    return torch.cumsum(is_eos, dim=1) - is_eos
+
+
+@dataclass
+class SelfAttentionMask:
+    """What a self-attention layer needs to know about visibility.
+
+    ``dense`` is a ``(B, 1, Tq, Tk)`` boolean mask, or ``None`` with ``is_causal`` for plain causal
+    attention over equal query and key lengths (lets SDPA skip materialising the mask).
+    """
+
+    dense: torch.Tensor | None
+    is_causal: bool = False
+
+
+def uses_documents(kind: str) -> bool:
+    return kind in ("block_causal", "local_block_causal")
+
+
+def uses_window(kind: str) -> bool:
+    return kind in ("local_block_causal", "local_causal")
+
+
+def self_attention_mask_dense(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Boolean ``(B, 1, Tq, Tk)`` mask from positions ``(B, Tq)``/``(B, Tk)`` and optional document ids."""
+    qp = q_pos[:, :, None]
+    kp = k_pos[:, None, :]
+    allowed = kp <= qp
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    if q_doc is not None and k_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
+    return allowed[:, None]
+
+
+def build_self_attention_mask(
+    tokens: torch.Tensor,
+    kind: str,
+    window: int | None,
+    eos_id: int = 2,
+) -> SelfAttentionMask:
+    """The mask of a full forward over ``tokens (B, T)`` for a stack configured with ``kind``/``window``."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown attention mask kind {kind!r}; expected one of {MASK_KINDS}")
+    docs = uses_documents(kind)
+    win = window if uses_window(kind) else None
+    if not docs and win is None:
+        return SelfAttentionMask(dense=None, is_causal=True)
+    B, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
+    doc = document_ids(tokens, eos_id) if docs else None
+    return SelfAttentionMask(dense=self_attention_mask_dense(pos, pos, doc, doc, win))
+
+
+def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Patch index of every byte position: ``(B, P), T -> (B, T)``.
+
+    Byte j belongs to patch ``#{k : cum[k] <= j} - 1`` with ``cum = [0, cumsum(lengths)]``; positions past
+    a row's total length get index P (no patch).
+    """
+    B = patch_lengths.shape[0]
+    ends = torch.cumsum(patch_lengths, dim=1)  # (B, P) exclusive ends
+    positions = torch.arange(seq_len, device=patch_lengths.device).expand(B, seq_len).contiguous()
+    # number of patch ends <= j is the index of the patch containing j
+    return torch.searchsorted(ends.contiguous(), positions, right=True)
+
+
+def cross_attention_mask(
+    byte_patch_ids: torch.Tensor,
+    n_patches: int,
+    k: int,
+    patches_as_queries: bool,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Mask between the ``P*K`` patch slots and the bytes.
+
+    ``byte_patch_ids (B, T)``: the patch each byte is matched with. Slot ``s`` stands for patch ``s // K``.
+    Allowed iff ``p_byte == p_slot``; with a window, iff ``p_slot <= p_byte < p_slot + window`` (bytes
+    read a slot) / ``p_byte <= p_slot < p_byte + window`` (slots read bytes).
+    Returns ``(B, 1, P*K, T)`` if ``patches_as_queries`` else ``(B, 1, T, P*K)``.
+    """
+    device = byte_patch_ids.device
+    slot_patch = torch.arange(n_patches, device=device).repeat_interleave(k)  # (P*K,)
+    if patches_as_queries:
+        q = slot_patch[None, :, None]  # (1, PK, 1)
+        kv = byte_patch_ids[:, None, :]  # (B, 1, T)
+        allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
+    else:
+        q = byte_patch_ids[:, :, None]  # (B, T, 1)
+        kv = slot_patch[None, None, :]  # (1, 1, PK)
+        allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
+    return allowed[:, None]

@@ -1,0 +1,285 @@
+"""Transformer building blocks shared by every stack: the entropy model, the local encoder and decoder,
+and the global latent transformer.
+
+Shape legend: B batch, T sequence positions, D model width, H query heads, Hkv key/value heads,
+Dh head width, F feed-forward width.
+
+* :class:`RMSNorm` normalises in fp32 and casts back before the weight, as ``torch.nn.RMSNorm`` does for
+  the reference (so bf16 numerics match).
+* :class:`RotaryEmbedding` is the interleaved ("complex", Llama-1/2) RoPE: pairs ``(2i, 2i+1)`` rotate by
+  ``pos * theta^(-2i/Dh)``; angles and the rotation are computed in fp32.
+* :class:`FeedForward` is SwiGLU with the reference's hidden-size rounding.
+* :class:`Attention` supports grouped-query attention (each key/value head serves ``H/Hkv`` consecutive
+  query heads), an optional KV cache, and two back-ends: SDPA with an explicit boolean mask (always
+  available) or FlexAttention (GPU, chosen at run time).
+* :class:`Transformer` is a backbone: embeddings in, hidden states out; embeddings and heads live with
+  the models that own them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchblt.model.masks import SelfAttentionMask
+
+
+@dataclass
+class StackConfig:
+    """One transformer stack (entropy model, local encoder/decoder or global transformer)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None: n_heads (no GQA)
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim_multiplier: float | None = 1.0
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seqlen: int = 8192  # positions seen in training (RoPE is computed for any position)
+    attention: str = "causal"  # causal | block_causal | local_block_causal | local_causal (see masks.py)
+    window: int | None = None  # sliding window (keys including the query) for the local_* kinds
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def validate(self, where: str) -> None:
+        from torchblt.model.masks import MASK_KINDS, uses_window
+
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "n_layers" else 1):
+                raise ValueError(f"{where}.{name} must be a positive integer, got {v!r}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"{where}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.resolved_n_kv_heads:
+            raise ValueError(
+                f"{where}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"{where}: head_dim {self.resolved_head_dim} must be even for RoPE")
+        if self.attention not in MASK_KINDS:
+            raise ValueError(f"{where}.attention must be one of {MASK_KINDS}, got {self.attention!r}")
+        if uses_window(self.attention) and (self.window is None or self.window < 1):
+            raise ValueError(f"{where}.window must be a positive integer for attention={self.attention!r}")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU width: ``int(2*4*dim/3)``, times the multiplier, rounded *up* to ``multiple_of``."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """Interleaved RoPE. ``cos_sin(positions)`` gives fp32 ``(B, T, Dh/2)`` tables for any positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        d = self.head_dim
+        exponents = torch.arange(0, d, 2, device=device)[: d // 2].float() / d
+        return 1.0 / (self.theta ** exponents)
+
+    def reset_parameters(self) -> None:
+        # the buffer is not in state dicts; recompute it after ``to_empty`` from the meta device
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs ``(2i, 2i+1)`` of ``x (B, T, H, Dh)`` by fp32 tables ``(B|1, T, Dh/2)``."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, Dh/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * c + x1 * (-s), x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCacheLike(Protocol):
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k, v (B, T, Hkv, Dh)`` and return every cached key and value."""
+        ...
+
+
+def scaled_dot_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """SDPA on ``(B, T, H, Dh)`` tensors with GQA (repeat-interleaved KV heads); returns ``(B, Tq, H, Dh)``."""
+    n_rep = q.shape[2] // k.shape[2]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=2)
+        v = v.repeat_interleave(n_rep, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+    )
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE and GQA, no biases."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: SelfAttentionMask,
+        cache: KVCacheLike | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
+        return self.wo(out.reshape(B, T, -1))
+
+    def init_weights(self, std: float, out_std: float | None = None) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            trunc_normal_(w.weight, std)
+        trunc_normal_(self.wo.weight, std if out_std is None else out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, in_std: float, out_std: float) -> None:
+        trunc_normal_(self.w1.weight, in_std)
+        trunc_normal_(self.w3.weight, in_std)
+        trunc_normal_(self.w2.weight, out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: SelfAttentionMask,
+        cache: KVCacheLike | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, factor: float = 1.0, base_std: float | None = None) -> None:
+        dim = self.attention.wq.in_features
+        hidden = self.feed_forward.w1.out_features
+        in_std = base_std if base_std is not None else dim**-0.5 / factor
+        out_std = base_std if base_std is not None else hidden**-0.5 / factor
+        self.attention.init_weights(in_std)
+        self.feed_forward.init_weights(in_std, out_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+class Transformer(nn.Module):
+    """A stack of blocks with RoPE: ``(B, T, D) -> (B, T, D)``. No embedding, no final norm, no head."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+
+    def rope_for(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.cos_sin(positions)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        mask: SelfAttentionMask,
+        positions: torch.Tensor | None = None,
+        caches: list[KVCacheLike] | None = None,
+    ) -> torch.Tensor:
+        """The backbone: hidden states through every block. Models built on a stack (the entropy model,
+        the local and global models) subclass this and keep their parameter names flat (``layers.i``)."""
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)[None]
+        rope = self.rope_for(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, None if caches is None else caches[i])
+        return h
+
+    forward = run_layers
+
+    def init_weights(self, depth_scaled: bool = True, base_std: float | None = None) -> None:
+        """Truncated normal (±3 std): inputs ``dim^-0.5``, outputs ``hidden^-0.5``, divided by
+        ``sqrt(2 (layer + 1))`` when ``depth_scaled`` (the reference's ``current_depth``)."""
+        self.rope.reset_parameters()
+        for i, layer in enumerate(self.layers):
+            factor = math.sqrt(2 * (i + 1)) if depth_scaled else 1.0
+            layer.init_weights(factor, base_std)
+
+
+def trunc_normal_(w: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)

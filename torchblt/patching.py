@@ -1,0 +1,253 @@
+"""Patchers: where each patch of bytes starts.
+
+Every mode builds a boolean *start mask* over the ``S' = S + include_next_token`` positions of each row
+(position ``S`` is the not-yet-seen next byte), optionally splits long patches, and turns the mask into
+right-padded patch lengths ``(B, P)`` whose rows sum to ``S'`` (or to ``seq_lens + include_next_token``).
+
+Modes (``E`` = entropies, ``t`` = threshold; positions 0 and 1 always start a patch in entropy mode):
+
+* ``entropy`` (global threshold): byte ``j >= 2`` starts a patch iff ``E[j-1] > t``.
+  With ``threshold_add``: byte 2 starts, byte 3 does not, byte ``j >= 4`` iff ``E[j-1] > t`` and
+  ``E[j-1] - E[j-2] > threshold_add`` (the reference's rule, kept for exactness).
+  With ``monotonicity``: byte 2 starts, byte ``j >= 3`` iff ``E[j-1] - E[j-2] > t``.
+* ``space``: a patch *ends* with a "space-like" byte (anything but ASCII letters and digits and UTF-8
+  continuation bytes) unless the byte before it is space-like too; special tokens end patches.
+* ``static``: patches of ``patch_size`` bytes; a fractional size (e.g. 4.5) gives boundaries at
+  ``floor(i * patch_size)``, so the mean patch size is exactly ``patch_size`` (the reference crashes).
+* ``byte``: one byte per patch.
+* ``bpe``: a BPE delimiter token (id 3) ends a patch (for :class:`~torchblt.tokenizer.BPEDelimitedTokenizer`).
+
+``max_patch_length`` then splits any longer patch into pieces of that length (remainder last).
+Entropies are computed per row (no leakage between the rows of a batch), see
+:meth:`torchblt.model.entropy_model.EntropyModel.entropies`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchblt.tokenizer import BPE_ID, OFFSET
+
+if TYPE_CHECKING:
+    from torchblt.model.config import PatchingConfig
+    from torchblt.model.entropy_model import EntropyModel
+
+PATCHING_MODES = ("entropy", "space", "static", "byte", "bpe")
+DEFAULT_THRESHOLD = 1.335442066192627
+
+__all__ = ["Patcher", "PATCHING_MODES", "lengths_from_start_mask", "split_first_patch", "space_like"]
+
+
+def space_like(tokens: torch.Tensor) -> torch.Tensor:
+    """Bytes that are not ASCII letters/digits nor UTF-8 continuation bytes (negative for specials)."""
+    b = tokens - OFFSET
+    return (
+        (b < ord("0"))
+        | ((b > ord("9")) & (b < ord("A")))
+        | ((b > ord("Z")) & (b < ord("a")))
+        | ((b > ord("z")) & (b < 0x80))
+        | (b >= 0xC0)
+    )
+
+
+def lengths_from_start_mask(starts: torch.Tensor, row_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean start mask ``(B, S')`` (position 0 must start) -> right-padded lengths ``(B, P)``.
+
+    ``row_lengths (B,)`` limits each row to its first ``row_lengths[b]`` positions.
+    """
+    B, S = starts.shape
+    if S == 0:
+        return torch.zeros(B, 0, dtype=torch.int64, device=starts.device)
+    valid = torch.ones_like(starts)
+    if row_lengths is not None:
+        valid = torch.arange(S, device=starts.device)[None, :] < row_lengths[:, None]
+    starts = starts & valid
+    patch_index = torch.cumsum(starts.to(torch.int64), dim=1) - 1  # (B, S')
+    n_patches = int(starts.sum(1).max().item()) if B else 0
+    lengths = torch.zeros(B, max(n_patches, 1), dtype=torch.int64, device=starts.device)
+    lengths.scatter_add_(1, patch_index.clamp(min=0), valid.to(torch.int64) * (patch_index >= 0))
+    return lengths[:, :n_patches] if n_patches else lengths[:, :0]
+
+
+def split_long_patches(starts: torch.Tensor, max_patch_length: int) -> torch.Tensor:
+    """Add starts so that no patch is longer than ``max_patch_length`` (pieces of that length, remainder last)."""
+    S = starts.shape[1]
+    pos = torch.arange(S, device=starts.device).expand_as(starts)
+    patch_start = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=1).values
+    return starts | ((pos - patch_start) % max_patch_length == 0)
+
+
+def split_first_patch(patch_lengths: torch.Tensor) -> torch.Tensor:
+    """Make the BOS a patch of its own where the first patch is longer (what the BLT forward needs)."""
+    if bool((patch_lengths[:, 0] == 1).all()):
+        return patch_lengths
+    B = patch_lengths.shape[0]
+    first = patch_lengths[:, :1]
+    ones = torch.ones(B, 1, dtype=patch_lengths.dtype, device=patch_lengths.device)
+    rest = torch.cat([first - 1, patch_lengths[:, 1:]], dim=1)
+    # rows whose first patch was already 1 shift left over the resulting 0
+    out = torch.cat([ones, rest], dim=1)
+    already = (first[:, 0] == 1)
+    if already.any():
+        shifted = torch.cat([patch_lengths, torch.zeros_like(ones)], dim=1)
+        out = torch.where(already[:, None], shifted, out)
+    keep = (out != 0).any(0)
+    keep[0] = True
+    last = int(keep.nonzero().max().item()) + 1
+    return out[:, :last]
+
+
+class Patcher:
+    """Computes patch lengths for a batch of token rows.
+
+    ``Patcher(mode="entropy", threshold=..., threshold_add=None, monotonicity=False, max_patch_length=None,
+    patch_size=None, entropy_model=None)``; :meth:`patch` returns ``(patch_lengths (B, P) int64,
+    scores (B, S) float32 or None)``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "entropy",
+        threshold: float = DEFAULT_THRESHOLD,
+        threshold_add: float | None = None,
+        monotonicity: bool = False,
+        max_patch_length: int | None = None,
+        patch_size: float | None = None,
+        entropy_model: EntropyModel | None = None,
+    ) -> None:
+        if mode not in PATCHING_MODES:
+            raise ValueError(f"patching mode must be one of {PATCHING_MODES}, got {mode!r}")
+        if mode == "static":
+            if patch_size is None or float(patch_size) <= 0:
+                raise ValueError(f"static patching needs a positive patch_size, got {patch_size!r}")
+        if max_patch_length is not None and (int(max_patch_length) != max_patch_length or max_patch_length < 1):
+            raise ValueError(f"max_patch_length must be a positive integer, got {max_patch_length!r}")
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.threshold_add = threshold_add
+        self.monotonicity = monotonicity
+        self.max_patch_length = None if max_patch_length is None else int(max_patch_length)
+        self.patch_size = patch_size
+        self.entropy_model = entropy_model
+
+    @classmethod
+    def from_config(cls, cfg: PatchingConfig, entropy_model: EntropyModel | None = None) -> Patcher:
+        return cls(
+            mode=cfg.mode,
+            threshold=cfg.threshold,
+            threshold_add=cfg.threshold_add,
+            monotonicity=cfg.monotonicity,
+            max_patch_length=cfg.max_patch_length,
+            patch_size=cfg.patch_size,
+            entropy_model=entropy_model,
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={getattr(self, k)!r}"
+            for k in ("mode", "threshold", "threshold_add", "monotonicity", "max_patch_length", "patch_size")
+        )
+        return f"Patcher({fields})"
+
+    # ------------------------------------------------------------------ scores
+    def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.entropy_model is None:
+            raise ValueError(
+                "entropy patching needs entropies: pass entropies=... or give the Patcher an entropy_model"
+            )
+        model = self.entropy_model
+        device = next(model.parameters()).device
+        return model.entropies(tokens.to(device)).to(tokens.device)
+
+    # ------------------------------------------------------------------ start masks
+    def entropy_starts(self, entropies: torch.Tensor, include_next_token: bool) -> torch.Tensor:
+        """Start mask ``(B, S')`` from entropies ``(B, S)``."""
+        B, S = entropies.shape
+        e = entropies.float()
+        n = S + int(include_next_token)
+        starts = torch.zeros(B, n, dtype=torch.bool, device=e.device)
+        starts[:, : min(2, n)] = True
+        if n <= 2:
+            return starts
+        prev = e[:, 1 : n - 1]  # E[j-1] for j = 2 .. n-1
+        if self.monotonicity:
+            rule = torch.zeros_like(prev, dtype=torch.bool)
+            rule[:, 0] = True
+            rule[:, 1:] = (e[:, 2 : n - 1] - e[:, 1 : n - 2]) > self.threshold
+        elif self.threshold_add is not None:
+            rule = torch.zeros_like(prev, dtype=torch.bool)
+            rule[:, 0] = True
+            if prev.shape[1] > 2:
+                diff = e[:, 3 : n - 1] - e[:, 2 : n - 2]
+                rule[:, 2:] = (diff > self.threshold_add) & (e[:, 3 : n - 1] > self.threshold)
+        else:
+            rule = prev > self.threshold
+        starts[:, 2:] = rule
+        return starts
+
+    def space_starts(self, tokens: torch.Tensor, include_next_token: bool) -> torch.Tensor:
+        sl = space_like(tokens)
+        ends = sl.clone()
+        ends[:, 1:] &= ~sl[:, :-1]
+        ends |= tokens < OFFSET
+        return self._starts_after_ends(ends, include_next_token)
+
+    def bpe_starts(self, tokens: torch.Tensor, include_next_token: bool) -> torch.Tensor:
+        return self._starts_after_ends(tokens == BPE_ID, include_next_token)
+
+    @staticmethod
+    def _starts_after_ends(ends: torch.Tensor, include_next_token: bool) -> torch.Tensor:
+        B, S = ends.shape
+        starts = torch.ones(B, S + 1, dtype=torch.bool, device=ends.device)
+        starts[:, 2:] = ends[:, 1:]
+        return starts[:, : S + int(include_next_token)]
+
+    def static_starts(self, B: int, n: int, device: torch.device) -> torch.Tensor:
+        ps = float(self.patch_size)  # type: ignore[arg-type]
+        starts = torch.zeros(B, n, dtype=torch.bool, device=device)
+        boundaries = torch.floor(torch.arange(0, n / ps + 1, dtype=torch.float64) * ps).long()
+        boundaries = boundaries[boundaries < n].unique()
+        starts[:, boundaries.to(device)] = True
+        return starts
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def patch(
+        self,
+        tokens: torch.Tensor,
+        include_next_token: bool = False,
+        entropies: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch lengths ``(B, P)`` int64 (right-padded with 0) and the entropies used (or None).
+
+        ``seq_lens (B,)``: the true length of each right-padded row; row b then sums to
+        ``seq_lens[b] + include_next_token`` and ignores its padding.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
+        B, S = tokens.shape
+        n = S + int(include_next_token)
+        scores = None
+        if self.mode == "entropy":
+            scores = self.entropies(tokens) if entropies is None else entropies.to(torch.float32)
+            if scores.shape != tokens.shape:
+                raise ValueError(f"entropies shape {tuple(scores.shape)} != tokens shape {tuple(tokens.shape)}")
+            starts = self.entropy_starts(scores, include_next_token)
+        elif self.mode == "space":
+            starts = self.space_starts(tokens, include_next_token)
+        elif self.mode == "bpe":
+            starts = self.bpe_starts(tokens, include_next_token)
+        elif self.mode == "static":
+            starts = self.static_starts(B, n, tokens.device)
+        else:  # byte
+            starts = torch.ones(B, n, dtype=torch.bool, device=tokens.device)
+        if self.max_patch_length is not None:
+            starts = split_long_patches(starts, self.max_patch_length)
+        row_lengths = None if seq_lens is None else seq_lens.to(tokens.device) + int(include_next_token)
+        return lengths_from_start_mask(starts, row_lengths), scores
+
+    def __call__(self, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.patch(tokens, **kwargs)

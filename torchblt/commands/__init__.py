@@ -1,0 +1,1 @@
+"""Sub-commands of ``blt``: one module per command, each with ``register(subparsers)`` (see torchblt.cli)."""

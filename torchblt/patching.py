@@ -10,6 +10,8 @@ Modes (``E`` = entropies, ``t`` = threshold; positions 0 and 1 always start a pa
   With ``threshold_add``: byte 2 starts, byte 3 does not, byte ``j >= 4`` iff ``E[j-1] > t`` and
   ``E[j-1] - E[j-2] > threshold_add`` (the reference's rule, kept for exactness).
   With ``monotonicity``: byte 2 starts, byte ``j >= 3`` iff ``E[j-1] - E[j-2] > t``.
+  With ``threshold=None`` (top-k): the ``S // patch_size - 2`` bytes after the highest entropies ``E[1:]`` start
+  patches (a fixed patch count per row; the reference's unreachable path, kept because it is well defined).
 * ``space``: a patch *ends* with a "space-like" byte (anything but ASCII letters and digits and UTF-8
   continuation bytes) unless the byte before it is space-like too; special tokens end patches.
 * ``static``: patches of ``patch_size`` bytes; a fractional size (e.g. 4.5) gives boundaries at
@@ -110,7 +112,7 @@ class Patcher:
     def __init__(
         self,
         mode: str = "entropy",
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = DEFAULT_THRESHOLD,
         threshold_add: float | None = None,
         monotonicity: bool = False,
         max_patch_length: int | None = None,
@@ -124,8 +126,10 @@ class Patcher:
                 raise ValueError(f"static patching needs a positive patch_size, got {patch_size!r}")
         if max_patch_length is not None and (int(max_patch_length) != max_patch_length or max_patch_length < 1):
             raise ValueError(f"max_patch_length must be a positive integer, got {max_patch_length!r}")
+        if threshold is None and (mode != "entropy" or patch_size is None):
+            raise ValueError("threshold=None (top-k entropy patching) needs mode='entropy' and a patch_size")
         self.mode = mode
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.threshold_add = threshold_add
         self.monotonicity = monotonicity
         self.max_patch_length = None if max_patch_length is None else int(max_patch_length)
@@ -172,6 +176,8 @@ class Patcher:
         if n <= 2:
             return starts
         prev = e[:, 1 : n - 1]  # E[j-1] for j = 2 .. n-1
+        if self.threshold is None:
+            return self.topk_starts(e, n)
         if self.monotonicity:
             rule = torch.zeros_like(prev, dtype=torch.bool)
             rule[:, 0] = True
@@ -186,6 +192,17 @@ class Patcher:
             rule = prev > self.threshold
         starts[:, 2:] = rule
         return starts
+
+    def topk_starts(self, e: torch.Tensor, n: int) -> torch.Tensor:
+        """Top-k: the ``S // patch_size - 2`` highest ``E[1:]`` mark the next byte as a start (ties: lowest index)."""
+        B, S = e.shape
+        k = max(int(S // float(self.patch_size)) - 2, 0)  # type: ignore[arg-type]
+        starts = torch.zeros(B, max(n, S + 1), dtype=torch.bool, device=e.device)
+        starts[:, :2] = True
+        if k:
+            idx = torch.topk(e[:, 1:], k, dim=1).indices + 2
+            starts.scatter_(1, idx, True)
+        return starts[:, :n]
 
     def space_starts(self, tokens: torch.Tensor, include_next_token: bool) -> torch.Tensor:
         sl = space_like(tokens)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from torchblt.formats.reference import config_from_reference_folder
 from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel
 
-Model = Union[BLT, EntropyModel]
+Model = BLT | EntropyModel
 
 __all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "Model"]
 

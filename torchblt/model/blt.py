@@ -19,8 +19,8 @@ from torchblt.model.entropy_model import EntropyModel
 from torchblt.model.hash_embedding import HashNgramEmbedding
 from torchblt.model.local import GlobalTransformer, LocalDecoder, LocalEncoder, concat_patches, pool_patches
 from torchblt.model.masks import cross_attention_mask, patch_ids_from_lengths
-from torchblt.tokenizer import BOE_ID
 from torchblt.model.transformer import trunc_normal_
+from torchblt.tokenizer import BOE_ID
 
 
 def global_tokens_from_patches(tokens: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, eos_id: int) -> torch.Tensor:

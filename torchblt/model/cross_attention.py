@@ -8,10 +8,12 @@ No RoPE, no biases; queries and keys/values are RMS-normalised first. Queries th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from torchblt.model.transformer import RMSNorm, scaled_dot_product, trunc_normal_
+from torchblt.model.transformer import RMSNorm, flex_attention, scaled_dot_product, trunc_normal_
 
 
 class CrossAttention(nn.Module):
@@ -40,16 +42,18 @@ class CrossAttention(nn.Module):
         self,
         x: torch.Tensor,
         kv: torch.Tensor | None,
-        mask: torch.Tensor,
+        mask: Any,
         projected_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The attention update ``wo(attn(norm(x), norm(kv)))`` for ``x (B, Tq, D)``; ``mask (B, 1, Tq, Tk)``.
 
-        The caller adds the residual (see :func:`double_residual`).
+        ``mask`` may also be a FlexAttention ``BlockMask``. The caller adds the residual (see :func:`double_residual`).
         """
         B, Tq, _ = x.shape
         q = self.wq(self.cross_attn_norm_q(x)).view(B, Tq, self.n_heads, self.head_dim)
         k, v = projected_kv if projected_kv is not None else self.project_kv(kv)  # type: ignore[arg-type]
+        if not isinstance(mask, torch.Tensor):
+            return self.wo(flex_attention(q, k, v, mask).reshape(B, Tq, -1))
         has_key = mask.any(-1, keepdim=True)  # (B, 1, Tq, 1)
         # rows with no visible key: attend to everything (finite numbers, no NaN gradients), then zero
         safe = mask | ~has_key

@@ -18,7 +18,7 @@ new one. Each batch row is independent. RoPE positions are not reset at document
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -32,16 +32,44 @@ def document_ids(tokens: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
     return torch.cumsum(is_eos, dim=1) - is_eos
 
 
+# ----------------------------------------------------------------------------- back-end choice
+AttentionBackend = Literal["sdpa", "flex", "auto"]
+_backend: str = "auto"
+
+
+def set_attention_backend(name: str) -> None:
+    """``"sdpa"`` (explicit boolean masks, works everywhere), ``"flex"`` (FlexAttention block masks: sparse,
+    compiled on GPU) or ``"auto"`` (flex on CUDA, sdpa elsewhere). Both give the same numbers."""
+    global _backend
+    if name not in ("sdpa", "flex", "auto"):
+        raise ValueError(f"attention backend must be 'sdpa', 'flex' or 'auto', got {name!r}")
+    _backend = name
+
+
+def attention_backend(device: torch.device) -> str:
+    if _backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return _backend
+
+
+def _create_block_mask(mask_mod: Any, B: int, Tq: int, Tk: int, device: torch.device) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B, None, Tq, Tk, device=device)
+
+
 @dataclass
 class SelfAttentionMask:
     """What a self-attention layer needs to know about visibility.
 
     ``dense`` is a ``(B, 1, Tq, Tk)`` boolean mask, or ``None`` with ``is_causal`` for plain causal
-    attention over equal query and key lengths (lets SDPA skip materialising the mask).
+    attention over equal query and key lengths (lets SDPA skip materialising the mask);
+    ``block_mask`` is a FlexAttention ``BlockMask`` (flex back-end).
     """
 
     dense: torch.Tensor | None
     is_causal: bool = False
+    block_mask: Any = None
 
 
 def uses_documents(kind: str) -> bool:
@@ -84,8 +112,19 @@ def build_self_attention_mask(
     if not docs and win is None:
         return SelfAttentionMask(dense=None, is_causal=True)
     B, T = tokens.shape
-    pos = torch.arange(T, device=tokens.device).expand(B, T)
     doc = document_ids(tokens, eos_id) if docs else None
+    if attention_backend(tokens.device) == "flex":
+
+        def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
+            allowed = k <= q
+            if win is not None:
+                allowed = allowed & (q - k < win)
+            if doc is not None:
+                allowed = allowed & (doc[b, q] == doc[b, k])
+            return allowed
+
+        return SelfAttentionMask(dense=None, block_mask=_create_block_mask(mask_mod, B, T, T, tokens.device))
+    pos = torch.arange(T, device=tokens.device).expand(B, T)
     return SelfAttentionMask(dense=self_attention_mask_dense(pos, pos, doc, doc, win))
 
 
@@ -108,15 +147,18 @@ def cross_attention_mask(
     k: int,
     patches_as_queries: bool,
     window: int | None = None,
-) -> torch.Tensor:
+) -> Any:
     """Mask between the ``P*K`` patch slots and the bytes.
 
     ``byte_patch_ids (B, T)``: the patch each byte is matched with. Slot ``s`` stands for patch ``s // K``.
     Allowed iff ``p_byte == p_slot``; with a window, iff ``p_slot <= p_byte < p_slot + window`` (bytes
     read a slot) / ``p_byte <= p_slot < p_byte + window`` (slots read bytes).
-    Returns ``(B, 1, P*K, T)`` if ``patches_as_queries`` else ``(B, 1, T, P*K)``.
+    Returns ``(B, 1, P*K, T)`` if ``patches_as_queries`` else ``(B, 1, T, P*K)`` (a ``BlockMask`` of the
+    same shape with the flex back-end).
     """
     device = byte_patch_ids.device
+    if attention_backend(device) == "flex":
+        return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
     slot_patch = torch.arange(n_patches, device=device).repeat_interleave(k)  # (P*K,)
     if patches_as_queries:
         q = slot_patch[None, :, None]  # (1, PK, 1)
@@ -127,3 +169,27 @@ def cross_attention_mask(
         kv = slot_patch[None, None, :]  # (1, 1, PK)
         allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
     return allowed[:, None]
+
+
+def _cross_block_mask(byte_patch_ids: torch.Tensor, n_patches: int, k: int, patches_as_queries: bool, window: int | None) -> Any:
+    B, T = byte_patch_ids.shape
+    ids = byte_patch_ids
+
+    def visible(slot_patch: Any, byte_patch: Any, slots_read: bool) -> Any:
+        if window is None:
+            return slot_patch == byte_patch
+        if slots_read:
+            return (byte_patch <= slot_patch) & (slot_patch < byte_patch + window)
+        return (slot_patch <= byte_patch) & (byte_patch < slot_patch + window)
+
+    if patches_as_queries:
+
+        def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return visible(q // k, ids[b, kv], True)
+
+        return _create_block_mask(mask_mod, B, n_patches * k, T, ids.device)
+
+    def mask_mod_dec(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return visible(kv // k, ids[b, q], False)
+
+    return _create_block_mask(mask_mod_dec, B, T, n_patches * k, ids.device)

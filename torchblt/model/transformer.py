@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,28 @@ class KVCacheLike(Protocol):
         ...
 
 
+_compiled_flex: Any = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention on ``(B, T, H, Dh)`` tensors (compiled on GPU, eager elsewhere); returns ``(B, Tq, H, Dh)``.
+
+    Queries with no visible key get 0."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    fn = _flex
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(_flex)
+        fn = _compiled_flex
+    out = fn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)  # type: ignore[union-attr]
+
+
 def scaled_dot_product(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -184,7 +206,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
+        if mask.block_mask is not None:
+            out = flex_attention(q, k, v, mask.block_mask)
+        else:
+            out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
         return self.wo(out.reshape(B, T, -1))
 
     def init_weights(self, std: float, out_std: float | None = None) -> None:

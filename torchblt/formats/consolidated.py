@@ -36,6 +36,13 @@ def is_consolidated_folder(folder: Path) -> bool:
 
 
 def read_consolidated(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dict[str, torch.Tensor]]:
+    config = read_consolidated_config(folder)
+    path = _weights_file(folder)
+    assert path is not None
+    return config, read_weights(path)
+
+
+def read_consolidated_config(folder: Path) -> BLTConfig | EntropyModelConfig:
     params = read_json(folder / "params.json")
     if not isinstance(params, dict):
         raise CheckpointError(f"{folder / 'params.json'}: expected a JSON object")
@@ -47,9 +54,11 @@ def read_consolidated(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dic
         config: BLTConfig | EntropyModelConfig = entropy_config_from_reference_args(args)
     else:
         config = blt_config_from_reference_args(params["model"], patcher_args_from_train_args(params))
+    return config
 
-    path = _weights_file(folder)
-    assert path is not None
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """``{"model": state_dict}`` (or a bare state dict) from a ``torch.save`` file, refusing code execution."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -62,4 +71,4 @@ def read_consolidated(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dic
     state = blob.get("model") if isinstance(blob, dict) and "model" in blob else blob
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected {{'model': state_dict}} of tensors")
-    return config, state
+    return state

@@ -57,6 +57,10 @@ def config_dict(model: BLT | EntropyModel, extra: dict[str, Any] | None = None) 
 
 
 def read_native(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dict[str, torch.Tensor]]:
+    return read_native_config(folder), read_safetensors(folder / "model.safetensors")
+
+
+def read_native_config(folder: Path) -> BLTConfig | EntropyModelConfig:
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
@@ -73,7 +77,7 @@ def read_native(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dict[str,
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-    return config, read_safetensors(folder / "model.safetensors")
+    return config
 
 
 def save_model(

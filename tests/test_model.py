@@ -1,0 +1,181 @@
+"""BLT and entropy model: initialisation, architecture variants, batch-row independence, back-ends."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from torchblt import BLT, ByteTokenizer, Patcher
+from torchblt.formats.common import build_model
+from torchblt.model.blt import check_patch_lengths
+from torchblt.model.config import (
+    BLTConfig,
+    CrossAttentionConfig,
+    HashConfig,
+    blt_1b,
+    blt_7b,
+    entropy_100m,
+    tiny_blt,
+    tiny_entropy,
+)
+from torchblt.model.masks import set_attention_backend
+from torchblt.model.transformer import StackConfig, ffn_hidden_dim
+
+
+def make(cfg, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg, device="cpu")
+    model.init_weights()
+    if isinstance(model, BLT):
+        model.local_decoder.output.weight.data *= 4
+    return model.eval()
+
+
+def variants() -> dict[str, BLTConfig]:
+    base = tiny_blt()
+    local = StackConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, attention="local_block_causal", window=6)
+    return {
+        "tiny": base,
+        "all_layers_windows_gqa": dataclasses.replace(
+            base,
+            encoder=local,
+            decoder=local,
+            global_=dataclasses.replace(base.global_, n_kv_heads=2, attention="causal"),
+            cross_attn=CrossAttentionConfig(k=2, n_heads=2, all_layers_encoder=True, window_encoder=2, window_decoder=3),
+            hash=HashConfig(group_sizes=[3, 5], vocab_size=97, n_functions=2),
+        ),
+        "pooling_no_cross_attn": dataclasses.replace(
+            base, cross_attn=CrossAttentionConfig(encoder=False, decoder=False), pooling="avg,min,max", hash=None
+        ),
+        "concat_static": dataclasses.replace(
+            base,
+            cross_attn=CrossAttentionConfig(encoder=False, decoder=False),
+            pooling="",
+            patching=dataclasses.replace(base.patching, mode="static", patch_size=4),
+        ),
+        "k4_global_projection": dataclasses.replace(base, cross_attn=CrossAttentionConfig(k=4, n_heads=2)),
+    }
+
+
+def test_init_weights_covers_every_parameter():
+    for cfg in [*variants().values(), tiny_entropy()]:
+        model = build_model(cfg, device="meta")
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        model.init_weights()
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), f"{name} left uninitialised"
+            assert p.std() > 0 or p.numel() == 1 or name.endswith("norm.weight") or "norm" in name, name
+        for module in model.modules():
+            rope = getattr(module, "rope", None)
+            if rope is not None:
+                assert torch.isfinite(rope.inv_freq).all()
+
+
+@pytest.mark.parametrize("name", list(variants()))
+def test_variants_forward_backward(name):
+    cfg = variants()[name]
+    model = make(cfg)
+    tok = ByteTokenizer()
+    tokens = torch.tensor([tok.encode("The cat sat on the mat. A BLT has bytes!", add_eos=True) + tok.encode("x y")[:3]])
+    mode = cfg.patching.mode if cfg.patching.mode != "entropy" else "space"
+    lengths, _ = Patcher(mode=mode, patch_size=cfg.patching.patch_size).patch(tokens, include_next_token=True)
+    if mode == "static":
+        from torchblt.patching import split_first_patch
+
+        lengths = split_first_patch(lengths)
+    model.train()
+    logits = model(tokens, patch_lengths=lengths)
+    assert logits.shape == (1, tokens.shape[1], 260) and logits.dtype == torch.float32
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:])
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), n
+
+
+def test_batch_rows_are_independent():
+    """Each row of a right-padded batch gets the logits it gets alone (on its real positions)."""
+    model = make(variants()["all_layers_windows_gqa"])
+    tok = ByteTokenizer()
+    texts = ["Hello world, this is row one.", "Row two is shorter", "and 3"]
+    patcher = Patcher(mode="space")
+    rows = [torch.tensor([tok.encode(t, add_eos=False)]) for t in texts]
+    T = max(r.shape[1] for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    lengths = []
+    for b, r in enumerate(rows):
+        tokens[b, : r.shape[1]] = r[0]
+        pl, _ = patcher.patch(r, include_next_token=True)
+        pl = pl[0].clone()
+        pl[-1] += T - r.shape[1]  # padding joins the last patch
+        lengths.append(pl)
+    P = max(len(p) for p in lengths)
+    batch_lengths = torch.stack([torch.nn.functional.pad(p, (0, P - len(p))) for p in lengths])
+    with torch.no_grad():
+        batched = model(tokens, patch_lengths=batch_lengths)
+        for b, r in enumerate(rows):
+            alone = model(r, patch_lengths=patcher.patch(r, include_next_token=True)[0])
+            torch.testing.assert_close(batched[b, : r.shape[1]], alone[0], atol=1e-5, rtol=0)
+
+
+def test_flex_backend_equals_sdpa():
+    model = make(variants()["all_layers_windows_gqa"])
+    tokens = torch.tensor([ByteTokenizer().encode("Sliding windows, documents\nand padding. " * 3)])
+    lengths, _ = Patcher(mode="space").patch(tokens, include_next_token=True)
+    with torch.no_grad():
+        sdpa = model(tokens, patch_lengths=lengths)
+        set_attention_backend("flex")
+        try:
+            flex = model(tokens, patch_lengths=lengths)
+        finally:
+            set_attention_backend("auto")
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=0)
+
+
+def test_forward_without_patch_lengths_uses_model_patcher():
+    cfg = dataclasses.replace(tiny_blt(), patching=dataclasses.replace(tiny_blt().patching, mode="space"))
+    model = make(cfg)
+    tokens = torch.tensor([ByteTokenizer().encode("patch me inside forward", add_eos=False)])
+    lengths, _ = Patcher(mode="space").patch(tokens, include_next_token=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), model(tokens, patch_lengths=lengths))
+    entropy_cfg = make(tiny_blt())
+    with pytest.raises(ValueError, match="entropy_model"):
+        entropy_cfg(tokens)
+
+
+def test_patch_length_contract_errors():
+    tokens = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="sum to T \\+ 1"):
+        check_patch_lengths(torch.tensor([[1, 2, 2]]), tokens)
+    with pytest.raises(ValueError, match="first patch"):
+        check_patch_lengths(torch.tensor([[2, 2, 2]]), tokens)
+    with pytest.raises(ValueError, match="shape"):
+        check_patch_lengths(torch.tensor([1, 5]), tokens)
+
+
+def test_named_configs_on_meta():
+    counts = {}
+    for name, cfg in {"blt-1b": blt_1b(), "blt-7b": blt_7b(), "entropy-100m": entropy_100m()}.items():
+        model = build_model(cfg, device="meta")
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert counts["entropy-100m"] == 99_512_064  # the spec's count for the released entropy model
+    g1 = build_model(blt_1b(), device="meta").global_transformer
+    assert sum(p.numel() for p in g1.parameters()) == 1_284_608_000  # paper: global ~1.28B
+    m7 = build_model(blt_7b(), device="meta")
+    assert m7.global_transformer.token_embedding_projection.weight.shape == (4096, 5120)  # 1280 * k=4 -> 4096
+    assert ffn_hidden_dim(1280, 256, 1.0) == 3584 and ffn_hidden_dim(1024, 256, 1.0) == 2816
+
+
+def test_config_validation_errors():
+    bad = dataclasses.replace(tiny_blt(), global_=dataclasses.replace(tiny_blt().global_, attention="local_block_causal", window=4))
+    with pytest.raises(ValueError, match="global_.attention"):
+        BLT(bad)
+    with pytest.raises(ValueError, match="window"):
+        StackConfig(dim=8, n_layers=1, n_heads=2, attention="local_block_causal").validate("encoder")
+    with pytest.raises(ValueError, match="divisible"):
+        StackConfig(dim=10, n_layers=1, n_heads=3).validate("encoder")

@@ -1,0 +1,105 @@
+"""``blt info MODEL``: architecture summary, parameter counts per part and FLOPs per byte.
+
+MODEL is a named configuration (``blt-1b``, ``blt-7b``, ``entropy-100m``, ``tiny-blt``, ``tiny-entropy``) —
+built on the meta device, so even blt-7b costs no memory — or anything :func:`torchblt.load_model` reads
+(only its config is read for the counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("info", help="parameter counts and FLOPs per byte of a model or named config")
+    p.add_argument("model", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt, tiny-entropy) or model folder")
+    p.add_argument("--patch-size", type=float, default=None, help="mean patch size for FLOPs (default: config's, 4.5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Parameters per part; hash n-gram tables are counted apart from the encoder."""
+    from torchblt.model.blt import BLT
+
+    def n(module: Any) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    if isinstance(model, BLT):
+        counts = {
+            "local_encoder": n(model.local_encoder),
+            "hash_embeddings": n(model.encoder_hash_tok_embedding),
+            "global_transformer": n(model.global_transformer),
+            "local_decoder": n(model.local_decoder),
+        }
+    else:
+        counts = {"embeddings": n(model.tok_embeddings), "transformer": n(model.layers) + n(model.norm), "output": n(model.output)}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, Any]:
+    from torchblt.formats.common import build_model
+    from torchblt.model.blt import BLT
+    from torchblt.model.config import NAMED_CONFIGS, config_to_dict, named_config
+
+    if name_or_path in NAMED_CONFIGS:
+        config = named_config(name_or_path)
+    else:
+        from torchblt.formats import _resolve_path, detect_format
+        from torchblt.formats.consolidated import read_consolidated_config
+        from torchblt.formats.native import read_native_config
+        from torchblt.formats.reference import config_from_reference_folder
+
+        folder = _resolve_path(name_or_path)
+        fmt = detect_format(folder)
+        reader = {
+            "torchblt": read_native_config,
+            "reference-hf": config_from_reference_folder,
+            "consolidated": read_consolidated_config,
+        }[fmt]
+        config = reader(folder)
+    model = build_model(config, device="meta")
+    info: dict[str, Any] = {
+        "model": name_or_path,
+        "kind": "blt" if isinstance(model, BLT) else "entropy_model",
+        "parameters": parameter_counts(model),
+        "config": config_to_dict(config),
+    }
+    try:
+        from torchblt import flops
+    except ImportError:  # pragma: no cover - flops lives in the same package
+        return info
+    if isinstance(model, BLT):
+        ps = patch_size if patch_size is not None else float(config.patching.patch_size)
+        info["patch_size"] = ps
+        info["flops_per_byte"] = flops.blt_flops_per_byte(config, ps)
+    else:
+        info["flops_per_byte"] = flops.entropy_flops_per_byte(config)
+    return info
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.model, args.patch_size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']} ({info['kind']})")
+    print("parameters:")
+    for part, count in info["parameters"].items():
+        print(f"  {part:<20} {count:>15,d}  ({_fmt(count)})")
+    if "flops_per_byte" in info:
+        extra = f" at mean patch size {info['patch_size']}" if "patch_size" in info else ""
+        print(f"FLOPs per byte{extra}:")
+        for part, value in info["flops_per_byte"].items():
+            print(f"  {part:<20} {value:>15,.0f}  ({_fmt(value)})")
+    return 0

@@ -1,0 +1,122 @@
+"""``blt eval MODEL DATA...``: bits per byte (and nats per byte, mean patch length) per file and in total.
+
+See :mod:`torchblt.eval.bpb` for exactly what is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="bits per byte of a model on text / JSONL / Parquet files",
+        description="Bits per byte of a BLT, byte LM or BPE LM: each document is BOS + bytes + EOS; every byte "
+        "and the EOS are scored, the EOS counting as one byte. Documents longer than the context are scored in "
+        "overlapping windows (every byte once, with at least half a context of history).",
+    )
+    p.add_argument("model", help="model folder (any supported format) or hub repo id")
+    p.add_argument("data", nargs="+", help=".txt (one document per file), .jsonl[.gz] or .parquet files")
+    p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
+    p.add_argument("--patching", choices=["entropy", "space", "static", "byte"], help="override the model's patching mode")
+    p.add_argument("--threshold", type=float, help="override the entropy threshold")
+    p.add_argument("--patch-size", type=float, help="static patch size (with --patching static)")
+    p.add_argument("--context-bytes", type=int, help="window length in tokens (default: the model's)")
+    p.add_argument("--max-docs", type=int, help="evaluate at most this many documents per file")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default text)")
+    p.add_argument("--no-eos", action="store_true", help="do not append or score an EOS per document")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    p.add_argument("--json", action="store_true", help="print one JSON object (totals + per-file breakdown)")
+    p.set_defaults(func=run)
+
+
+def build_patcher(model, args: argparse.Namespace):
+    """The model's patcher, with the command-line overrides applied (None for byte / BPE models)."""
+    from torchblt.model.blt import BLT
+    from torchblt.patching import Patcher
+
+    if not isinstance(model, BLT):
+        for flag in ("patching", "threshold", "patch_size"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} only applies to BLT models")
+        return None
+    base = model.patcher
+    if args.patching is None and args.threshold is None and args.patch_size is None:
+        return base
+    return Patcher(
+        mode=args.patching or base.mode,
+        threshold=base.threshold if args.threshold is None else args.threshold,
+        threshold_add=base.threshold_add,
+        monotonicity=base.monotonicity,
+        max_patch_length=base.max_patch_length,
+        patch_size=base.patch_size if args.patch_size is None else args.patch_size,
+        entropy_model=base.entropy_model,
+    )
+
+
+def load_any_model(path: str, device: str, dtype: str, entropy_model: str | None = None):
+    """A BLT, entropy/byte model or BPE baseline model from a folder."""
+    from torchblt.formats import _resolve_path, load_model
+
+    folder = _resolve_path(path)
+    try:
+        from torchblt.baselines.bpe import is_bpe_folder, load_bpe_model
+    except ImportError:  # the baseline package is optional
+        is_bpe_folder = None
+    if is_bpe_folder is not None and is_bpe_folder(folder):
+        if entropy_model:
+            raise ValueError("--entropy-model does not apply to a BPE model")
+        return load_bpe_model(folder, device=device, dtype=dtype)
+    return load_model(folder, device=device, dtype=dtype, entropy_model=entropy_model)
+
+
+def run(args: argparse.Namespace) -> int:
+    from torchblt.eval.bpb import BPBResult, evaluate_bpb
+    from torchblt.eval.documents import check_source, iter_file_documents
+
+    for flag in ("context_bytes", "max_docs", "batch_size"):
+        v = getattr(args, flag)
+        if v is not None and v < (2 if flag == "context_bytes" else 0 if flag == "max_docs" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 2' if flag == 'context_bytes' else 'positive'}, got {v}")
+    sources = [check_source(p) for p in args.data]
+    model = load_any_model(args.model, args.device, args.dtype, args.entropy_model)
+    patcher = build_patcher(model, args)
+
+    per_file: dict[str, BPBResult] = {}
+    for src in sources:
+        per_file[str(src)] = evaluate_bpb(
+            model,
+            iter_file_documents(src, args.text_field),
+            patcher=patcher,
+            context_bytes=args.context_bytes,
+            batch_size=args.batch_size,
+            device=args.device,
+            max_documents=args.max_docs,
+            count_eos=not args.no_eos,
+        )
+        if not args.json:
+            _print_row(str(src), per_file[str(src)])
+    total = BPBResult.combine(list(per_file.values()))
+    if args.json:
+        out = total.to_dict()
+        out["model"] = str(args.model)
+        out["files"] = {k: v.to_dict() for k, v in per_file.items()}
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if len(per_file) > 1:
+            _print_row("total", total)
+    return 0
+
+
+def _print_row(name: str, r) -> None:
+    mpl = "-" if r.mean_patch_length is None else f"{r.mean_patch_length:.3f}"
+    print(
+        f"{name}: bpb {r.bpb:.4f}  nats/byte {r.nats_per_byte:.4f}  bytes {r.n_bytes}  docs {r.n_documents}  "
+        f"mean patch length {mpl}"
+    )

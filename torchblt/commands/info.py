@@ -48,11 +48,15 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
     if name_or_path in NAMED_CONFIGS:
         config = named_config(name_or_path)
     else:
+        from pathlib import Path
+
         from torchblt.formats import _resolve_path, detect_format
         from torchblt.formats.consolidated import read_consolidated_config
         from torchblt.formats.native import read_native_config
         from torchblt.formats.reference import config_from_reference_folder
 
+        if not Path(name_or_path).exists() and name_or_path.count("/") != 1:
+            raise ValueError(f"{name_or_path!r} is neither a named config ({', '.join(sorted(NAMED_CONFIGS))}) nor a folder")
         folder = _resolve_path(name_or_path)
         fmt = detect_format(folder)
         reader = {

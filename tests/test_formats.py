@@ -1,0 +1,150 @@
+"""Checkpoint formats: detection, strict loading, clear errors, no code execution, saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file, save_file
+
+from torchblt import BLT, EntropyModel, load_model, save_model
+from torchblt.formats import CheckpointError, detect_format
+
+BLT_HF = FIXTURES / "05_blt_forward" / "blt_model"
+ENT_HF = FIXTURES / "03_entropy_model" / "entropy_model"
+CONS = FIXTURES / "07_consolidated" / "hf-weights"
+
+
+def test_detect_formats():
+    assert detect_format(BLT_HF) == "reference-hf"
+    assert detect_format(CONS / "blt_tiny") == "consolidated"
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        detect_format(FIXTURES)
+
+
+def test_native_round_trip(tmp_path):
+    model = load_model(BLT_HF)
+    out = save_model(model, tmp_path / "m")
+    assert detect_format(out) == "torchblt"
+    again = load_model(out)
+    tokens = torch.tensor([[1, 50, 60, 70, 80, 2, 1, 90]])
+    lengths = torch.tensor([[1, 3, 3, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens, lengths), model(tokens, lengths), atol=0, rtol=0)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "blt"
+    em = load_model(save_model(load_model(ENT_HF), tmp_path / "e"))
+    assert isinstance(em, EntropyModel)
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    model = load_model(ENT_HF)
+    save_model(model, tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_model(model, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    save_model(model, tmp_path, overwrite=True)
+
+
+def test_load_dtype_and_entropy_subfolder(tmp_path):
+    folder = tmp_path / "blt"
+    shutil.copytree(BLT_HF, folder)
+    shutil.copytree(ENT_HF, folder / "entropy_model")
+    model = load_model(folder, dtype="bf16")
+    assert isinstance(model, BLT) and model.local_decoder.output.weight.dtype == torch.bfloat16
+    assert model.patcher.entropy_model is not None and not model.training
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(folder, dtype="fp8")
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    for p in dst.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    return dst
+
+
+def test_corrupted_safetensors(tmp_path):
+    folder = _copy(ENT_HF, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors"):
+        load_model(folder)
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    folder = _copy(BLT_HF, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["local_decoder.norm.weight"]
+    state["local_decoder.extra.weight"] = torch.zeros(3)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    msg = str(err.value)
+    assert "missing keys (1): local_decoder.norm.weight" in msg
+    assert "unexpected keys (1): local_decoder.extra.weight" in msg
+
+
+def test_shape_mismatch(tmp_path):
+    folder = _copy(ENT_HF, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["args"]["n_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_model(folder)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARKER', '/tmp/evil')}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    folder = _copy(CONS / "entropy_model", tmp_path)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    torch.save({"model": {"tok_embeddings.weight": _Evil()}}, folder / "consolidated.pth")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_corrupted_json_and_bad_args(tmp_path):
+    folder = _copy(CONS / "blt_tiny", tmp_path)
+    (folder / "params.json").write_text("{not json")
+    with pytest.raises(ValueError, match="params.json: not valid JSON"):
+        load_model(folder)
+    folder2 = _copy(BLT_HF, tmp_path / "x")
+    cfg = json.loads((folder2 / "config.json").read_text())
+    cfg["args"]["use_rope"] = False
+    (folder2 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_rope"):
+        load_model(folder2)
+
+
+def test_nested_args_written_by_plain_save_pretrained(tmp_path):
+    folder = _copy(ENT_HF, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"args": cfg}))
+    assert isinstance(load_model(folder), EntropyModel)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="facebook/blt-1b: .*(offline|reach)"):
+        load_model("facebook/blt-1b")
+
+
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        load_model("./definitely/not/here")

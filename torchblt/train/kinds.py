@@ -1,0 +1,151 @@
+"""The table of trainable model kinds: name -> how to build the model and how to compute its loss.
+
+=========  ==================================================  ============  ================================
+kind       model                                               data kind     loss
+=========  ==================================================  ============  ================================
+blt        :class:`~torchblt.model.blt.BLT`                    ``blt``       next-byte CE, patched batch
+entropy    :class:`~torchblt.model.entropy_model.EntropyModel`  ``bytes``     next-byte CE
+byte       the same architecture: the paper's byte baseline    ``bytes``     next-byte CE
+=========  ==================================================  ============  ================================
+
+The table is pluggable: another module adds a kind with :func:`register_kind` (e.g. the BPE baseline in
+``torchblt.eval``). A config may also name ``module.path:kind`` and the module is imported first, so a
+plugin needs no edit here.
+
+A kind's ``loss`` returns a :class:`LossOutput` whose ``loss_sum`` is the **sum** (fp32) of the per-token
+cross-entropies on the batch's unmasked targets; the trainer divides by the global token count of the
+whole optimizer step (all micro-batches, all ranks), so every token weighs the same however the batch
+is split. ``n_bytes`` is what bits-per-byte divides by (equal to ``n_tokens`` for byte models).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchblt.model.config import (
+    NAMED_CONFIGS,
+    BLTConfig,
+    blt_config_from_dict,
+    config_to_dict,
+    entropy_config_from_dict,
+)
+from torchblt.model.entropy_model import EntropyModelConfig
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # () fp32: summed token cross-entropy (nats)
+    n_tokens: int  # targets counted in loss_sum
+    n_bytes: int  # bytes those targets stand for
+    n_patches: int | None = None  # BLT: patches in the batch (for the mean patch length) ...
+    patched_bytes: int | None = None  # ... and the byte positions they cover
+
+
+@dataclass
+class ModelKind:
+    """How to train one kind of model.
+
+    ``make_config(arch) -> config`` turns ``model.arch`` (preset name or dict) into an architecture config;
+    ``loss(model, batch) -> LossOutput``; ``data_kind`` is the ``DataConfig.kind`` its batches need;
+    ``make_loader`` (optional) replaces :func:`torchblt.data.build_loader` with the same signature, for
+    kinds that read data differently (e.g. BPE tokens).
+    """
+
+    make_config: Callable[[Any], Any]
+    loss: Callable[[nn.Module, Any], LossOutput]
+    data_kind: str
+    make_loader: Callable[..., Any] | None = None
+    description: str = ""
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy over the positions where ``mask`` is True. ``(B, L, V), (B, L), (B, L) -> ()``"""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*L,)
+    return (ce * mask.flatten().to(ce.dtype)).sum()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _arch_dict(arch: Any, want: type) -> dict[str, Any]:
+    """``model.arch`` (preset name | dict with optional ``base``) -> a full config dict of type ``want``."""
+    if isinstance(arch, str):
+        arch = {"base": arch}
+    if not isinstance(arch, dict):
+        raise ValueError(f"model.arch: expected a preset name or a mapping, got {arch!r}")
+    arch = dict(arch)
+    base = arch.pop("base", None)
+    if base is None:
+        return arch
+    if base not in NAMED_CONFIGS:
+        raise ValueError(f"model.arch.base: unknown preset {base!r}; known: {sorted(NAMED_CONFIGS)}")
+    preset = NAMED_CONFIGS[base]()
+    if not isinstance(preset, want):
+        raise ValueError(f"model.arch: preset {base!r} is a {type(preset).__name__}, this kind needs a {want.__name__}")
+    return _merge(config_to_dict(preset), arch)
+
+
+def _prefixed(fn: Callable[[dict[str, Any]], Any], data: dict[str, Any]) -> Any:
+    try:
+        return fn(data)
+    except ValueError as e:
+        raise ValueError(f"model.arch: {str(e).removeprefix('config: ').removeprefix('config')}") from None
+
+
+def blt_config(arch: Any) -> BLTConfig:
+    return _prefixed(blt_config_from_dict, _arch_dict(arch, BLTConfig))
+
+
+def entropy_config(arch: Any) -> EntropyModelConfig:
+    return _prefixed(entropy_config_from_dict, _arch_dict(arch, EntropyModelConfig))
+
+
+def blt_loss(model: nn.Module, batch: Any) -> LossOutput:
+    logits = model(batch.x, batch.patch_lengths)  # (B, L, V)
+    # patches after each row's leading length-1 patch cover the row's L positions (+1 next byte)
+    n_patches = int((batch.patch_lengths > 0).sum()) - batch.patch_lengths.shape[0]
+    n = int(batch.mask.sum())
+    return LossOutput(token_cross_entropy(logits, batch.y, batch.mask), n, n, n_patches, batch.x.numel())
+
+
+def byte_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
+    logits = model(batch.x)  # (B, L, V)
+    n = int(batch.mask.sum())
+    return LossOutput(token_cross_entropy(logits, batch.y, batch.mask), n, n)
+
+
+KINDS: dict[str, ModelKind] = {
+    "blt": ModelKind(blt_config, blt_loss, "blt", description="Byte Latent Transformer"),
+    "entropy": ModelKind(entropy_config, byte_lm_loss, "bytes", description="entropy model (small byte LM)"),
+    "byte": ModelKind(entropy_config, byte_lm_loss, "bytes", description="byte-level transformer baseline"),
+}
+
+
+def register_kind(name: str, kind: ModelKind) -> None:
+    """Add (or replace) a trainable kind."""
+    KINDS[name] = kind
+
+
+def get_kind(name: str) -> ModelKind:
+    """The kind called ``name``; ``"package.module:name"`` imports the module (which registers it) first."""
+    if name not in KINDS and ":" in name:
+        module, _, short = name.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"model.kind: cannot import {module!r} for kind {name!r}: {e}") from None
+        name = short if short in KINDS else name
+    if name not in KINDS:
+        raise ValueError(f"model.kind: unknown kind {name!r}; known: {sorted(KINDS)}")
+    return KINDS[name]

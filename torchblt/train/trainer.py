@@ -1,0 +1,372 @@
+"""The training loop: ``Trainer(cfg).fit()``.
+
+Per optimizer step (:meth:`Trainer.train_step`): ``grad_accum`` micro-batches are read, the number of
+target tokens of the whole step is summed over ranks, and each micro-batch's *summed* fp32 loss is
+scaled by ``world_size / global_tokens`` before its backward (FSDP averages gradients over ranks), so
+the gradient is that of the mean token loss of the global batch however it is split. The gradient norm
+is clipped once, on the full (all-shard) norm. Metrics are summed over ranks in fp64. A non-finite loss
+or gradient norm stops the run *before* the optimizer step, with a clear message; the last checkpoint
+is untouched.
+
+Around it: :meth:`maybe_eval` (validation bits-per-byte via :func:`torchblt.eval.bpb.evaluate_bpb`),
+:meth:`maybe_checkpoint`, :meth:`log`. SIGTERM / SIGINT / SIGUSR2 finish the current step, save a
+checkpoint and return. Re-running on a run folder with checkpoints resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchblt.formats.common import build_model
+from torchblt.model.blt import BLT
+from torchblt.model.config import config_to_dict
+from torchblt.model.entropy_model import EntropyModel
+from torchblt.train import checkpoint as ckpt
+from torchblt.train.config import TrainConfig, config_to_yaml
+from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
+from torchblt.train.kinds import get_kind
+from torchblt.train.metrics import MetricsLogger, device_peak_flops, training_flops_per_byte
+from torchblt.train.schedule import lr_factor
+from torchblt.train.state import TrainState
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, loader: Any = None, dist_info: DistInfo | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.train.device, cfg.train.data_parallel)
+        self.device = self.dist.device
+        self.kind = get_kind(cfg.model.kind)
+        self.run_dir = Path(cfg.run_dir)
+        self.bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.state = TrainState()
+        self.stop_signal: int | None = None
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.entropy_model = self._load_entropy_model()
+        self.data_cfg = dataclasses.replace(cfg.data, kind=self.kind.data_kind)
+        if loader is None:
+            make_loader = self.kind.make_loader
+            if make_loader is None:
+                from torchblt.data import build_loader as make_loader
+            loader = make_loader(self.data_cfg, rank=self.dist.rank, world_size=self.dist.world_size,
+                                 entropy_model=self.entropy_model)
+        self.loader = loader
+        self.model = self._build_model()
+        self.raw_config = self.model.config
+        self.param_count = sum(p.numel() for p in self.model.parameters())
+        parallelize(self.model, self.dist.mesh, compile=cfg.train.compile,
+                    activation_checkpointing=cfg.train.activation_checkpointing,
+                    mixed_precision=self.bf16 and self.dist.mesh is not None and self.device.type == "cuda")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.lr_at = lambda step: o.lr * lr_factor(step, schedule=o.schedule, warmup_steps=o.warmup_steps,
+                                                   total_steps=cfg.train.steps, min_lr_ratio=o.min_lr_ratio,
+                                                   decay_fraction=o.decay_fraction)
+        self.resumed_from = self._maybe_resume()
+        self.batches = iter(self.loader)
+        self.metrics = MetricsLogger(
+            self.run_dir, total_steps=cfg.train.steps, start_step=self.state.step, enabled=self.dist.is_main,
+            progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+            wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg))
+        self.peak_flops = device_peak_flops(self.device)
+        self.last_val: dict[str, float] = {}
+        self._flops: dict[float | None, float] = {}
+        self._profiler = None
+
+    # ------------------------------------------------------------------ set-up
+    def _load_entropy_model(self):
+        path = self.cfg.model.entropy_model or self.cfg.data.entropy_model
+        if path is None:
+            return None
+        from torchblt.formats import load_model
+        from torchblt.model.entropy_model import EntropyModel
+
+        em = load_model(path, device=self.device)
+        if not isinstance(em, EntropyModel):
+            raise ValueError(f"model.entropy_model: {path} is not an entropy model")
+        return em.requires_grad_(False)
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        if cfg.model.init_from:
+            from torchblt.formats import load_model
+
+            model = load_model(cfg.model.init_from, device=self.device)
+            want = BLT if self.kind.data_kind == "blt" else EntropyModel
+            if not isinstance(model, want):
+                raise ValueError(f"model.init_from: {cfg.model.init_from} holds a {type(model).__name__}, "
+                                 f"model.kind {cfg.model.kind!r} trains a {want.__name__}")
+            model.train()
+        else:
+            model = build_model(self.kind.make_config(cfg.model.arch), device="meta")
+            model.to_empty(device=self.device)
+            with torch.no_grad():
+                model.init_weights()
+        if isinstance(model, BLT):
+            self._sync_patching(model)
+        return model
+
+    def _sync_patching(self, model: BLT) -> None:
+        """The exported model patches as it was trained: copy the data's patching into ``config.patching``."""
+        d, p = self.data_cfg, model.config.patching
+        p.mode = d.patching
+        threshold = getattr(self.loader, "threshold", None) or d.threshold
+        if threshold is not None:
+            p.threshold = float(threshold)
+        p.threshold_add, p.monotonicity, p.max_patch_length = d.threshold_add, d.monotonicity, d.max_patch_length
+        p.patch_size = d.patch_size
+        model._patcher = None
+        if self.entropy_model is not None:
+            model.attach_entropy_model(self.entropy_model)
+
+    def model_config_record(self) -> dict[str, Any]:
+        return {"kind": self.cfg.model.kind, "arch": config_to_dict(self.raw_config),
+                "entropy_model": self.cfg.model.entropy_model or self.cfg.data.entropy_model}
+
+    def _maybe_resume(self) -> Path | None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return None
+        saved = ckpt.read_model_config(latest)
+        if saved.get("arch") != config_to_dict(self.raw_config) and not self.cfg.model.init_from:
+            raise ValueError(f"{latest}: checkpoint architecture differs from model.arch; use a new run_dir "
+                             "(or init_from to fine-tune from exported weights)")
+        self.state.load_state_dict(ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist))
+        if self.state.data:
+            self.loader.load_state_dict(self.state.data)
+        return latest
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps`` (or until a stop signal); returns the last logged metrics."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+            if self.resumed_from is not None:
+                self.metrics.message(f"resuming from {self.resumed_from} (step {self.state.step})")
+        record: dict[str, Any] = {}
+        with self._signals():
+            while self.state.step < cfg.train.steps:
+                self._maybe_profile()
+                record = self.train_step()
+                self.state.step += 1
+                self.metrics.advance()
+                record.update(self.maybe_eval())
+                self.log(record)
+                if self.stop_signal is not None:
+                    self.save()
+                    self.metrics.message(f"stopped by signal {self.stop_signal} at step {self.state.step}; "
+                                         f"checkpoint saved. Re-run the same command to resume.")
+                    self.metrics.close()
+                    return record
+                self.maybe_checkpoint()
+        if self._profiler is not None:
+            self._profiler.stop()
+        if not ckpt.latest_checkpoint(self.run_dir) or self.state.step % cfg.checkpoint.every:
+            self.save()
+        if not self.last_val and self._val_enabled() and self.state.step > 0:
+            val = self.maybe_eval(force=True)
+            if val:
+                self.log({"step": self.state.step, **val})
+                record.update(val)
+        if cfg.checkpoint.export:
+            self.export(self.run_dir / "model")
+        if self.dist.is_main:
+            (self.run_dir / "finished.json").write_text(
+                json.dumps({"step": self.state.step, **{k: v for k, v in record.items() if k.startswith("val")}}),
+                encoding="utf-8")
+        self.metrics.close()
+        return record
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, model, t0 = self.cfg, self.model, time.perf_counter()
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(self.batches).to(self.device) for _ in range(cfg.train.grad_accum)]
+        local_tokens = sum(int(b.mask.sum()) for b in micro)
+        (global_tokens,) = all_reduce_sum([float(local_tokens)], self.device)
+        scale = self.dist.world_size / max(global_tokens, 1.0)
+        loss_sum, n_bytes, n_patches, patched = 0.0, 0, 0, 0
+        for i, batch in enumerate(micro):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-batch
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            with self._autocast():
+                out = self.kind.loss(model, batch)
+            (out.loss_sum * scale).backward()
+            loss_sum += float(out.loss_sum.detach())
+            n_bytes += out.n_bytes
+            n_patches += out.n_patches or 0
+            patched += out.patched_bytes or 0
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        sums = all_reduce_sum([loss_sum, float(local_tokens), float(n_bytes), float(n_patches), float(patched),
+                               float(self.stop_signal is not None)], self.device)
+        loss = sums[0] / max(sums[1], 1.0)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
+                f"the optimizer step. Last good checkpoint: {last or 'none'} (lower optim.lr, raise "
+                "optim.warmup_steps or check the data; re-running resumes from that checkpoint)")
+        if sums[5] > 0 and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank was signalled: stop together
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.state.bytes_seen += int(sums[2])
+        record = {"step": self.state.step + 1, "loss": loss, "bpb": loss * sums[1] / max(sums[2], 1.0) / math.log(2),
+                  "lr": lr, "grad_norm": grad_norm, "bytes_per_s": sums[2] / dt, "step_time_s": dt,
+                  "bytes_seen": self.state.bytes_seen}
+        if sums[3] > 0:
+            record["mean_patch_length"] = sums[4] / sums[3]
+        flops = self.flops_per_byte(record.get("mean_patch_length"))
+        record["flops_per_byte"] = flops
+        if self.peak_flops:
+            record["mfu"] = flops * sums[2] / dt / (self.peak_flops * self.dist.world_size)
+        if self.device.type == "cuda":
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return record
+
+    # ------------------------------------------------------------------ around the loop
+    def flops_per_byte(self, mean_patch_length: float | None = None) -> float:
+        key = None if mean_patch_length is None else round(mean_patch_length, 2)
+        if key not in self._flops:
+            self._flops[key] = training_flops_per_byte(self.model, key, self.data_cfg.seq_len)[0]
+        return self._flops[key]
+
+    def _val_enabled(self) -> bool:
+        return bool(self.cfg.data.validation)
+
+    def maybe_eval(self, force: bool = False) -> dict[str, float]:
+        every, step = self.cfg.eval.every, self.state.step
+        due = force or (every > 0 and step % every == 0) or step == self.cfg.train.steps
+        if not (due and self._val_enabled()):
+            return {}
+        from torchblt.data import iter_documents
+        from torchblt.eval.bpb import evaluate_bpb
+
+        patcher = None
+        if isinstance(self.model, BLT):
+            patcher = self.model.patcher
+            if patcher.mode == "entropy" and patcher.entropy_model is None:
+                raise ValueError("validation with entropy patching needs model.entropy_model (a frozen entropy model)")
+        e = self.cfg.eval
+        # every rank evaluates all documents (FSDP needs every rank in every forward); the results are equal
+        docs = iter_documents(self.cfg.data.validation, self.cfg.data.text_field)
+        self.model.eval()
+        try:
+            with self._autocast():
+                res = evaluate_bpb(self.model, docs, patcher=patcher, context_bytes=e.context_bytes,
+                                   batch_size=e.batch_size, device=self.device, max_documents=e.max_documents)
+        finally:
+            self.model.train()
+        self.last_val = {"val_bpb": res.bpb, "val_bytes": res.n_bytes}
+        if res.mean_patch_length is not None:
+            self.last_val["val_mean_patch_length"] = res.mean_patch_length
+        return dict(self.last_val)
+
+    def maybe_checkpoint(self) -> None:
+        if self.state.step % self.cfg.checkpoint.every == 0:
+            self.save()
+
+    def save(self) -> Path:
+        self.state.data = self.loader.state_dict()
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
+                                    self.state.state_dict(), self.model_config_record(), self.dist,
+                                    self.cfg.checkpoint.keep)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if step % self.cfg.log.every == 0 or step == self.cfg.train.steps or any(k.startswith("val") for k in record):
+            self.metrics.log(record)
+
+    def export(self, out: Path) -> None:
+        """Write the inference format (``load_model`` reads it) to ``out`` (rank 0; gathers FSDP shards)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist.is_main:
+            export_state(state, self.raw_config, out, self.entropy_model,
+                         extra={"trained_steps": self.state.step, "trained_bytes": self.state.bytes_seen,
+                                "kind": self.cfg.model.kind})
+        barrier()
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            self.stop_signal = signum
+            self.metrics.message(f"signal {signum}: finishing this step, then saving a checkpoint")
+
+        names = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else [])
+        previous = {s: signal.signal(s, handler) for s in names}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _autocast(self):
+        if self.bf16 and self.dist.mesh is None:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _maybe_profile(self) -> None:
+        steps = self.cfg.log.profile_steps
+        if not steps:
+            return
+        if self.state.step == steps[0] and self._profiler is None:
+            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._profiler = profile(activities=acts, record_shapes=True, on_trace_ready=tensorboard_trace_handler(
+                str(self.run_dir / "profile"), worker_name=f"rank{self.dist.rank}"))
+            self._profiler.start()
+        elif self.state.step == steps[1] and self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
+            self.metrics.message(f"profiler trace written to {self.run_dir / 'profile'}")
+
+
+def export_state(state: dict[str, torch.Tensor], config: Any, out: Path, entropy_model: nn.Module | None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Build a plain model from ``config``, load ``state`` and write it with ``save_model`` (+ entropy model)."""
+    from torchblt.formats import save_model
+    from torchblt.formats.common import load_state_dict_strict
+
+    model = build_model(config, device="meta")
+    load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source="training state")
+    save_model(model, out, overwrite=True, extra=extra)
+    if entropy_model is not None and isinstance(model, BLT):
+        save_model(entropy_model, out / "entropy_model", overwrite=True)
+    return out

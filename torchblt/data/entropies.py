@@ -1,0 +1,215 @@
+"""Entropies for training: computing them per document, and the preprocessed shards ``blt entropies`` writes.
+
+:func:`document_entropies` runs an entropy model over documents (``BOS + bytes + EOS``), a few at a time:
+rows are right-padded with BOE and each row's entropies are taken from its own positions only. Every
+model here is causal, so padding on the right never changes a row's entropies, and
+:meth:`~torchblt.model.entropy_model.EntropyModel.entropies` keeps rows apart (the reference concatenates
+them). Long documents are handled by the model's chunking with full left context.
+
+Shard format (Parquet, one file per input file, ``<out>/<NNNNN>-<input name>.parquet``):
+
+=============  ===========================  ================================================
+``text``       ``binary``                   the document's bytes exactly as read
+``entropies``  ``list<float16>``            one per token: ``len(text) + 2`` (BOS, bytes, EOS)
+``source``     ``string``                   the input file
+``row``        ``int64``                    the record in that file (pieces of a split document share it)
+=============  ===========================  ================================================
+
+The file's key-value metadata records the entropy model, the dtype and the torchblt version. A shard
+is written to ``<name>.tmp`` and renamed when complete, so a finished shard is never half written and a
+rerun skips it. Under ``torchrun`` each rank writes the shards ``i`` with ``i % WORLD_SIZE == RANK``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
+
+__all__ = [
+    "EntropyJobResult",
+    "document_entropies",
+    "document_tokens",
+    "shard_name",
+    "write_entropy_shards",
+]
+
+ENTROPIES_FIELD = "entropies"
+_MAX_BATCH_TOKENS = 1 << 15
+_MAX_BATCH_ROWS = 64
+
+
+def document_tokens(data: bytes) -> np.ndarray:
+    """``BOS + bytes + EOS`` as int64 token ids."""
+    out = np.empty(len(data) + 2, dtype=np.int64)
+    out[0] = BOS_ID
+    out[1:-1] = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + OFFSET
+    out[-1] = EOS_ID
+    return out
+
+
+def batch_groups(
+    lengths: list[int], max_tokens: int = _MAX_BATCH_TOKENS, max_rows: int = _MAX_BATCH_ROWS
+) -> list[list[int]]:
+    """Consecutive groups of documents whose padded size stays under ``max_tokens`` (one long doc alone)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        new_longest = max(longest, n)
+        if cur and (new_longest * (len(cur) + 1) > max_tokens or len(cur) >= max_rows):
+            groups.append(cur)
+            cur, new_longest = [], n
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@torch.no_grad()
+def document_entropies(
+    model: torch.nn.Module, tokens: list[np.ndarray], max_tokens: int = _MAX_BATCH_TOKENS
+) -> list[np.ndarray]:
+    """Per-document entropies (float32 numpy, one per token) of ``tokens`` under ``model``.
+
+    Batches consecutive documents up to ``max_tokens`` padded tokens; runs on the model's device and dtype.
+    """
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(tokens)
+    for group in batch_groups([len(t) for t in tokens], max_tokens):
+        S = max(len(tokens[i]) for i in group)
+        batch = torch.zeros(len(group), S, dtype=torch.int64)
+        for r, i in enumerate(group):
+            batch[r, : len(tokens[i])] = torch.from_numpy(tokens[i])
+        ent = model.entropies(batch.to(device)).float().cpu()  # type: ignore[operator]
+        for r, i in enumerate(group):
+            out[i] = ent[r, : len(tokens[i])].numpy().copy()
+    return out
+
+
+def shard_name(index: int, path: str) -> str:
+    stem = os.path.basename(path)
+    for suf in (".gz", ".jsonl", ".txt", ".parquet", ".arrow"):
+        if stem.endswith(suf):
+            stem = stem[: -len(suf)]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "data"
+    return f"{index:05d}-{stem}.parquet"
+
+
+@dataclass
+class EntropyJobResult:
+    written: list[str]
+    skipped: list[str]
+    n_documents: int
+    n_bytes: int
+    seconds: float
+    stats: dict[str, int]
+
+
+def write_entropy_shards(
+    model: torch.nn.Module,
+    sources: list[str],
+    out: str | os.PathLike[str],
+    text_field: str = "text",
+    rank: int = 0,
+    world_size: int = 1,
+    max_doc_bytes: int = 64 * 2**20,
+    on_bad_record: str = "skip",
+    batch_tokens: int = _MAX_BATCH_TOKENS,
+    model_name: str = "",
+    progress: bool = True,
+) -> EntropyJobResult:
+    """Write one entropy shard per input file (this rank's share), skipping finished shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from torchblt.data.sources import DocumentReader, new_stats, resolve_sources
+
+    files = resolve_sources(sources)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [shard_name(i, f) for i, f in enumerate(files)]
+    if len(set(names)) != len(names):  # pragma: no cover - indices make names unique
+        raise ValueError("entropy shards: duplicate shard names")
+    mine = [i for i in range(len(files)) if i % world_size == rank]
+    todo = [i for i in mine if not (out_dir / names[i]).exists()]
+    skipped = [names[i] for i in mine if i not in todo]
+    total_bytes = sum(os.path.getsize(files[i]) for i in todo)
+    stats = new_stats()
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    meta = {"torchblt.entropy_model": model_name, "torchblt.dtype": dtype, "torchblt.format": "entropies-v1"}
+    schema = pa.schema(
+        [
+            ("text", pa.binary()),
+            (ENTROPIES_FIELD, pa.list_(pa.float16())),
+            ("source", pa.string()),
+            ("row", pa.int64()),
+        ],
+        metadata={k: json.dumps(v) for k, v in meta.items()},
+    )
+    written = []
+    n_docs = n_bytes = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"entropies rank {rank}", disable=not progress)
+    try:
+        for i in todo:
+            final = out_dir / names[i]
+            tmp = out_dir / (names[i] + ".tmp")
+            reader = DocumentReader(
+                [files[i]],
+                text_field,
+                shuffle_files=False,
+                loop=False,
+                max_doc_bytes=max_doc_bytes,
+                on_bad_record=on_bad_record,
+                stats=stats,
+            )
+            writer = pq.ParquetWriter(str(tmp), schema)
+            try:
+                for docs in _chunks(reader, max_docs=256):
+                    toks = [document_tokens(d.data) for d in docs]
+                    ents = document_entropies(model, toks, batch_tokens)
+                    table = pa.table(
+                        {
+                            "text": pa.array([d.data for d in docs], pa.binary()),
+                            ENTROPIES_FIELD: pa.array([e.astype(np.float16) for e in ents], pa.list_(pa.float16())),
+                            "source": pa.array([d.source for d in docs], pa.string()),
+                            "row": pa.array([d.row for d in docs], pa.int64()),
+                        },
+                        schema=schema,
+                    )
+                    writer.write_table(table)
+                    nb = sum(len(d.data) for d in docs)
+                    n_docs += len(docs)
+                    n_bytes += nb
+                    bar.update(nb)
+            finally:
+                writer.close()
+            os.replace(tmp, final)
+            written.append(names[i])
+    finally:
+        bar.close()
+    return EntropyJobResult(written, skipped, n_docs, n_bytes, time.perf_counter() - t0, stats)
+
+
+def _chunks(reader: Iterable[Any], max_docs: int) -> Iterator[list[Any]]:
+    cur: list[Any] = []
+    for d in reader:
+        cur.append(d)
+        if len(cur) >= max_docs:
+            yield cur
+            cur = []
+    if cur:
+        yield cur

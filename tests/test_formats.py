@@ -148,3 +148,11 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 def test_missing_path():
     with pytest.raises(CheckpointError, match="no such file or folder"):
         load_model("./definitely/not/here")
+
+
+def test_corrupted_consolidated_pth(tmp_path):
+    folder = _copy(CONS / "blt_tiny", tmp_path)
+    data = (folder / "consolidated.pth").read_bytes()
+    (folder / "consolidated.pth").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="consolidated.pth: not a readable torch checkpoint"):
+        load_model(folder)

@@ -1,0 +1,244 @@
+"""The training loader: packing conventions, determinism, sharding and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchblt import load_model
+from torchblt.data import DataConfig, build_loader, iter_documents
+from torchblt.data.packing import Batch
+from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+ENTROPY_MODEL = FIXTURES / "05_blt_forward" / "entropy_model"
+
+
+def _text(i: int) -> str:
+    words = ["alpha", "beta", "gamma", "delta", "épée", "x", "longerword", "z9"]
+    return " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(10 + 13 * (i % 5))) + f" #{i}."
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "txt").mkdir()
+    for i in range(6):
+        (root / "txt" / f"d{i}.txt").write_text(_text(i), encoding="utf-8")
+    with open(root / "b.jsonl", "w", encoding="utf-8") as f:
+        for i in range(6, 12):
+            f.write(json.dumps({"text": _text(i), "id": i}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def entropy_model() -> torch.nn.Module:
+    return load_model(ENTROPY_MODEL)
+
+
+def _docs(corpus: Path) -> list[bytes]:
+    return list(iter_documents([str(corpus / "txt"), str(corpus / "b.jsonl")]))
+
+
+def _take(it, n: int) -> list[Batch]:
+    return [next(it) for _ in range(n)]
+
+
+def _check_batch(b: Batch, kind: str, seq_len: int, max_bytes: int | None) -> None:
+    B, L = b.x.shape
+    assert b.y.shape == b.mask.shape == (B, L)
+    assert b.x.dtype == b.y.dtype == torch.int64 and b.mask.dtype == torch.bool
+    assert not bool(((b.y == 0) & b.mask).any()), "a padding target is trained"
+    assert not bool(((b.y == BOS_ID) & b.mask).any()), "a BOS target is trained"
+    if kind == "bytes":
+        assert b.patch_lengths is None and L == seq_len
+        return
+    pl = b.patch_lengths
+    assert pl is not None and pl.dtype == torch.int64
+    assert bool((pl[:, 0] == 1).all())
+    assert bool((pl.sum(1) == L + 1).all())
+    assert pl.shape[1] <= seq_len
+    if max_bytes is not None:
+        assert L <= max_bytes
+    for row in pl:  # zero right-padding only
+        nz = (row > 0).nonzero().flatten()
+        assert int(nz.max()) + 1 == int(nz.numel())
+    # y is x shifted by one inside each row
+    for i in range(B):
+        n = int(b.mask[i].nonzero().max()) + 1 if b.mask[i].any() else 0
+        assert torch.equal(b.y[i, : n - 1], b.x[i, 1:n])
+
+
+CONFIGS = {
+    "space": dict(kind="blt", patching="space", seq_len=12, batch_size=3, shuffle_buffer=5),
+    "static_capped": dict(kind="blt", patching="static", patch_size=4.5, seq_len=12, max_bytes=30, batch_size=2),
+    "byte": dict(kind="blt", patching="byte", seq_len=48, batch_size=3, shuffle_buffer=3),
+    "bytes": dict(kind="bytes", patching="byte", seq_len=32, batch_size=4, shuffle_buffer=7),
+    "entropy_fly": dict(kind="blt", patching="entropy", threshold=1.5, seq_len=10, max_bytes=48, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batches_follow_the_conventions(corpus: Path, entropy_model, name: str) -> None:
+    kw = CONFIGS[name]
+    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], **kw)
+    dl = build_loader(cfg, entropy_model=entropy_model if kw["patching"] == "entropy" else None)
+    for b in _take(iter(dl), 12):
+        _check_batch(b, cfg.kind, cfg.seq_len, cfg.max_bytes)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_exact_resume_across_epochs(corpus: Path, entropy_model, name: str) -> None:
+    """N batches, state_dict (through JSON), a new loader, load_state_dict: the next M batches equal an
+    uninterrupted run's. The corpus is small, so this crosses epochs with a full shuffle buffer."""
+    kw = CONFIGS[name]
+    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], seed=3, **kw)
+    em = entropy_model if kw["patching"] == "entropy" else None
+    full = build_loader(cfg, entropy_model=em)
+    reference = _take(iter(full), 30)
+    assert full.state_dict()["pipelines"][0]["reader"]["position"]["epoch"] >= 1, "the test must cross epochs"
+
+    first = build_loader(cfg, entropy_model=em)
+    it = iter(first)
+    _take(it, 17)
+    state = json.loads(json.dumps(first.state_dict()))
+    stats = first.stats
+    resumed = build_loader(cfg, entropy_model=em)
+    resumed.load_state_dict(state)
+    assert resumed.stats == stats
+    for a, b in zip(reference[17:], _take(iter(resumed), 13)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.mask, b.mask)
+        if a.patch_lengths is not None:
+            assert torch.equal(a.patch_lengths, b.patch_lengths)
+
+
+def test_iterating_again_continues(corpus: Path) -> None:
+    cfg = DataConfig(sources=[str(corpus / "txt")], kind="bytes", seq_len=16, batch_size=2)
+    ref = _take(iter(build_loader(cfg)), 6)
+    dl = build_loader(cfg)
+    got = _take(iter(dl), 3) + _take(iter(dl), 3)
+    assert all(torch.equal(a.x, b.x) for a, b in zip(ref, got))
+    assert dl.state_dict()["n_batches"] == 6
+
+
+def test_every_next_byte_pair_is_trained_once(corpus: Path) -> None:
+    """Without shuffling, rows overlap by one token: the targets are exactly the stream minus BOS."""
+    docs = _docs(corpus)
+    for kind, patching in (("bytes", "byte"), ("blt", "space")):
+        cfg = DataConfig(
+            sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
+            kind=kind,
+            patching=patching,
+            seq_len=9,
+            batch_size=1,
+            shuffle_buffer=0,
+            max_bytes=40,
+        )
+        it = iter(build_loader(cfg))
+        targets: list[int] = []
+        prev_last = None
+        while len(targets) < 3 * sum(len(d) for d in docs):
+            b = next(it)
+            n = int((b.x[0] != 0).sum()) if kind == "blt" else b.x.shape[1]
+            x, y = b.x[0, :n].tolist(), b.y[0, :n].tolist()
+            if prev_last is not None:
+                assert x[0] == prev_last  # the overlap token
+            prev_last = y[-1]
+            targets += [t for t, m in zip(y, b.mask[0, :n].tolist()) if m]
+        assert targets.count(EOS_ID) >= 2 * len(docs)
+        # every document occurs whole, in order, between EOS targets
+        cur: list[int] = []
+        seen = []
+        for t in targets:
+            if t == EOS_ID:
+                seen.append(bytes(v - OFFSET for v in cur))
+                cur = []
+            else:
+                cur.append(t)
+        assert set(seen) == set(docs)  # whole documents, nothing lost, nothing invented
+        assert sorted(seen[: len(docs)]) == sorted(docs)  # the first epoch holds each document once
+
+
+def test_determinism_and_rank_sharding(corpus: Path) -> None:
+    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], kind="bytes", seq_len=16, batch_size=2)
+    a = _take(iter(build_loader(cfg, rank=0, world_size=2)), 4)
+    b = _take(iter(build_loader(cfg, rank=0, world_size=2)), 4)
+    c = _take(iter(build_loader(cfg, rank=1, world_size=2)), 4)
+    assert all(torch.equal(p.x, q.x) for p, q in zip(a, b))
+    assert not all(torch.equal(p.x, q.x) for p, q in zip(a, c))
+    sources = [str(corpus / "txt"), str(corpus / "b.jsonl")]
+    all_docs = list(iter_documents(sources))
+    parts = [list(iter_documents(sources, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(all_docs)
+    assert all(parts)
+    with pytest.raises(ValueError, match="rank"):
+        build_loader(cfg, rank=2, world_size=2)
+
+
+def test_workers_resume_exactly(corpus: Path) -> None:
+    cfg = DataConfig(
+        sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
+        kind="blt",
+        patching="space",
+        seq_len=8,
+        batch_size=2,
+        shuffle_buffer=3,
+        num_workers=2,
+    )
+    reference = _take(iter(build_loader(cfg)), 9)
+    first = build_loader(cfg)
+    _take(iter(first), 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(state)
+    got = _take(iter(resumed), 4)
+    assert all(
+        torch.equal(a.x, b.x) and torch.equal(a.patch_lengths, b.patch_lengths) for a, b in zip(reference[5:], got)
+    )
+    # the workers read disjoint shards: their first batches differ
+    assert not torch.equal(reference[0].x, reference[1].x)
+
+
+def test_resume_rejects_a_different_layout(corpus: Path) -> None:
+    cfg = DataConfig(sources=[str(corpus / "txt")], kind="bytes", seq_len=16, batch_size=2)
+    state = build_loader(cfg, rank=0, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="world_size"):
+        build_loader(cfg, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_batch_to_and_counts(corpus: Path) -> None:
+    cfg = DataConfig(sources=[str(corpus / "txt")], kind="blt", patching="space", seq_len=8, batch_size=2)
+    dl = build_loader(cfg)
+    b = next(iter(dl)).to("cpu")
+    assert b.n_bytes == int(b.mask.sum())
+    assert 0 < b.n_patches <= b.patch_lengths.numel()
+    assert dl.stats["documents"] >= 1 and dl.stats["bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(kind="tokens"), "kind"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(patching="bpe"), "patching"),
+        (dict(patching="entropy"), "threshold"),
+        (dict(patching="entropy", threshold=1.0, target_patch_size=4.0), "target_patch_size"),
+        (dict(max_bytes=1), "max_bytes"),
+        (dict(on_bad_record="ignore"), "on_bad_record"),
+        (dict(batch_size="8"), "batch_size"),
+        (dict(sources=[]), "sources"),
+    ],
+)
+def test_config_errors_name_the_field(corpus: Path, kw: dict, field: str) -> None:
+    base = dict(sources=[str(corpus / "txt")], patching="space")
+    base.update(kw)
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        build_loader(DataConfig(**base))
+
+
+def test_entropy_patching_needs_entropies(corpus: Path) -> None:
+    with pytest.raises(ValueError, match="entropy_model"):
+        build_loader(DataConfig(sources=[str(corpus / "txt")], threshold=1.0))

@@ -179,6 +179,13 @@ def test_cli_eval_files_and_json(tmp_path, capsys):
     assert "missing.txt: no such file" in capsys.readouterr().err
     assert blt_main(["eval", em_dir, str(tmp_path / "b.jsonl"), "--text-field", "body"]) == 2
     err = capsys.readouterr().err
-    assert "b.jsonl:1: no field 'body'" in err and len(err.strip().splitlines()) == 1
+    assert "2 missing_field" in err and "no documents to evaluate" in err
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        f.write(json.dumps({"text": "kept"}) + "\n" + json.dumps({"other": 1}) + "\n")
+    assert blt_main(["eval", em_dir, str(tmp_path / "mixed.jsonl"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n_documents"] == 1 and "1 missing_field" in captured.err
+    assert blt_main(["eval", em_dir, str(tmp_path / "mixed.jsonl"), "--on-bad-record", "error"]) == 2
+    assert "record 1" in capsys.readouterr().err
     assert blt_main(["eval", em_dir, str(tmp_path / "a.txt"), "--context-bytes", "1"]) == 2
     assert blt_main(["eval", em_dir, str(tmp_path / "a.txt"), "--patching", "byte"]) == 2

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "overlapping windows (every byte once, with at least half a context of history).",
     )
     p.add_argument("model", help="model folder (any supported format) or hub repo id")
-    p.add_argument("data", nargs="+", help=".txt (one document per file), .jsonl[.gz] or .parquet files")
+    p.add_argument("data", nargs="+", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files")
     p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
     p.add_argument("--patching", choices=["entropy", "space", "static", "byte"], help="override the model's patching mode")
     p.add_argument("--threshold", type=float, help="override the entropy threshold")
@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default text)")
     p.add_argument("--no-eos", action="store_true", help="do not append or score an EOS per document")
+    p.add_argument("--on-bad-record", choices=["skip", "error"], default="skip",
+                   help="records without text (missing field, bad JSON, empty): skip and count them (default), or stop")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
     p.add_argument("--json", action="store_true", help="print one JSON object (totals + per-file breakdown)")
@@ -76,8 +78,9 @@ def load_any_model(path: str, device: str, dtype: str, entropy_model: str | None
 
 
 def run(args: argparse.Namespace) -> int:
+    from torchblt.data.sources import new_stats
     from torchblt.eval.bpb import BPBResult, evaluate_bpb
-    from torchblt.eval.documents import check_source, iter_file_documents
+    from torchblt.eval.documents import check_source, iter_file_documents, skipped_summary
 
     for flag in ("context_bytes", "max_docs", "batch_size"):
         v = getattr(args, flag)
@@ -88,10 +91,12 @@ def run(args: argparse.Namespace) -> int:
     patcher = build_patcher(model, args)
 
     per_file: dict[str, BPBResult] = {}
+    skipped: dict[str, str] = {}
     for src in sources:
+        stats = new_stats()
         per_file[str(src)] = evaluate_bpb(
             model,
-            iter_file_documents(src, args.text_field),
+            iter_file_documents(src, args.text_field, stats, args.on_bad_record),
             patcher=patcher,
             context_bytes=args.context_bytes,
             batch_size=args.batch_size,
@@ -99,13 +104,19 @@ def run(args: argparse.Namespace) -> int:
             max_documents=args.max_docs,
             count_eos=not args.no_eos,
         )
+        note = skipped_summary(stats)
+        if note:
+            skipped[str(src)] = note
+            print(f"blt eval: {src}: {note}", file=sys.stderr)
+        if per_file[str(src)].n_documents == 0:
+            raise ValueError(f"{src}: no documents to evaluate ({note or 'the file is empty'}; check --text-field)")
         if not args.json:
             _print_row(str(src), per_file[str(src)])
     total = BPBResult.combine(list(per_file.values()))
     if args.json:
         out = total.to_dict()
         out["model"] = str(args.model)
-        out["files"] = {k: v.to_dict() for k, v in per_file.items()}
+        out["files"] = {k: {**v.to_dict(), **({"skipped": skipped[k]} if k in skipped else {})} for k, v in per_file.items()}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

@@ -141,6 +141,7 @@ def write_entropy_shards(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [shard_name(i, f) for i, f in enumerate(files)]
+    write_manifest(out_dir, {"shards": names, "sources": files, "entropy_model": model_name, "text_field": text_field})
     if len(set(names)) != len(names):  # pragma: no cover - indices make names unique
         raise ValueError("entropy shards: duplicate shard names")
     mine = [i for i in range(len(files)) if i % world_size == rank]
@@ -177,6 +178,7 @@ def write_entropy_shards(
                 stats=stats,
             )
             writer = pq.ParquetWriter(str(tmp), schema)
+            file_left = os.path.getsize(files[i])
             try:
                 for docs in _chunks(reader, max_docs=256):
                     toks = [document_tokens(d.data) for d in docs]
@@ -194,14 +196,53 @@ def write_entropy_shards(
                     nb = sum(len(d.data) for d in docs)
                     n_docs += len(docs)
                     n_bytes += nb
-                    bar.update(nb)
+                    step = min(nb, file_left)  # the bar counts input-file bytes (JSON overhead included)
+                    bar.update(step)
+                    file_left -= step
             finally:
                 writer.close()
+            bar.update(file_left)
             os.replace(tmp, final)
             written.append(names[i])
     finally:
         bar.close()
     return EntropyJobResult(written, skipped, n_docs, n_bytes, time.perf_counter() - t0, stats)
+
+
+MANIFEST = "entropies.json"
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record which shards make the complete set (written first, atomically, by every rank alike)."""
+    path = out_dir / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("shards") != manifest["shards"] or old.get("entropy_model") != manifest["entropy_model"]:
+            raise FileExistsError(
+                f"{out_dir}: holds entropies of other sources or another entropy model ({path}); use a new --out folder"
+            )
+        return
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
+def check_entropy_folder(folder: str | os.PathLike[str]) -> list[str]:
+    """The shard files of a complete entropy folder; ``ValueError`` if shards are missing."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise FileNotFoundError(f"data.entropies: {folder}: no such folder")
+    path = d / MANIFEST
+    if not path.exists():
+        raise ValueError(f"data.entropies: {folder}: no {MANIFEST}; not a folder written by `blt entropies`")
+    shards = json.loads(path.read_text())["shards"]
+    missing = [s for s in shards if not (d / s).exists()]
+    if missing:
+        raise ValueError(
+            f"data.entropies: {folder}: {len(missing)} of {len(shards)} shards missing (first: {missing[0]}); "
+            "finish them by running the same `blt entropies` command again"
+        )
+    return [str(d / s) for s in shards]
 
 
 def _chunks(reader: Iterable[Any], max_docs: int) -> Iterator[list[Any]]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from torchblt.data.config import DataConfig
-from torchblt.data.entropies import ENTROPIES_FIELD, document_entropies, document_tokens
+from torchblt.data.entropies import ENTROPIES_FIELD, check_entropy_folder, document_entropies, document_tokens
 from torchblt.data.packing import Batch, Sequence, SequencePacker, collate
 from torchblt.data.sources import DocumentReader, new_stats
 from torchblt.patching import Patcher
@@ -60,6 +60,11 @@ def uses_stored_entropies(cfg: DataConfig) -> bool:
     return cfg.kind == "blt" and cfg.patching == "entropy" and cfg.entropies is not None
 
 
+def document_sources(cfg: DataConfig) -> list[str]:
+    """Where the documents come from: the entropy shards (which hold the text) or ``cfg.sources``."""
+    return check_entropy_folder(cfg.entropies) if uses_stored_entropies(cfg) else list(cfg.sources)  # type: ignore[arg-type]
+
+
 class Pipeline:
     """Batches of one shard (see the module docstring)."""
 
@@ -75,7 +80,7 @@ class Pipeline:
         stored = uses_stored_entropies(cfg)
         self.stats = new_stats()
         self.reader = DocumentReader(
-            [cfg.entropies] if stored else cfg.sources,  # type: ignore[list-item]
+            document_sources(cfg),
             text_field="text" if stored else cfg.text_field,
             shard=shard,
             n_shards=n_shards,
@@ -294,7 +299,7 @@ def _sample_entropies(cfg: DataConfig, entropy_model: torch.nn.Module | None, sa
     """Entropies of the first documents (all shards: every rank calibrates to the same threshold)."""
     stored = uses_stored_entropies(cfg)
     reader = DocumentReader(
-        [cfg.entropies] if stored else cfg.sources,  # type: ignore[list-item]
+        document_sources(cfg),
         text_field="text" if stored else cfg.text_field,
         seed=cfg.seed,
         loop=False,
@@ -343,7 +348,9 @@ def build_loader(
     threshold = cfg.threshold
     em = None
     if cfg.kind == "blt" and cfg.patching == "entropy":
-        if not uses_stored_entropies(cfg):
+        if uses_stored_entropies(cfg):
+            check_entropy_folder(cfg.entropies)  # type: ignore[arg-type]
+        else:
             em = entropy_model
             if em is None and cfg.entropy_model:
                 em = _load_entropy_model(cfg.entropy_model)

@@ -1,0 +1,172 @@
+"""Entropy preprocessing (``blt entropies``), training from the shards, and threshold calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from torchblt import Patcher, load_model
+from torchblt.cli import main
+from torchblt.data import DataConfig, build_loader, iter_documents
+from torchblt.data.calibrate import calibrate_threshold, mean_patch_size
+from torchblt.data.entropies import document_entropies, document_tokens, write_entropy_shards
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+ENTROPY_MODEL = FIXTURES / "05_blt_forward" / "entropy_model"
+
+
+@pytest.fixture(scope="module")
+def em() -> torch.nn.Module:
+    return load_model(ENTROPY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ecorpus")
+    words = "the quick brown fox jumps over a lazy dog while 42 owls hoot".split()
+    for f in range(3):
+        with open(root / f"part{f}.jsonl", "w") as fh:
+            for i in range(5):
+                n = 5 + (7 * i + 3 * f) % 40
+                fh.write(json.dumps({"text": " ".join(words[(i + k * f) % len(words)] for k in range(n))}) + "\n")
+    (root / "bin.txt").write_bytes(b"raw \xff\xfe bytes kept " * 3)
+    return root
+
+
+def test_per_row_entropies_do_not_leak(em) -> None:
+    docs = [document_tokens(b"first document, fairly long " * 4), document_tokens(b"second"), document_tokens(b"x")]
+    together = document_entropies(em, docs)
+    for d, e in zip(docs, together):
+        alone = em.entropies(torch.from_numpy(d)[None])[0].numpy()
+        np.testing.assert_allclose(e, alone, atol=1e-5)
+    # tiny batches (one document per forward) give the same values
+    for a, b in zip(together, document_entropies(em, docs, max_tokens=1)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_blt_entropies_writes_resumable_shards(corpus: Path, em, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ent"
+    argv = [
+        "entropies",
+        "--entropy-model",
+        str(ENTROPY_MODEL),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert "wrote 4 shards, skipped 0" in capsys.readouterr().out
+    shards = sorted(p.name for p in out.glob("*.parquet"))
+    assert shards == ["00000-bin.parquet", "00001-part0.parquet", "00002-part1.parquet", "00003-part2.parquet"]
+    assert not list(out.glob("*.tmp"))
+    table = pq.read_table(out / "00002-part1.parquet")
+    assert (
+        table.schema.field("text").type == "binary"
+        and str(table.schema.field("entropies").type) == "list<element: halffloat>"
+    )
+    docs = list(iter_documents([str(corpus / "part1.jsonl")]))
+    assert table.column("text").to_pylist() == docs and table.column("row").to_pylist() == list(range(5))
+    for text, ent in zip(docs, table.column("entropies").to_pylist()):
+        alone = em.entropies(torch.from_numpy(document_tokens(text))[None])[0].numpy()
+        assert len(ent) == len(text) + 2
+        np.testing.assert_allclose(np.array(ent, dtype=np.float32), alone, rtol=2e-3, atol=2e-3)  # float16
+    assert pq.read_table(out / "00000-bin.parquet").column("text").to_pylist() == [b"raw \xff\xfe bytes kept " * 3]
+
+    # rerun: everything finished is skipped; a lost shard (and a stale temporary) is redone alone
+    (out / "00001-part0.parquet").unlink()
+    (out / "00001-part0.parquet.tmp").write_bytes(b"half written")
+    mtime = (out / "00003-part2.parquet").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert "wrote 1 shards, skipped 3" in capsys.readouterr().out
+    assert (out / "00001-part0.parquet").exists() and not (out / "00001-part0.parquet.tmp").exists()
+    assert (out / "00003-part2.parquet").stat().st_mtime_ns == mtime
+
+    # another corpus into the same folder is refused
+    assert (
+        main(
+            [
+                "entropies",
+                "--entropy-model",
+                str(ENTROPY_MODEL),
+                "--data",
+                str(corpus / "part0.jsonl"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "other sources" in capsys.readouterr().err
+
+
+def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path) -> None:
+    a = write_entropy_shards(em, [str(corpus)], tmp_path / "e", rank=0, world_size=2, progress=False)
+    b = write_entropy_shards(em, [str(corpus)], tmp_path / "e", rank=1, world_size=2, progress=False)
+    assert a.written == ["00000-bin.parquet", "00002-part1.parquet"]
+    assert b.written == ["00001-part0.parquet", "00003-part2.parquet"]
+
+
+def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path) -> None:
+    out = tmp_path / "ent"
+    write_entropy_shards(em, [str(corpus)], out, progress=False)
+    cfg = DataConfig(entropies=str(out), threshold=1.2, seq_len=6, batch_size=1, shuffle_buffer=0, max_bytes=512)
+    dl = build_loader(cfg)
+    b = next(iter(dl))
+    # the first sequence is the start of the first document of the epoch, patched from its stored entropies
+    first = pq.read_table(out / dl._pipeline.reader.files[dl._pipeline.reader.file_order(0)[0]].split("/")[-1])
+    text, ent = first.column("text")[0].as_py(), np.array(first.column("entropies")[0].as_py(), dtype=np.float32)
+    tokens = torch.from_numpy(document_tokens(text))[None]
+    expected, _ = Patcher("entropy", threshold=1.2).patch(tokens, entropies=torch.from_numpy(ent)[None])
+    n = int(b.patch_lengths[0].sum())
+    assert torch.equal(b.x[0, : n - 1], tokens[0, : n - 1])
+    assert b.patch_lengths[0, :-1].tolist() == expected[0, : b.patch_lengths.shape[1] - 1].tolist()
+    # resume is exact from shards too
+    state = json.loads(json.dumps(dl.state_dict()))
+    ref = [next(iter(dl)) for _ in range(5)]
+    again = build_loader(cfg)
+    again.load_state_dict(state)
+    assert all(
+        torch.equal(p.x, q.x) and torch.equal(p.patch_lengths, q.patch_lengths) for p, q in zip(ref, iter(again))
+    )
+    # an incomplete folder is refused
+    (out / "00002-part1.parquet").unlink()
+    with pytest.raises(ValueError, match="1 of 4 shards missing"):
+        build_loader(cfg)
+
+
+def test_calibration_hits_the_target(em, corpus: Path) -> None:
+    docs = list(iter_documents([str(corpus)]))
+    ents = document_entropies(em, [document_tokens(d) for d in docs])
+    for target in (2.0, 3.0, 4.5):
+        res = calibrate_threshold(ents, target)
+        assert abs(res.mean_patch_size - target) < 0.15, res
+        assert res.mean_patch_size == pytest.approx(mean_patch_size(ents, res.threshold))
+    assert mean_patch_size(ents, 0.5) <= mean_patch_size(ents, 1.5) <= mean_patch_size(ents, 3.0)
+    with pytest.raises(ValueError, match="reachable mean patch sizes"):
+        calibrate_threshold(ents, 10_000.0)
+    # with max_patch_length the reachable range shrinks
+    with pytest.raises(ValueError, match="reachable"):
+        calibrate_threshold(ents, 6.0, max_patch_length=4)
+
+
+def test_loader_calibrates_from_target_patch_size(em, corpus: Path, capsys) -> None:
+    cfg = DataConfig(sources=[str(corpus)], target_patch_size=3.0, seq_len=8, batch_size=2)
+    dl = build_loader(cfg, entropy_model=em)
+    docs = list(iter_documents([str(corpus)]))
+    ents = document_entropies(em, [document_tokens(d) for d in docs])
+    assert mean_patch_size(ents, dl.threshold) == pytest.approx(3.0, abs=0.15)
+    # blt calibrate prints the same kind of result
+    assert (
+        main(["calibrate", "--entropy-model", str(ENTROPY_MODEL), "--data", str(corpus), "--target-patch-size", "3.0"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "threshold" in out and "mean patch size" in out

@@ -424,7 +424,7 @@ class DocumentReader:
         try:
             import pyarrow as pa
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ValueError(f"{path}: reading Parquet/Arrow needs pyarrow (pip install 'torchblt[train]')") from e
+            raise ValueError(f"{path}: reading Parquet/Arrow needs pyarrow (pip install 'torchblt[data]')") from e
         try:
             batches, names = self._table_batches(path, kind, offset)
         except (pa.ArrowException, OSError) as e:

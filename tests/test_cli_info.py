@@ -15,7 +15,8 @@ def test_info_named_configs(name, capsys):
     assert main(["info", name, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     params = info["parameters"]
-    assert params["total"] == sum(v for k, v in params.items() if k != "total")
+    assert params["total"] == sum(v for k, v in params.items() if k not in ("total", "non_embedding"))
+    assert info["flops_per_byte"]["forward"] > 0
     if name == "blt-1b":
         assert params["hash_embeddings"] == 6 * 500002 * 1024
         assert params["global_transformer"] == 1_284_608_000

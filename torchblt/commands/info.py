@@ -20,26 +20,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def parameter_counts(model: Any) -> dict[str, int]:
-    """Parameters per part; hash n-gram tables are counted apart from the encoder."""
-    from torchblt.model.blt import BLT
-
-    def n(module: Any) -> int:
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
-
-    if isinstance(model, BLT):
-        counts = {
-            "local_encoder": n(model.local_encoder),
-            "hash_embeddings": n(model.encoder_hash_tok_embedding),
-            "global_transformer": n(model.global_transformer),
-            "local_decoder": n(model.local_decoder),
-        }
-    else:
-        counts = {"embeddings": n(model.tok_embeddings), "transformer": n(model.layers) + n(model.norm), "output": n(model.output)}
-    counts["total"] = sum(counts.values())
-    return counts
-
-
 def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, Any]:
     from torchblt.formats.common import build_model
     from torchblt.model.blt import BLT
@@ -65,17 +45,15 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
             "consolidated": read_consolidated_config,
         }[fmt]
         config = reader(folder)
+    from torchblt import flops
+
     model = build_model(config, device="meta")
     info: dict[str, Any] = {
         "model": name_or_path,
         "kind": "blt" if isinstance(model, BLT) else "entropy_model",
-        "parameters": parameter_counts(model),
+        "parameters": flops.param_counts(model),
         "config": config_to_dict(config),
     }
-    try:
-        from torchblt import flops
-    except ImportError:  # pragma: no cover - flops lives in the same package
-        return info
     if isinstance(model, BLT):
         ps = patch_size if patch_size is not None else float(config.patching.patch_size)
         info["patch_size"] = ps

@@ -144,13 +144,17 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return None
-        saved = ckpt.read_model_config(latest)
-        if saved.get("arch") != config_to_dict(self.raw_config) and not self.cfg.model.init_from:
+        saved, now = ckpt.read_model_config(latest).get("arch", {}), config_to_dict(self.raw_config)
+        saved.pop("patching", None)
+        now.pop("patching", None)  # the patching threshold may be calibrated: compared by the loader
+        if saved != now and not self.cfg.model.init_from:
             raise ValueError(f"{latest}: checkpoint architecture differs from model.arch; use a new run_dir "
                              "(or init_from to fine-tune from exported weights)")
         self.state.load_state_dict(ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist))
         if self.state.data:
             self.loader.load_state_dict(self.state.data)
+            if isinstance(self.model, BLT):
+                self._sync_patching(self.model)
         return latest
 
     # ------------------------------------------------------------------ the loop

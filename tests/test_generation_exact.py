@@ -1,0 +1,246 @@
+"""Incremental (cached) generation == plain full recompute: same greedy bytes, logits within 1e-4.
+
+Tiny random models (width 16-32) with local windows of 8-16 bytes, so prompts and generations run far
+past every window; the decoder head is scaled so greedy argmax gaps are not ties.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from torchblt import ByteTokenizer, Patcher, load_model
+from torchblt.formats.common import build_model
+from torchblt.generation import GenerationConfig, generate_tokens
+from torchblt.model.config import HashConfig, tiny_blt, tiny_entropy
+from torchblt.tokenizer import EOS_ID
+
+FIX = "tests/fixtures/reference/06_generation/"
+TOK = ByteTokenizer()
+TEXT = "The quick brown fox jumps over the lazy dog. def f(x):\n    return x * 2  # Zürich 日本 🙂 ok."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two on a shared machine (no oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, window: int = 12, changes: dict | None = None) -> torch.nn.Module:
+    cfg = tiny_blt()
+    cfg.encoder.window = window
+    cfg.decoder.window = window
+    for path, value in (changes or {}).items():
+        obj = cfg
+        *parents, leaf = path.split(".")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, value)
+    torch.manual_seed(seed)
+    model = build_model(cfg, device="cpu")
+    model.init_weights()
+    model.local_decoder.output.weight.data *= 4
+    return model.eval()
+
+
+def tiny_em(seed: int = 1, window: int = 16) -> torch.nn.Module:
+    cfg = tiny_entropy()
+    cfg.transformer.window = window
+    torch.manual_seed(seed)
+    em = build_model(cfg, device="cpu")
+    em.init_weights()
+    em.output.weight.data *= 6  # entropies that vary a lot, so thresholds cut often
+    return em.eval()
+
+
+def median_entropy(em) -> float:
+    ids = torch.tensor([TOK.encode(TEXT, add_eos=False)])
+    return float(em.entropies(ids).median())
+
+
+def prompts_ids(*texts: str) -> list[list[int]]:
+    return [TOK.encode(t, add_bos=True, add_eos=False) for t in texts]
+
+
+def assert_same(model, patcher, prompts, n_new=40, **cfg):
+    """Cached vs plain, row by row; returns the cached output."""
+    outs = {}
+    for use_cache in (False, True):
+        config = GenerationConfig(max_new_bytes=n_new, stop_at_eos=False, use_cache=use_cache, **cfg)
+        outs[use_cache] = generate_tokens(model, prompts, patcher, config=config, return_logits=True)
+    plain, cached = outs[False], outs[True]
+    assert cached.prompt_starts == plain.prompt_starts
+    for r in range(len(prompts)):
+        assert cached.tokens[r] == plain.tokens[r], f"row {r}"
+        assert cached.patch_starts[r] == plain.patch_starts[r], f"row {r}"
+        diff = (cached.logits[r] - plain.logits[r]).abs().max().item()
+        assert diff < 1e-4, f"row {r}: logits differ by {diff}"
+    return cached
+
+
+# ------------------------------------------------------------------ the reference's own outputs
+
+
+def test_fixture_greedy_matches_reference_both_engines():
+    model, em = load_model(FIX + "blt_model"), load_model(FIX + "entropy_model")
+    cases = json.load(open(FIX + "generation_cases.json"))["per_prompt_batch1"]
+    patcher = Patcher.from_config(model.config.patching, em)
+    prompts = [c["prompt_ids"] for c in cases]
+    out = assert_same(model, patcher, prompts, n_new=40)
+    for c, ids in zip(cases, out.tokens):
+        assert ids == c["generated_ids"], c["prompt"]
+    # batched: every row equals its single run (not the reference's cross-row leak)
+    cfg = GenerationConfig(max_new_bytes=40, stop_at_eos=False)
+    batched = generate_tokens(model, prompts, patcher, config=cfg)
+    assert batched.tokens == [c["generated_ids"] for c in cases]
+
+
+# ------------------------------------------------------------------ patching modes
+
+
+def test_entropy_mode_windows_shorter_than_text():
+    model, em = tiny_model(window=8), tiny_em(window=12)
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    out = assert_same(model, patcher, prompts_ids(TEXT[:50], "Zü"), n_new=40)
+    assert sum(out.patch_starts[0]) >= 5  # many patch boundaries during generation
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"monotonicity": True, "threshold": 0.05},
+        {"threshold_add": 0.05},
+        {"max_patch_length": 3},
+    ],
+    ids=["monotonicity", "threshold_add", "max_patch_length"],
+)
+def test_entropy_variants(kwargs):
+    model, em = tiny_model(seed=2), tiny_em(seed=3)
+    kw = {"threshold": median_entropy(em), **kwargs}
+    patcher = Patcher("entropy", entropy_model=em, **kw)
+    assert_same(model, patcher, prompts_ids(TEXT[:33]), n_new=30)
+
+
+@pytest.mark.parametrize(
+    "patcher",
+    [
+        Patcher("space"),
+        Patcher("static", patch_size=4.5),
+        Patcher("static", patch_size=3, max_patch_length=2),
+        Patcher("byte"),
+        Patcher("space", max_patch_length=4),
+    ],
+    ids=["space", "static-4.5", "static-3-max2", "byte", "space-max4"],
+)
+def test_other_modes(patcher):
+    model = tiny_model(seed=4)
+    assert_same(model, patcher, prompts_ids("Hello, wor", TEXT[:41]), n_new=30)
+
+
+# ------------------------------------------------------------------ architecture variants
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"cross_attn.all_layers_encoder": True, "encoder.n_layers": 2},
+        {"cross_attn.window_encoder": 2, "cross_attn.window_decoder": 3},
+        {"cross_attn.all_layers_decoder": False},
+        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "max"},
+        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "avg,min,max"},
+        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "", "patching.patch_size": 3},
+        {"hash": None},
+        {"hash": HashConfig(group_sizes=[3, 5], vocab_size=97, n_functions=2)},
+        {"global_.attention": "causal", "encoder.attention": "block_causal", "decoder.attention": "causal"},
+        {"global_.n_kv_heads": 2, "decoder.n_kv_heads": 1},
+    ],
+    ids=["enc-all-layers", "cross-windows", "dec-first-layer", "pool-max", "pool-3", "concat", "no-hash",
+         "hash-2fn", "causal", "gqa"],
+)
+def test_architectures(changes):
+    model = tiny_model(seed=5, changes=changes)
+    patcher = Patcher("space", max_patch_length=5)
+    assert_same(model, patcher, prompts_ids(TEXT[:29], "a b"), n_new=30)
+
+
+# ------------------------------------------------------------------ documents, batches, sampling
+
+
+class _EosBias:
+    """Forward hook: push the EOS logit up so EOS is sometimes generated (documents inside the text)."""
+
+    def __init__(self, bias: float) -> None:
+        self.bias = bias
+
+    def __call__(self, module, inputs, output):
+        out = output.clone()
+        out[..., EOS_ID] += self.bias
+        return out
+
+
+def test_multi_document_text_and_generated_eos():
+    model, em = tiny_model(seed=6, window=10), tiny_em(seed=7, window=10)
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    doc1 = TOK.encode("first doc here.", add_bos=True, add_eos=True)
+    doc2 = TOK.encode("second one", add_bos=True, add_eos=False)
+    model.local_decoder.output.register_forward_hook(_EosBias(4.0))
+    out = assert_same(model, patcher, [doc1 + doc2], n_new=40)
+    assert EOS_ID in out.tokens[0]  # documents end during generation too
+
+
+def test_batch_rows_equal_single_runs_and_finish_early():
+    model, em = tiny_model(seed=8), tiny_em(seed=9)
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    prompts = prompts_ids("x", TEXT[:45], "Zürich 日本", TEXT[10:20])
+    cfg = GenerationConfig(max_new_bytes=25, stop_at_eos=False)
+    batched = generate_tokens(model, prompts, patcher, config=cfg, return_logits=True)
+    for r, p in enumerate(prompts):
+        single = generate_tokens(model, [p], patcher, config=cfg, return_logits=True)
+        assert single.tokens[0] == batched.tokens[r]
+        assert (single.logits[0] - batched.logits[r]).abs().max() < 1e-4
+    # a row stopped by a stop string leaves the batch; the others are unaffected
+    stop_text = TOK.decode(batched.tokens[1][3:5])
+    if stop_text:
+        cfg2 = GenerationConfig(max_new_bytes=25, stop_at_eos=False, stop=[stop_text])
+        out = generate_tokens(model, prompts, patcher, config=cfg2)
+        assert out.finish_reasons[1] == "stop" and len(out.tokens[1]) <= 5
+        for r in (0, 2, 3):
+            n = len(out.tokens[r])
+            assert out.tokens[r] == batched.tokens[r][:n]
+
+
+def test_sampling_cached_equals_plain_and_is_reproducible():
+    model = tiny_model(seed=10)
+    patcher = Patcher("space")
+    prompts = prompts_ids("Hello there", "abc")
+    out = assert_same(model, patcher, prompts, n_new=30, temperature=0.8, top_k=20, top_p=0.95, seed=123)
+    again = generate_tokens(model, prompts, patcher,
+                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, temperature=0.8,
+                                                    top_k=20, top_p=0.95, seed=123))
+    assert again.tokens == out.tokens
+    other = generate_tokens(model, prompts, patcher,
+                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, temperature=0.8,
+                                                    top_k=20, top_p=0.95, seed=124))
+    assert other.tokens != out.tokens
+
+
+def test_prompt_longer_than_every_window_and_cache_bounded():
+    model, em = tiny_model(seed=11, window=8), tiny_em(seed=12, window=8)
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    long_prompt = prompts_ids(TEXT * 2)  # ~200 bytes, 25x the window
+    assert_same(model, patcher, long_prompt, n_new=12)
+    from torchblt.generation import IncrementalEngine
+
+    engine = IncrementalEngine(model, patcher, max_new_bytes=12)
+    engine.start(long_prompt)
+    for _ in range(12):
+        engine.advance(torch.tensor([TOK.encode("a", add_bos=False, add_eos=False)[0]]))
+    for name in ("enc_kv", "dec_kv", "em_kv"):
+        assert getattr(engine, name).capacity == 8, name  # ring buffers of one window
+    assert copy.copy(engine.cache_bytes())["local_encoder"] > 0

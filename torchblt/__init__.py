@@ -1,6 +1,7 @@
 """torchblt: the Byte Latent Transformer in PyTorch — exact to the released models."""
 
 from torchblt.formats import load_model, save_model
+from torchblt.generation import generate, generate_stream
 from torchblt.model import (
     BLT,
     BLTConfig,
@@ -26,6 +27,8 @@ __all__ = [
     "Patcher",
     "StackConfig",
     "entropy",
+    "generate",
+    "generate_stream",
     "load_model",
     "named_config",
     "ngram_hash_ids",

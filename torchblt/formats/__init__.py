@@ -6,6 +6,7 @@ format                     files                                                
 torchblt (ours)            ``config.json`` (``{"format": "torchblt", ...}``) + ``model.safetensors``  :mod:`.native`
 reference Hugging Face     ``config.json`` (``{"args": {...}}``) + ``model.safetensors`` (+ ``train_args.json``)  :mod:`.reference`
 reference consolidated     ``params.json`` + ``consolidated.pth`` (``{"model": state_dict}``)          :mod:`.consolidated`
+transformers BltForCausalLM  ``config.json`` (``"model_type": "blt"``) + ``model.safetensors`` (entropy model as ``model.patcher``)  :mod:`.transformers`
 =========================  ===========================================================  =====================
 
 A path that does not exist locally and looks like ``org/name`` is fetched with ``huggingface_hub``.
@@ -34,9 +35,13 @@ __all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "Mode
 
 
 def detect_format(folder: Path) -> str:
-    """``"torchblt"``, ``"reference-hf"`` or ``"consolidated"`` for a local folder."""
+    """``"torchblt"``, ``"reference-hf"``, ``"transformers"`` or ``"consolidated"`` for a local folder."""
+    from torchblt.formats.transformers import is_transformers_folder
+
     if is_native_folder(folder):
         return "torchblt"
+    if is_transformers_folder(folder):
+        return "transformers"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         from torchblt.formats.reference import read_json
 
@@ -80,8 +85,17 @@ def load_model(
     """
     folder = _resolve_path(path)
     fmt = detect_format(folder)
+    bundled: EntropyModel | None = None  # an entropy model stored inside the same checkpoint
     if fmt == "torchblt":
         config, state = read_native(folder)
+    elif fmt == "transformers":
+        from torchblt.formats.transformers import read_transformers
+
+        config, state, em_config, em_state = read_transformers(folder)
+        if em_config is not None:
+            bundled = build_model(em_config)  # type: ignore[assignment]
+            load_state_dict_strict(bundled, em_state, source=f"{folder} (model.patcher)")
+            bundled = bundled.to(device=device, dtype=resolve_dtype(dtype)).eval()
     elif fmt == "reference-hf":
         from torchblt.formats.native import read_safetensors
 
@@ -93,7 +107,7 @@ def load_model(
     load_state_dict_strict(model, state, source=str(folder))
     model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
     if isinstance(model, BLT):
-        em = entropy_model
+        em = entropy_model if entropy_model is not None else bundled
         if em is None and (folder / "entropy_model").is_dir():
             em = folder / "entropy_model"
         if em is not None and not isinstance(em, nn.Module):

@@ -43,7 +43,10 @@ def _config_from_folder(folder: Path):
             return read_bpe_config(folder)
     except ImportError:
         pass
+    from torchblt.formats.transformers import config_from_transformers_folder
+
     reader = {
+        "transformers": config_from_transformers_folder,
         "torchblt": read_native_config,
         "reference-hf": config_from_reference_folder,
         "consolidated": read_consolidated_config,

@@ -93,9 +93,13 @@ def test_equal_logits_on_config_variants(variant):
 def test_beyond_the_windows_and_where_they_differ():
     blt = _models()
     hf = to_transformers_model(blt)
-    toks = _tokens(150, batch=1)  # longer than the 64-byte local windows: sliding windows agree
+    toks = _tokens(150, batch=1)  # longer than the 64-byte local windows
     lengths = split_first_patch(blt.patcher.patch(toks, include_next_token=True)[0])
-    assert _max_diff(blt(toks, lengths), hf(toks, patch_lengths=lengths).logits) < TOL
+    beyond = _max_diff(blt(toks, lengths), hf(toks, patch_lengths=lengths).logits)
+    if hasattr(transformers.BltConfig(), "local_attention_window_len"):
+        assert beyond < TOL  # ports with sliding-window local masks agree beyond the windows
+    else:  # older ports: plain causal local masks, so bytes past the window see more than ours
+        assert beyond > 1e-3
     # an EOS inside the input: ours are block-causal (documents do not see each other), the port's are not
     toks[0, 30] = 2
     lengths = split_first_patch(blt.patcher.patch(toks, include_next_token=True)[0])

@@ -1,0 +1,175 @@
+"""lm-evaluation-harness adapter (model type ``blt``), offline, with tiny tasks defined in local YAML files:
+multiple choice, generation and rolling log-likelihood, scores checked against the model directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from torchblt import generate, load_model  # noqa: E402
+from torchblt.eval.bpb import evaluate_bpb, make_windows  # noqa: E402
+from torchblt.eval.harness import BLTLM  # noqa: E402
+from torchblt.patching import split_first_patch  # noqa: E402
+from torchblt.tokenizer import ByteTokenizer  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures" / "reference" / "05_blt_forward"
+MC = [
+    {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
+    {"question": "Two plus two is", "choices": ["three", "four"], "answer": 1},
+    {"question": "Cats say", "choices": ["meow", "woof", "moo"], "answer": 2},
+]
+GEN_PROMPTS = ["Q: capital of France?\nA:", "Hello"]
+ROLLING = ["A rolling document, scored byte by byte.", "Another one, rather longer than the first document is."]
+
+
+@pytest.fixture(scope="module")
+def blt():
+    return load_model(FIX / "blt_model", entropy_model=FIX / "entropy_model")
+
+
+@torch.no_grad()
+def _direct_loglikelihood(model, context: str, continuation: str) -> tuple[float, bool]:
+    """One full forward, no windows: the sum of log p(continuation bytes)."""
+    tok = ByteTokenizer()
+    ctx = tok.encode(context, add_bos=True, add_eos=False)
+    full = ctx + tok.encode(continuation, add_bos=False, add_eos=False)
+    tokens = torch.tensor([full])
+    lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+    logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
+    targets = torch.tensor(full[len(ctx):])
+    pred = logp[len(ctx) - 1 : len(full) - 1]
+    return float(pred.gather(1, targets[:, None]).sum()), bool((pred.argmax(-1) == targets).all())
+
+
+def _write_tasks(folder: Path, gen_targets: list[str]) -> None:
+    data = folder / "data"
+    data.mkdir()
+    with open(data / "mc.jsonl", "w") as f:
+        for row in MC:
+            f.write(json.dumps(row) + "\n")
+    with open(data / "gen.jsonl", "w") as f:
+        for p, t in zip(GEN_PROMPTS, gen_targets):
+            f.write(json.dumps({"prompt": p, "target": t}) + "\n")
+    with open(data / "roll.jsonl", "w") as f:
+        for t in ROLLING:
+            f.write(json.dumps({"text": t}) + "\n")
+
+    def common(name: str, file: str) -> str:
+        return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data / file}\n"
+                "test_split: test\n")
+
+    (folder / "tiny_mc.yaml").write_text(
+        common("tiny_mc", "mc.jsonl")
+        + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "tiny_gen.yaml").write_text(
+        common("tiny_gen", "gen.jsonl")
+        + "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
+        "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    (folder / "tiny_roll.yaml").write_text(
+        common("tiny_roll", "roll.jsonl")
+        + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n"
+    )
+
+
+def test_offline_tasks_match_the_model(blt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    # generation: the first target is what the model generates (exact match 1), the second is not (0)
+    direct_gen = generate(blt, GEN_PROMPTS, max_new_bytes=12, stop=["\n", "."], temperature=0.0)
+    _write_tasks(tmp_path, [direct_gen[0], direct_gen[1] + "#"])
+    lm = BLTLM(model=blt, batch_size=4)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["tiny_mc", "tiny_gen", "tiny_roll"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0, log_samples=True,
+    )
+    results, samples = out["results"], out["samples"]
+
+    # multiple choice: every choice's log-likelihood equals one direct forward; acc follows from them
+    correct = 0
+    for s in samples["tiny_mc"]:
+        doc = s["doc"]
+        direct = [_direct_loglikelihood(blt, doc["question"], " " + c) for c in doc["choices"]]
+        got = [tuple(r[0]) for r in s["resps"]]
+        for (lp, greedy), (dlp, dgreedy) in zip(got, direct):
+            assert lp == pytest.approx(dlp, abs=1e-4) and greedy == dgreedy
+        correct += int(max(range(len(direct)), key=lambda i: direct[i][0]) == doc["answer"])
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC))
+
+    # generation: responses are torchblt.generate's
+    assert [s["resps"][0][0] for s in samples["tiny_gen"]] == direct_gen
+    assert results["tiny_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+    # rolling log-likelihood: the harness's bits per byte is evaluate_bpb without EOS
+    ours = evaluate_bpb(blt, ROLLING, count_eos=False)
+    assert results["tiny_roll"]["bits_per_byte,none"] == pytest.approx(ours.bpb, rel=1e-5)
+    assert results["tiny_roll"]["byte_perplexity,none"] == pytest.approx(2 ** ours.bpb, rel=1e-5)
+
+
+def test_loglikelihood_windows_and_registration(blt):
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    assert get_model("blt") is BLTLM
+    lm = BLTLM(model=blt, context_bytes=16, batch_size=2)
+    context, continuation = "A long context that does not fit the window", " at all"
+    req = Instance("loglikelihood", {}, (context, continuation), 0)
+    (lp, _), (lp_empty, greedy_empty) = lm.loglikelihood([req, Instance("loglikelihood", {}, ("abc", ""), 1)])
+    assert (lp_empty, greedy_empty) == (0.0, True)
+    # with 16-token windows (make_windows: >= 8 tokens of left context), each window's own forward
+    full = ByteTokenizer().encode(context + continuation, add_bos=True, add_eos=False)
+    first = len(full) - len(continuation)
+    direct = 0.0
+    windows = make_windows(0, len(full), 16, first)
+    assert len(windows) >= 1 and windows[0].start > 0  # the context really was cut
+    for w in windows:
+        for t in range(w.score_from, w.end):
+            direct += _direct_ll_tokens(blt, full[w.start : w.end], t - w.start)[0]
+    assert lp == pytest.approx(direct, abs=1e-4)
+    no_window = _direct_loglikelihood(blt, context, continuation)[0]
+    assert abs(lp - no_window) > 1e-3  # the window changed the answer, so the check above means something
+    with pytest.raises(ValueError, match="unknown argument"):
+        BLTLM(model=blt, colour="blue")
+    with pytest.raises(ValueError, match="pretrained"):
+        BLTLM()
+
+
+@torch.no_grad()
+def _direct_ll_tokens(model, window: list[int], target: int) -> tuple[float, bool]:
+    tokens = torch.tensor([window])
+    lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+    logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
+    return float(logp[target - 1, window[target]]), bool(logp[target - 1].argmax() == window[target])
+
+
+def test_cli_string_arguments(tmp_path):
+    lm = BLTLM.create_from_arg_string(
+        f"pretrained={FIX / 'blt_model'},entropy_model={FIX / 'entropy_model'},context_bytes=64,max_gen_bytes=4",
+        {"batch_size": "auto", "max_batch_size": None, "device": "cpu"},
+    )
+    assert lm.context_bytes == 64 and lm.batch_size == 8 and lm.model.patcher.entropy_model is not None
+
+
+@pytest.mark.slow
+def test_blt_harness_command(tmp_path, capsys, monkeypatch):
+    """``blt harness`` is lm-eval's CLI with --model blt (slow: lm-eval indexes its built-in tasks)."""
+    from torchblt.cli import main as blt_main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _write_tasks(tmp_path, ["x", "y"])
+    args = f"pretrained={FIX / 'blt_model'},entropy_model={FIX / 'entropy_model'}"
+    assert blt_main(["harness", "--model_args", args, "--tasks", "tiny_mc", "--include_path", str(tmp_path),
+                     "--device", "cpu", "--batch_size", "4"]) == 0
+    assert "tiny_mc" in capsys.readouterr().out

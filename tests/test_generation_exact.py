@@ -244,3 +244,17 @@ def test_prompt_longer_than_every_window_and_cache_bounded():
     for name in ("enc_kv", "dec_kv", "em_kv"):
         assert getattr(engine, name).capacity == 8, name  # ring buffers of one window
     assert copy.copy(engine.cache_bytes())["local_encoder"] > 0
+
+
+def test_batched_full_recompute_equals_per_row():
+    from torchblt.generation import FullRecomputeEngine
+
+    model, em = tiny_model(seed=13), tiny_em(seed=14)
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    prompts = prompts_ids(TEXT[:20], TEXT[30:50], TEXT[60:80])
+    per_row, batched = FullRecomputeEngine(model, patcher), FullRecomputeEngine(model, patcher, True)
+    a, b = per_row.start(prompts), batched.start(prompts)
+    for _ in range(10):
+        assert (a - b).abs().max() < 1e-4 and per_row.next_starts == batched.next_starts
+        nxt = a.argmax(-1)
+        a, b = per_row.advance(nxt), batched.advance(nxt)

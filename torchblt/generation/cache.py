@@ -76,6 +76,7 @@ class StackKV:
         self.doc = torch.zeros(batch, capacity, dtype=torch.int64, device=device)
         self.capacity, self.window, self.documents = capacity, window, documents
         self._slots: torch.Tensor | None = None
+        self._view = capacity
 
     def load_row(self, row: int, layers: list[Recorder], positions: torch.Tensor, docs: torch.Tensor) -> None:
         """Store a prefilled row: ``layers[i]`` holds ``(1, L, Hkv, Dh)`` keys/values at ``positions (L,)``."""
@@ -90,23 +91,26 @@ class StackKV:
 
     def begin_step(self, pos: torch.Tensor, doc: torch.Tensor) -> SelfAttentionMask:
         """Register every row's new key at ``pos (B,)`` (document ``doc (B,)``) and return the step mask
-        ``(B, 1, 1, C)``: filled slots, not in the future, inside the window, same document."""
+        ``(B, 1, 1, N)``: filled slots, not in the future, inside the window, same document. ``N`` is the
+        capacity, or only the slots used so far while no row has wrapped around (less cache to read)."""
         slots = pos % self.capacity
         idx = torch.arange(pos.shape[0], device=pos.device)
         self.pos[idx, slots] = pos
         self.doc[idx, slots] = doc
         self._slots = slots
+        self._view = min(self.capacity, int(pos.max()) + 1)
+        kp, kd = self.pos[:, : self._view], self.doc[:, : self._view]
         qp = pos[:, None]
-        allowed = (self.pos >= 0) & (self.pos <= qp)
+        allowed = (kp >= 0) & (kp <= qp)
         if self.window is not None:
-            allowed &= qp - self.pos < self.window
+            allowed &= qp - kp < self.window
         if self.documents:
-            allowed &= self.doc == doc[:, None]
+            allowed &= kd == doc[:, None]
         return SelfAttentionMask(dense=allowed[:, None, None, :])
 
     def layer(self, i: int) -> _RowSlotWriter:
         assert self._slots is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], None, self._slots, self.capacity)
+        return _RowSlotWriter(self.k[i], self.v[i], None, self._slots, self._view)
 
     def select(self, rows: torch.Tensor) -> None:
         self.k = [t[rows] for t in self.k]

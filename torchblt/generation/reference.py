@@ -24,46 +24,58 @@ class FullRecomputeEngine:
     ``next_starts[b]``: whether the byte about to be appended to row b starts a patch.
     """
 
-    def __init__(self, model: BLT, patcher: Patcher) -> None:
+    def __init__(self, model: BLT, patcher: Patcher, batch_equal_lengths: bool = False) -> None:
+        """``batch_equal_lengths``: when every row has the same length, run the rows as one batch (patch
+        lengths per row, zero-padded; entropies per row) — faster, same results up to float rounding."""
         self.model, self.patcher = model, patcher
+        self.batch_equal_lengths = batch_equal_lengths
         self.device = next(model.parameters()).device
         self.rows: list[list[int]] = []
         self.next_starts: list[bool] = []
         self.prompt_starts: list[list[bool]] = []
 
-    def _row_logits(self, ids: list[int]) -> tuple[torch.Tensor, list[bool]]:
-        tokens = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        patch_lengths, _ = self.patcher.patch(tokens, include_next_token=True)
-        patch_lengths = split_first_patch(patch_lengths)
-        logits = self.model(tokens, patch_lengths)[0, -1]  # (V,)
-        starts = [False] * (len(ids) + 1)
-        pos = 0
-        for n in patch_lengths[0].tolist():
-            if n:
-                starts[pos] = True
-                pos += n
-        return logits.float(), starts
+    def _logits(self, rows: list[list[int]]) -> tuple[torch.Tensor, list[list[bool]]]:
+        """Last-position logits ``(B, V)`` and start flags over ``T + 1`` positions of equal-length rows."""
+        tokens = torch.tensor(rows, dtype=torch.int64, device=self.device)  # (B, T)
+        patch_lengths, _ = self.patcher.patch(tokens, include_next_token=True)  # per row
+        patch_lengths = split_first_patch(patch_lengths)  # (B, P)
+        logits = self.model(tokens, patch_lengths)[:, -1]  # (B, V)
+        all_starts = []
+        for row in patch_lengths.tolist():
+            starts = [False] * (tokens.shape[1] + 1)
+            pos = 0
+            for n in row:
+                if n:
+                    starts[pos] = True
+                    pos += n
+            all_starts.append(starts)
+        return logits.float(), all_starts
+
+    def _all_logits(self) -> tuple[torch.Tensor, list[list[bool]]]:
+        if self.batch_equal_lengths and len({len(r) for r in self.rows}) == 1:
+            return self._logits(self.rows)
+        out, starts = [], []
+        for ids in self.rows:  # one row at a time: no row can influence another
+            logits, s = self._logits([ids])
+            out.append(logits[0])
+            starts.append(s[0])
+        return torch.stack(out), starts
 
     @torch.inference_mode()
     def start(self, prompts: list[list[int]]) -> torch.Tensor:
         self.rows = [list(p) for p in prompts]
-        out, self.next_starts, self.prompt_starts = [], [], []
-        for ids in self.rows:
-            logits, starts = self._row_logits(ids)
-            out.append(logits)
-            self.next_starts.append(starts[-1])
-            self.prompt_starts.append(starts[:-1])
-        return torch.stack(out)
+        logits, starts = self._all_logits()
+        self.next_starts = [s[-1] for s in starts]
+        self.prompt_starts = [s[:-1] for s in starts]
+        return logits
 
     @torch.inference_mode()
     def advance(self, next_ids: torch.Tensor) -> torch.Tensor:
-        out, self.next_starts = [], []
         for ids, t in zip(self.rows, next_ids.tolist()):
             ids.append(int(t))
-            logits, starts = self._row_logits(ids)
-            out.append(logits)
-            self.next_starts.append(starts[-1])
-        return torch.stack(out)
+        logits, starts = self._all_logits()
+        self.next_starts = [s[-1] for s in starts]
+        return logits
 
     def select(self, rows: list[int]) -> None:
         self.rows = [self.rows[i] for i in rows]

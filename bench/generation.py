@@ -1,0 +1,222 @@
+"""Generation speed: incremental (KV-cached) decoding vs full recompute, same model, same run.
+
+For every batch size and number of new bytes (after a 64-byte prompt per row) both engines generate
+greedily from random-weight models; the table gives new bytes per second, the speed-up (the ratio of
+the two, measured in this run), how each path's cost per byte grows (ms per step over the first and the
+last 10% of the steps), the peak cache memory of the cached path, and whether both produced the same
+bytes. The full-recompute baseline is the plain generator; with equal-length rows it runs the rows as
+one batch (a stronger baseline than one row at a time).
+
+    python bench/generation.py                       # small config on CPU: 256/512/1024 new bytes, batch 1 and 8
+    python bench/generation.py --lengths 512 --batch-sizes 1 --threads 2
+    python bench/generation.py --device cuda          # + blt-1b (random weights) when CUDA is available
+
+Writes a JSON file (``--json``, default ``generation_bench.json``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torchblt.formats.common import build_model  # noqa: E402
+from torchblt.generation import FullRecomputeEngine, IncrementalEngine  # noqa: E402
+from torchblt.model.config import (  # noqa: E402
+    BLTConfig,
+    CrossAttentionConfig,
+    EntropyModelConfig,
+    HashConfig,
+    StackConfig,
+    blt_1b,
+    entropy_100m,
+)
+from torchblt.patching import Patcher  # noqa: E402
+from torchblt.tokenizer import ByteTokenizer  # noqa: E402
+
+TEXT = (
+    "The Byte Latent Transformer reads raw bytes and groups them into patches whose boundaries follow the "
+    "entropy of the next byte, so that compute goes where the data is hard to predict. A small local "
+    "encoder turns bytes into patch vectors, a large latent transformer runs once per patch, and a small "
+    "local decoder turns its output back into bytes. def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+)
+
+
+def _stack(dim: int, n_layers: int, n_heads: int, window: int | None, attention: str) -> StackConfig:
+    return StackConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, multiple_of=64, rope_theta=500000.0,
+                       attention=attention, window=window)
+
+
+def small_config() -> tuple[BLTConfig, EntropyModelConfig]:
+    """A scaled-down blt-1b: the same structure (cross-attention k=2, hash n-grams 3..8, window 512)."""
+    blt = BLTConfig(
+        encoder=_stack(256, 1, 4, 512, "local_block_causal"),
+        global_=_stack(512, 4, 8, None, "block_causal"),
+        decoder=_stack(256, 4, 4, 512, "local_block_causal"),
+        cross_attn=CrossAttentionConfig(k=2, n_heads=4),
+        hash=HashConfig(vocab_size=8191),
+    )
+    em = EntropyModelConfig(transformer=StackConfig(dim=128, n_layers=4, n_heads=4, multiple_of=64,
+                                                    attention="local_block_causal", window=512))
+    return blt, em
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    blt_cfg, em_cfg = small_config() if name == "small" else (blt_1b(), entropy_100m())
+    torch.manual_seed(seed)
+    model = build_model(blt_cfg, device=device)
+    model.init_weights()
+    em = build_model(em_cfg, device=device)
+    em.init_weights()
+    model, em = model.to(dtype).eval(), em.to(dtype).eval()
+    # a threshold that starts a patch at ~1 byte in 4.5 (the paper's mean patch size) on this text
+    ids = torch.tensor([ByteTokenizer().encode(TEXT * 2, add_eos=False)], device=device)
+    ent = em.entropies(ids)[0].float()
+    threshold = float(torch.quantile(ent, 1 - 1 / 4.5))
+    return model, Patcher("entropy", threshold=threshold, entropy_model=em)
+
+
+def prompts(batch: int, n_bytes: int) -> list[list[int]]:
+    tok = ByteTokenizer()
+    data = (TEXT * 4).encode()
+    return [tok.encode(data[37 * i : 37 * i + n_bytes - 1], add_eos=False) for i in range(batch)]  # BOS + bytes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed_run(engine, rows: list[list[int]], n_new: int, device: torch.device) -> dict:
+    """Greedy generation of ``n_new`` bytes per row: total time, per-step times, the bytes."""
+    sync(device)
+    t0 = time.perf_counter()
+    logits = engine.start(rows)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    steps, out = [], []
+    peak_cache = 0
+    for i in range(n_new):
+        nxt = logits.argmax(-1)
+        out.append(nxt.tolist())
+        if i == n_new - 1:
+            break
+        t = time.perf_counter()
+        logits = engine.advance(nxt)
+        sync(device)
+        steps.append(time.perf_counter() - t)
+        if hasattr(engine, "cache_bytes") and (i % 64 == 0 or i == n_new - 2):
+            peak_cache = max(peak_cache, sum(engine.cache_bytes().values()))
+    total = time.perf_counter() - t0
+    k = max(1, len(steps) // 10)
+    return {
+        "seconds": total,
+        "prefill_seconds": prefill,
+        "bytes_per_second": len(rows) * n_new / total,
+        "ms_per_step_first10pct": 1000 * sum(steps[:k]) / k,
+        "ms_per_step_last10pct": 1000 * sum(steps[-k:]) / k,
+        "peak_cache_mib": peak_cache / 2**20,
+        "tokens": [list(col) for col in zip(*out)],
+        "cache_breakdown_mib": {k2: v / 2**20 for k2, v in engine.cache_bytes().items()}
+        if hasattr(engine, "cache_bytes") else None,
+    }
+
+
+def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: list[int], batch_sizes: list[int],
+                 prompt_bytes: int, full_max_work: int) -> list[dict]:
+    model, patcher = build(name, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    rows_out = []
+    # warm-up (allocator, kernels) on both paths
+    timed_run(IncrementalEngine(model, patcher, 8), prompts(1, prompt_bytes), 8, device)
+    timed_run(FullRecomputeEngine(model, patcher, True), prompts(1, prompt_bytes), 4, device)
+    for batch in batch_sizes:
+        for n_new in lengths:
+            rows = prompts(batch, prompt_bytes)
+            cached = timed_run(IncrementalEngine(model, patcher, n_new), rows, n_new, device)
+            full = None
+            if not full_max_work or batch * n_new <= full_max_work:
+                full = timed_run(FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new, device)
+            row = {
+                "config": name,
+                "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
+                "params_blt": n_params,
+                "batch": batch,
+                "prompt_bytes": prompt_bytes,
+                "new_bytes": n_new,
+                "cached": {k: v for k, v in cached.items() if k != "tokens"},
+                "full": {k: v for k, v in full.items() if k != "tokens"} if full else None,
+                "speedup": full["seconds"] / cached["seconds"] if full else None,
+                "identical_bytes": full["tokens"] == cached["tokens"] if full else None,
+            }
+            rows_out.append(row)
+            print_row(row)
+    return rows_out
+
+
+HEADER = (
+    f"{'config':<7} {'dev':<5} {'B':>2} {'new':>5} | {'cached B/s':>10} {'full B/s':>9} {'speedup':>8} | "
+    f"{'cached ms/step':>15} {'full ms/step':>15} | {'cache MiB':>9} {'same':>5}"
+)
+
+
+def print_row(row: dict) -> None:
+    c, f = row["cached"], row["full"]
+    cs = f"{c['ms_per_step_first10pct']:.2f}->{c['ms_per_step_last10pct']:.2f}"
+    fs = f"{f['ms_per_step_first10pct']:.1f}->{f['ms_per_step_last10pct']:.1f}" if f else "-"
+    print(
+        f"{row['config']:<7} {row['device'][:5]:<5} {row['batch']:>2} {row['new_bytes']:>5} | "
+        f"{c['bytes_per_second']:>10.1f} {(f['bytes_per_second'] if f else float('nan')):>9.1f} "
+        f"{(row['speedup'] or float('nan')):>7.1f}x | {cs:>15} {fs:>15} | {c['peak_cache_mib']:>9.2f} "
+        f"{str(row['identical_bytes']):>5}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-bytes", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; the blt-1b row runs only on CUDA")
+    ap.add_argument("--full-max-work", type=int, default=4096,
+                    help="run the full-recompute baseline only when batch x new bytes <= this (it is quadratic; "
+                         "default 4096 skips batch 8 x 1024, ~40 min on one CPU core); 0 = always")
+    ap.add_argument("--gpu-lengths", type=int, nargs="+", default=None, help="lengths for blt-1b (default: --lengths)")
+    ap.add_argument("--json", default="generation_bench.json", help="where to write the results")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print("per-step columns: mean ms of one decoding step over the first -> the last 10% of the steps")
+    print(HEADER)
+    results = bench_config("small", torch.device("cpu") if device.type != "cuda" else device, torch.float32,
+                           args.lengths, args.batch_sizes, args.prompt_bytes, args.full_max_work)
+    if torch.cuda.is_available() and device.type == "cuda":
+        from torchblt.model.masks import set_attention_backend
+
+        set_attention_backend("sdpa")  # full recompute: no per-shape FlexAttention recompiles
+        results += bench_config("blt-1b", device, torch.bfloat16, args.gpu_lengths or args.lengths,
+                                args.batch_sizes, args.prompt_bytes, args.full_max_work)
+    else:
+        print("blt-1b on GPU: skipped (CUDA is not available here); run with --device cuda on a GPU machine")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

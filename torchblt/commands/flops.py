@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context-bytes", type=float, help="sequence length in bytes (default: global max_seqlen x patch size)")
     p.add_argument("--entropy-model", help="entropy model (named config or folder) to count; 'none' to leave it out")
     p.add_argument("--bpe-vocab", type=int, default=LLAMA3_VOCAB, help=f"BPE baseline vocabulary (default {LLAMA3_VOCAB}, Llama 3)")
-    p.add_argument("--bytes-per-token", type=float, default=LLAMA3_BYTES_PER_TOKEN,
-                   help=f"BPE baseline mean bytes per token (default {LLAMA3_BYTES_PER_TOKEN}, Llama 3)")
+    p.add_argument("--bytes-per-token", type=float, default=None,
+                   help=f"BPE mean bytes per token (default: a BPE folder's measured value, else {LLAMA3_BYTES_PER_TOKEN}, Llama 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -40,7 +40,9 @@ def _config_from_folder(folder: Path):
         from torchblt.baselines.bpe import is_bpe_folder, read_bpe_config
 
         if is_bpe_folder(folder):
-            return read_bpe_config(folder)
+            cfg = read_bpe_config(folder)
+            cfg.bytes_per_token = _measured_bytes_per_token(folder)  # type: ignore[attr-defined]
+            return cfg
     except ImportError:
         pass
     from torchblt.formats.transformers import config_from_transformers_folder
@@ -52,6 +54,13 @@ def _config_from_folder(folder: Path):
         "consolidated": read_consolidated_config,
     }[detect_format(folder)]
     return reader(folder)
+
+
+def _measured_bytes_per_token(folder: Path) -> float | None:
+    """The BPE tokenizer's mean bytes per token recorded in the folder (``blt bpe-tokenizer`` measures it)."""
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    bpt = (raw.get("bpe") or {}).get("bytes_per_token")
+    return None if bpt is None else float(bpt)
 
 
 def _config_from_yaml(path: Path) -> tuple[Any, float | None]:
@@ -116,22 +125,23 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         blt = flops.blt_flops_per_byte(config, ps, entropy_cfg, ctx)
         n_ctx = ctx if ctx is not None else config.global_.max_seqlen * ps
         glob = config.global_
+        bpt = args.bytes_per_token or LLAMA3_BYTES_PER_TOKEN
         out.update(
             kind="blt",
             patch_size=ps,
             context_bytes=n_ctx,
+            bytes_per_token=bpt,
             entropy_model=None if entropy_cfg is None else config_to_dict(entropy_cfg),
             blt=blt,
             # the paper's baselines: the global model's architecture over bytes and over BPE tokens
             byte_transformer=flops.byte_flops_per_byte(glob, n_ctx),
-            bpe_transformer=flops.bpe_flops_per_byte(glob, args.bpe_vocab, args.bytes_per_token,
-                                                     n_ctx / args.bytes_per_token),
+            bpe_transformer=flops.bpe_flops_per_byte(glob, args.bpe_vocab, bpt, n_ctx / bpt),
         )
     elif isinstance(config, EntropyModelConfig) or hasattr(config, "transformer"):
-        bpe = getattr(config, "bytes_per_token", None)
-        if bpe is not None:
+        if hasattr(config, "tokenizer"):  # a BPE baseline folder: measured bytes/token unless overridden
+            bpe = args.bytes_per_token or getattr(config, "bytes_per_token", None) or LLAMA3_BYTES_PER_TOKEN
             ctx = args.context_bytes / bpe if args.context_bytes is not None else seq_len
-            out.update(kind="bpe", bpe_transformer=flops.bpe_flops_per_byte(config, config.vocab_size, bpe, ctx))
+            out.update(kind="bpe", bytes_per_token=bpe, bpe_transformer=flops.bpe_flops_per_byte(config, config.vocab_size, bpe, ctx))
         else:
             ctx = args.context_bytes if args.context_bytes is not None else seq_len
             out.update(kind="byte", byte_transformer=flops.byte_flops_per_byte(config, ctx))
@@ -150,9 +160,10 @@ def _fmt(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.patch_size is not None and args.patch_size <= 0:
         raise ValueError(f"--patch-size must be positive, got {args.patch_size}")
-    if args.bytes_per_token <= 0:
+    if args.bytes_per_token is not None and args.bytes_per_token <= 0:
         raise ValueError(f"--bytes-per-token must be positive, got {args.bytes_per_token}")
     out = compute(args)
+    args.bytes_per_token = args.bytes_per_token or LLAMA3_BYTES_PER_TOKEN
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

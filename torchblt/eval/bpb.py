@@ -337,8 +337,8 @@ def evaluate_bpb(
     """Bits per byte of ``model`` on ``documents`` (see the module docstring for the exact definition).
 
     ``model``: a :class:`BLT` (patched per window by ``patcher``, default ``model.patcher``), a byte LM
-    (:class:`EntropyModel`) or a BPE LM (:class:`torchblt.baselines.bpe.BPEModel`, which brings its own
-    tokenizer). ``context_bytes``: window length in tokens (default: what the model was built for, see
+    (:class:`EntropyModel`) or a BPE LM (an :class:`EntropyModel` whose config is a
+    :class:`torchblt.baselines.bpe.BPEConfig`, which brings its tokenizer). ``context_bytes``: window length in tokens (default: what the model was built for, see
     :func:`default_context`). ``progress(n_bytes)`` is called as documents are read.
     """
     if batch_size < 1:
@@ -346,7 +346,8 @@ def evaluate_bpb(
     if max_documents is not None and max_documents < 0:
         raise ValueError(f"max_documents must be >= 0, got {max_documents}")
     patcher, context, dev = _resolve(model, patcher, context_bytes, device)
-    encode = getattr(model, "document_tokens", None) or document_tokens
+    # a BPE model's config brings its tokenizer (torchblt.baselines.bpe.BPEConfig); byte models use bytes
+    encode = getattr(getattr(model, "config", None), "document_tokens", None) or document_tokens
     was_training = model.training
     model.eval()
     counts = {"n_bytes": 0, "n_documents": 0, "n_targets": 0}

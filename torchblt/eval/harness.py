@@ -105,7 +105,7 @@ class BLTLM(LM):
 
     # ------------------------------------------------------------------ scoring
     def _encode(self, text: str) -> list[int]:
-        encode = getattr(self.model, "encode_text", None)
+        encode = getattr(self.model.config, "encode_text", None)
         if encode is not None:  # a BPE model brings its tokenizer
             return encode(text)
         return [b + OFFSET for b in text.encode("utf-8", errors="ignore")]
@@ -184,7 +184,7 @@ class BLTLM(LM):
     @torch.no_grad()
     def _generate_lm(self, prompt: str, until: list[str], max_new: int, temperature: float) -> str:
         """Full-recompute decoding for byte / BPE LMs (no cache): one forward per new token."""
-        decode = getattr(self.model, "decode_ids", None)
+        decode = getattr(self.model.config, "decode_ids", None)
         tokens = [BOS_ID, *self._encode(prompt)]
         new: list[int] = []
         generator = torch.Generator(device="cpu").manual_seed(0)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from torchblt import Patcher, load_model
+from torchblt import Patcher, entropy, load_model
 from torchblt.cli import main
 from torchblt.data import DataConfig, build_loader, iter_documents
 from torchblt.data.calibrate import calibrate_threshold, mean_patch_size
@@ -47,6 +47,18 @@ def test_per_row_entropies_do_not_leak(em) -> None:
     # tiny batches (one document per forward) give the same values
     for a, b in zip(together, document_entropies(em, docs, max_tokens=1)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_long_documents_in_overlapping_rows_equal_one_forward(em) -> None:
+    rng = np.random.default_rng(0)
+    doc = document_tokens(bytes(rng.integers(97, 123, size=3300).astype(np.uint8)))
+    assert em.receptive_field is not None and len(doc) > 3 * em.receptive_field  # several rows
+    with torch.no_grad():
+        whole = entropy(em(torch.from_numpy(doc)[None]))[0].numpy()
+    short = document_tokens(b"short one")
+    got = document_entropies(em, [short, doc, short], max_tokens=4096)
+    np.testing.assert_allclose(got[1], whole, atol=1e-4)
+    np.testing.assert_allclose(got[0], got[2], atol=1e-6)
 
 
 def test_blt_entropies_writes_resumable_shards(corpus: Path, em, tmp_path: Path, capsys) -> None:

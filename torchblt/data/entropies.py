@@ -4,7 +4,9 @@
 rows are right-padded with BOE and each row's entropies are taken from its own positions only. Every
 model here is causal, so padding on the right never changes a row's entropies, and
 :meth:`~torchblt.model.entropy_model.EntropyModel.entropies` keeps rows apart (the reference concatenates
-them). Long documents are handled by the model's chunking with full left context.
+them). A long document is cut into overlapping rows, each with the model's full receptive field
+(``n_layers * (window - 1)``) of left context, so the result equals one forward over the whole document
+(RoPE depends only on distances, so each row may start at position 0).
 
 Shard format (Parquet, one file per input file, ``<out>/<NNNNN>-<input name>.parquet``):
 
@@ -77,24 +79,42 @@ def batch_groups(
     return groups
 
 
+def _rows(n: int, receptive_field: int | None) -> list[tuple[int, int, int]]:
+    """Cut a document of ``n`` tokens into rows ``(left, start, end)``: the row holds tokens
+    ``[left, end)`` and yields the entropies of ``[start, end)``; ``start - left`` is at least the model's
+    receptive field (or ``left = 0``), so each value equals that of one forward over the whole document."""
+    if receptive_field is None:
+        return [(0, 0, n)]
+    chunk = max(512, 2 * receptive_field)
+    if n <= chunk + receptive_field:
+        return [(0, 0, n)]
+    return [(max(0, s - receptive_field), s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+
 @torch.no_grad()
 def document_entropies(
     model: torch.nn.Module, tokens: list[np.ndarray], max_tokens: int = _MAX_BATCH_TOKENS
 ) -> list[np.ndarray]:
     """Per-document entropies (float32 numpy, one per token) of ``tokens`` under ``model``.
 
-    Batches consecutive documents up to ``max_tokens`` padded tokens; runs on the model's device and dtype.
+    Long documents are cut into overlapping rows (each with the model's full receptive field of left
+    context, so sliding-window models cost O(n) instead of O(n^2)); rows of all documents are batched up
+    to ``max_tokens`` padded tokens and run on the model's device and dtype.
     """
     device = next(model.parameters()).device
-    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(tokens)
-    for group in batch_groups([len(t) for t in tokens], max_tokens):
-        S = max(len(tokens[i]) for i in group)
+    field = getattr(model, "receptive_field", None)
+    out = [np.zeros(len(t), np.float32) for t in tokens]
+    rows = [(i, left, start, end) for i, t in enumerate(tokens) for left, start, end in _rows(len(t), field)]
+    for group in batch_groups([end - left for _, left, _, end in rows], max_tokens):
+        S = max(rows[g][3] - rows[g][1] for g in group)
         batch = torch.zeros(len(group), S, dtype=torch.int64)
-        for r, i in enumerate(group):
-            batch[r, : len(tokens[i])] = torch.from_numpy(tokens[i])
+        for r, g in enumerate(group):
+            i, left, _, end = rows[g]
+            batch[r, : end - left] = torch.from_numpy(tokens[i][left:end])
         ent = model.entropies(batch.to(device)).float().cpu()  # type: ignore[operator]
-        for r, i in enumerate(group):
-            out[i] = ent[r, : len(tokens[i])].numpy().copy()
+        for r, g in enumerate(group):
+            i, left, start, end = rows[g]
+            out[i][start:end] = ent[r, start - left : end - left].numpy()
     return out
 
 

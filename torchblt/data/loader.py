@@ -97,8 +97,6 @@ class Pipeline:
         self.packer = SequencePacker(cfg.kind, cfg.seq_len, cfg.max_bytes if cfg.kind == "blt" else None, self._pull)
         self.buffer: list[Sequence] = []
         self.rng = np.random.default_rng((cfg.seed, 104729, shard, n_shards))
-        self.n_patches = 0
-        self.n_tokens = 0
 
     # ------------------------------------------------------------------ documents -> patched documents
     def _next_doc(self) -> Any:
@@ -132,9 +130,6 @@ class Pipeline:
             doc = self._next_doc()
             tokens = document_tokens(doc.data)
             self.pending.append(Sequence(tokens, self._patch(tokens, doc.entropies)))
-        for s in self.pending:
-            self.n_tokens += len(s.tokens)
-            self.n_patches += len(s.tokens) if s.patch_lengths is None else len(s.patch_lengths)
 
     # ------------------------------------------------------------------ sequences -> batches
     def _next_sequence(self) -> Sequence:

@@ -58,7 +58,7 @@ def test_long_documents_in_overlapping_rows_equal_one_forward(em) -> None:
     short = document_tokens(b"short one")
     got = document_entropies(em, [short, doc, short], max_tokens=4096)
     np.testing.assert_allclose(got[1], whole, atol=1e-4)
-    np.testing.assert_allclose(got[0], got[2], atol=1e-6)
+    np.testing.assert_allclose(got[0], got[2], atol=1e-5)
 
 
 def test_blt_entropies_writes_resumable_shards(corpus: Path, em, tmp_path: Path, capsys) -> None:

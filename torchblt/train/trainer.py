@@ -327,8 +327,8 @@ class Trainer:
             return
 
         def handler(signum, frame):
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            if self.stop_signal is not None:  # a second signal: stop now (the last checkpoint stays valid)
+                raise KeyboardInterrupt(f"second signal {signum}: stopped without saving")
             self.stop_signal = signum
             self.metrics.message(f"signal {signum}: finishing this step, then saving a checkpoint")
 

@@ -1,0 +1,143 @@
+"""Training throughput: bytes/s, peak memory and FLOPs per byte of the trainer's step, with and without
+``torch.compile``, for the quickstart configs (CPU) and blt-1b (GPU only: skipped without CUDA).
+
+    python bench/train.py [--steps 10] [--warmup 3] [--json bench/train.json] [--only quickstart-blt]
+
+Each (config, compile) case runs in its own subprocess (so peak memory is per case: max RSS on CPU,
+``torch.cuda.max_memory_allocated`` on GPU) through the real :class:`~torchblt.train.trainer.Trainer` on a
+synthetic English-like corpus, BLT with space patching (no entropy model needed; the step's cost depends
+only on the patch lengths). ``ratio`` is bytes/s relative to the same config without compile, measured
+in the same run. FLOPs per byte: :func:`torchblt.train.metrics.training_flops_per_byte` (forward +
+backward). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    # name: (config file, extra overrides, needs GPU)
+    "quickstart-entropy": ("quickstart-entropy.yaml", [], False),
+    "quickstart-blt": ("quickstart-blt.yaml", ["data.patching=space", "data.target_patch_size=null"], False),
+    "blt-1b": ("blt-1b.yaml", ["data.patching=space", "data.threshold=null", "train.grad_accum=1",
+                               "data.batch_size=2"], True),
+}
+
+
+def write_corpus(folder: Path, n_docs: int = 40, seed: int = 0) -> None:
+    words = ("now is the winter of our discontent made glorious summer by this sun york and all clouds that "
+             "lowered upon house in deep bosom ocean buried").split()
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)), encoding="utf-8")
+
+
+def one_case(name: str, compile_: bool, steps: int, warmup: int, data: str, run_dir: str) -> dict:
+    import torch
+
+    from torchblt.train.config import load_config
+    from torchblt.train.trainer import Trainer
+
+    config, extra, _ = CASES[name]
+    cfg = load_config(ROOT / "configs" / config, [
+        f"run_dir={run_dir}", f"data.sources=[{data}]", f"train.steps={steps + warmup}", f"train.compile={compile_}",
+        "log.progress=false", "log.tensorboard=false", "checkpoint.export=false", "checkpoint.every=100000",
+        "optim.warmup_steps=1", "data.validation=[]", *extra])
+    t = Trainer(cfg)
+    times, n_bytes, mpl = [], 0, []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        rec = t.train_step()
+        t.state.step += 1
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            n_bytes += rec["bytes_per_s"] * rec["step_time_s"]
+            if "mean_patch_length" in rec:
+                mpl.append(rec["mean_patch_length"])
+    cuda = t.device.type == "cuda"
+    mean_pl = sum(mpl) / len(mpl) if mpl else None
+    return {
+        "case": name, "compile": compile_, "device": torch.cuda.get_device_name() if cuda else platform.processor()
+        or "cpu", "threads": torch.get_num_threads(), "steps": steps,
+        "bytes_per_step": n_bytes / steps, "bytes_per_s": n_bytes / sum(times),
+        "peak_memory_gb": (torch.cuda.max_memory_allocated() if cuda else
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
+        "flops_per_byte": t.flops_per_byte(mean_pl), "mean_patch_length": mean_pl,
+        "mfu": rec.get("mfu"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "train.json"))
+    ap.add_argument("--only", nargs="*", default=None, help=f"cases to run (default all: {list(CASES)})")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument("--_one", nargs=3, metavar=("CASE", "COMPILE", "DATA"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._one:
+        name, comp, data = args._one
+        with tempfile.TemporaryDirectory() as run_dir:
+            print(json.dumps(one_case(name, comp == "1", args.steps, args.warmup, data, run_dir)))
+        return
+
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    results, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "corpus"
+        write_corpus(data)
+        for name in args.only or list(CASES):
+            if CASES[name][2] and not has_gpu:
+                skipped.append(f"{name}: no CUDA device here (run on a GPU machine)")
+                continue
+            for comp in ([False] if args.no_compile else [False, True]):
+                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--_one", name, "1" if comp else "0", str(data)]
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if res.returncode != 0:
+                    err = (res.stderr.strip().splitlines() or ["?"])[-1]
+                    skipped.append(f"{name} compile={comp}: failed: {err[:200]}")
+                    continue
+                results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    base = {r["case"]: r["bytes_per_s"] for r in results if not r["compile"]}
+    for r in results:
+        r["ratio_vs_eager"] = r["bytes_per_s"] / base[r["case"]] if r["case"] in base else None
+
+    head = f"{'case':<20} {'compile':>7} {'bytes/s':>10} {'ratio':>6} {'peak GB':>8} {'GFLOP/byte':>10} {'patch':>6} {'MFU':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        pl = f"{r['mean_patch_length']:.2f}" if r["mean_patch_length"] else "-"
+        ratio = f"{r['ratio_vs_eager']:.2f}" if r["ratio_vs_eager"] else "-"
+        print(f"{r['case']:<20} {str(r['compile']):>7} {r['bytes_per_s']:>10.0f} {ratio:>6} "
+              f"{r['peak_memory_gb']:>8.2f} {r['flops_per_byte'] / 1e9:>10.4f} {pl:>6} {mfu:>6}")
+    for s in skipped:
+        print(f"skipped: {s}")
+    out = {"results": results, "skipped": skipped, "torch": torch.__version__, "python": platform.python_version(),
+           "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "steps": args.steps, "warmup": args.warmup}
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,46 +42,29 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def _count(module: nn.Module | None, skip_embeddings: bool = True) -> int:
-    if module is None:
-        return 0
-    return sum(p.numel() for n, p in module.named_parameters()
-               if not (skip_embeddings and isinstance(_owner(module, n), nn.Embedding)))
+def training_flops_per_byte(model: nn.Module, mean_patch_length: float | None = None,
+                            context: int | None = None) -> tuple[float, str]:
+    """Training FLOPs per byte (forward + backward = 3x forward) and where the number comes from.
+
+    BLT and byte LMs: :mod:`torchblt.flops` (the paper's per-module formulas; attention over ``context``
+    bytes, the global model once per patch of ``mean_patch_length``). Other kinds: the ``6 N`` rule on
+    non-embedding parameters."""
+    from torchblt import flops
+    from torchblt.model.config import BLTConfig
+    from torchblt.model.entropy_model import EntropyModelConfig
+
+    config = getattr(model, "config", None)
+    if isinstance(config, BLTConfig):
+        ps = mean_patch_length or config.patching.patch_size
+        return flops.blt_flops_per_byte(config, ps, context_bytes=context)["train"], "torchblt.flops (BLT)"
+    if isinstance(config, EntropyModelConfig):
+        return flops.byte_flops_per_byte(config, context)["train"], "torchblt.flops (byte LM)"
+    n = sum(p.numel() for name, p in model.named_parameters() if not isinstance(_owner(model, name), nn.Embedding))
+    return 6.0 * n, "6N (non-embedding parameters)"
 
 
 def _owner(module: nn.Module, param_name: str) -> nn.Module:
     return module.get_submodule(param_name.rpartition(".")[0]) if "." in param_name else module
-
-
-def training_flops_per_byte(model: nn.Module, mean_patch_length: float | None = None,
-                            context: int | None = None) -> tuple[float, str]:
-    """Training FLOPs per byte (forward + backward) and where the number comes from.
-
-    Uses :mod:`torchblt.flops` (the paper's per-module formulas) when it is available; otherwise the
-    ``6 N`` rule on non-embedding parameters, with the global transformer's share divided by the mean
-    patch length (it runs once per patch)."""
-    config = getattr(model, "config", None)
-    try:
-        from torchblt import flops  # engineer E's module (paper §4.5 formulas)
-        from torchblt.model.config import BLTConfig
-
-        if isinstance(config, BLTConfig) and hasattr(flops, "blt_flops_per_byte"):
-            parts = flops.blt_flops_per_byte(config, mean_patch_length or config.patching.patch_size)
-            total = parts.get("train_total") or parts.get("training") or parts.get("total_train")
-            if total is not None:
-                return float(total), "torchblt.flops"
-        if config is not None and hasattr(flops, "transformer_flops_per_token") and not isinstance(config, BLTConfig):
-            fwd = flops.transformer_flops_per_token(config.transformer, context or config.transformer.max_seqlen,
-                                                    config.vocab_size)
-            return 3.0 * float(fwd), "torchblt.flops"
-    except Exception:  # noqa: BLE001 - fall back to 6N when the module is absent or its API differs
-        pass
-    glob = getattr(model, "global_transformer", None)
-    n_global = _count(glob)
-    n_total = _count(model)
-    if glob is not None and mean_patch_length:
-        return 6.0 * ((n_total - n_global) + n_global / mean_patch_length), "6N (non-embedding; global / patch length)"
-    return 6.0 * n_total, "6N (non-embedding)"
 
 
 class MetricsLogger:

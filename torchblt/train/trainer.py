@@ -260,7 +260,9 @@ class Trainer:
     def flops_per_byte(self, mean_patch_length: float | None = None) -> float:
         key = None if mean_patch_length is None else round(mean_patch_length, 2)
         if key not in self._flops:
-            self._flops[key] = training_flops_per_byte(self.model, key, self.data_cfg.seq_len)[0]
+            d = self.data_cfg
+            context = d.seq_len if d.kind == "bytes" else (d.max_bytes or d.seq_len * (key or 4.5))
+            self._flops[key] = training_flops_per_byte(self.model, key, context)[0]
         return self._flops[key]
 
     def _val_enabled(self) -> bool:

@@ -363,32 +363,18 @@ class IncrementalEngine:
         """Close the open patch of ``rows (R,)`` (their next patch starts at ``ends (B,)``)."""
         model, cfg = self.model, self.cfg
         enc, gt, dec = model.local_encoder, model.global_transformer, model.local_decoder
-        vectors = []
-        for r in rows.tolist():
-            b = int(ends[r].item())
+        patches, kv_spans, concat_rows = [], [], []
+        ends_list = ends[rows].tolist()
+        for r, b in zip(rows.tolist(), ends_list):
             hist, first = self.hist[r], self.hist_from[r]
             starts = self.pstarts[r]
-            a = starts[-1]
             byte_states = torch.stack(hist, dim=0)  # (n_kept, n_state, E), positions first..
-            patch = byte_states[a - first : b - first]  # (n, n_state, E)
+            patches.append(byte_states[starts[-1] - first : b - first])  # the closing patch's bytes
             if self.enc_cross:
-                kv_bytes = byte_states[starts[0] - first : b - first]  # the last window_encoder patches
-                slots = None
-                for j in range(len(self.state_layers)):
-                    if slots is None:
-                        slots = enc.init_slots(patch[None, :, j], torch.zeros(1, patch.shape[0], dtype=torch.int64,
-                                                                              device=patch.device), 1)
-                    cross = enc.cross_attn_layers[j if enc.cross_attn_all_layers else 0]
-                    allowed = torch.ones(1, 1, slots.shape[1], kv_bytes.shape[0], dtype=torch.bool,
-                                         device=patch.device)
-                    slots = double_residual(slots, cross(slots, kv_bytes[None, :, j], allowed))
-                vectors.append(slots.reshape(-1))
-            elif cfg.pooling:
-                zeros = torch.zeros(1, patch.shape[0], dtype=torch.int64, device=patch.device)
-                vectors.append(pool_patches(patch[None, :, -1], zeros, 1, cfg.pooling_modes).reshape(-1))
-            else:
-                rows_idx = (torch.arange(b - self.concat_size, b, device=patch.device)).clamp(min=0) - first
-                vectors.append(byte_states[rows_idx, -1].reshape(-1))
+                kv_spans.append(byte_states[starts[0] - first : b - first])  # the last window_encoder patches
+            elif self.concat_size:
+                idx = torch.arange(b - self.concat_size, b, device=byte_states.device).clamp(min=0) - first
+                concat_rows.append(byte_states[idx, -1].reshape(-1))
             # bookkeeping: the new open patch starts at b; keep what the next closings need
             starts.append(b)
             del starts[: max(0, len(starts) - (self.enc_window or 1))]
@@ -399,8 +385,29 @@ class IncrementalEngine:
             del hist[: keep_from - first]
             self.hist_from[r] = keep_from
 
-        # one global step for the closing rows
-        v = torch.stack(vectors)[:, None]  # (R, 1, global_input_dim)
+        # the closing patches of all rows at once, right-padded: (R, n_max, n_state, E)
+        patch = torch.nn.utils.rnn.pad_sequence(patches, batch_first=True)
+        lengths = torch.tensor([p.shape[0] for p in patches], device=patch.device)
+        # byte -> patch index for pooling: 0 for real bytes, 1 (dropped) for padding
+        pad_ids = (torch.arange(patch.shape[1], device=patch.device)[None] >= lengths[:, None]).to(torch.int64)
+        if self.enc_cross:
+            kv = torch.nn.utils.rnn.pad_sequence(kv_spans, batch_first=True)  # (R, m_max, n_state, E)
+            kv_len = torch.tensor([k.shape[0] for k in kv_spans], device=kv.device)
+            allowed = torch.arange(kv.shape[1], device=kv.device)[None] < kv_len[:, None]  # (R, m_max)
+            slots = None
+            for j in range(len(self.state_layers)):
+                if slots is None:
+                    slots = enc.init_slots(patch[:, :, j], pad_ids, 1)  # (R, K, E)
+                cross = enc.cross_attn_layers[j if enc.cross_attn_all_layers else 0]
+                mask = allowed[:, None, None, :].expand(-1, 1, slots.shape[1], -1)
+                slots = double_residual(slots, cross(slots, kv[:, :, j], mask))
+            v = slots.reshape(len(patches), 1, -1)
+        elif cfg.pooling:
+            v = pool_patches(patch[:, :, -1], pad_ids, 1, cfg.pooling_modes)  # (R, 1, E * n_modes)
+        else:
+            v = torch.stack(concat_rows)[:, None]
+
+        # one global step for the closing rows; v: (R, 1, global_input_dim)
         all_rows = rows.numel() == self.pos.shape[0]
         gdoc = self.gdoc[rows]
         mask, gpos = self.gkv.begin_step(None if all_rows else rows, gdoc)

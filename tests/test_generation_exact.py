@@ -258,3 +258,47 @@ def test_batched_full_recompute_equals_per_row():
         assert (a - b).abs().max() < 1e-4 and per_row.next_starts == batched.next_starts
         nxt = a.argmax(-1)
         a, b = per_row.advance(nxt), batched.advance(nxt)
+
+
+@pytest.mark.parametrize(
+    "patcher",
+    [
+        Patcher("entropy", threshold=1.0),
+        Patcher("entropy", threshold=0.2, monotonicity=True),
+        Patcher("entropy", threshold=1.0, threshold_add=0.1),
+        Patcher("entropy", threshold=1.5, max_patch_length=3),
+        Patcher("entropy", threshold=0.1, monotonicity=True, max_patch_length=2),
+        Patcher("space"),
+        Patcher("space", max_patch_length=3),
+        Patcher("bpe"),
+        Patcher("static", patch_size=2.7),
+        Patcher("static", patch_size=4, max_patch_length=3),
+        Patcher("byte"),
+    ],
+    ids=lambda p: repr(p),
+)
+def test_incremental_starts_equal_patcher_on_every_prefix(patcher):
+    """The one-position-at-a-time rule == Patcher.patch(include_next_token=True) + split_first_patch."""
+    from torchblt.generation.boundaries import IncrementalStarts, finish_starts, last_raw_start, raw_prompt_starts
+    from torchblt.patching import split_first_patch
+
+    g = torch.Generator().manual_seed(0)
+    T = 60
+    tokens = torch.randint(4, 260, (1, T), generator=g)
+    tokens[0, 0] = 1
+    tokens[0, torch.randint(2, T, (12,), generator=g)] = ord(" ") + 4
+    tokens[0, torch.randint(2, T, (4,), generator=g)] = torch.tensor([2, 3, 3, 2])
+    ent = torch.rand(1, T, generator=g) * 2
+    L0 = 3
+    raw = raw_prompt_starts(patcher, tokens[:, :L0], ent[:, :L0])
+    inc = IncrementalStarts(patcher, last_raw_start(raw))
+    got = finish_starts(patcher, raw)[0].tolist()
+    for j in range(L0 + 1, T + 1):
+        s = inc.step(torch.tensor([j]), ent[:, j - 1], ent[:, j - 2], tokens[:, j - 1], tokens[:, j - 2])
+        got.append(bool(s[0]))
+    for j in range(1, T + 1):  # the patcher on the prefix of j bytes decides position j (the next byte)
+        lengths, _ = patcher.patch(tokens[:, :j], include_next_token=True, entropies=ent[:, :j])
+        lengths = split_first_patch(lengths)[0]
+        last = int(lengths[lengths > 0][-1])
+        assert got[j] == (last == 1), f"position {j}"
+    assert got[0] and got[1]

@@ -27,6 +27,8 @@ def test_text_folder_jsonl_parquet_arrow(tmp_path: Path) -> None:
     _jsonl(tmp_path / "c.jsonl", [json.dumps({"body": "json one"}).encode(), json.dumps({"body": "json two"}).encode()])
     with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
         f.write(json.dumps({"body": "gz one"}).encode() + b"\n")
+    with gzip.open(tmp_path / "t" / "sub" / "c.txt.gz", "wb") as f:
+        f.write(b"text gz")
     pq.write_table(pa.table({"body": ["pq one", "pq two"], "n": [1, 2]}), tmp_path / "e.parquet")
     pq.write_table(pa.table({"body": pa.array([b"pq \xff bin"], pa.binary())}), tmp_path / "f.parquet")
     table = pa.table({"body": ["arrow one", "arrow two"]})
@@ -45,6 +47,7 @@ def test_text_folder_jsonl_parquet_arrow(tmp_path: Path) -> None:
     assert docs == [
         b"text one",
         b"text two",
+        b"text gz",
         b"json one",
         b"json two",
         b"gz one",
@@ -55,7 +58,7 @@ def test_text_folder_jsonl_parquet_arrow(tmp_path: Path) -> None:
         b"arrow two",
         b"stream one",
     ]
-    assert stats["documents"] == 11 and stats["bytes"] == sum(map(len, docs))
+    assert stats["documents"] == 12 and stats["bytes"] == sum(map(len, docs))
     assert stats["non_utf8"] == 1  # the binary cell is kept as it is, and counted
 
 

@@ -85,7 +85,7 @@ def _rows(n: int, receptive_field: int | None) -> list[tuple[int, int, int]]:
     receptive field (or ``left = 0``), so each value equals that of one forward over the whole document."""
     if receptive_field is None:
         return [(0, 0, n)]
-    chunk = max(512, 2 * receptive_field)
+    chunk = min(8192, max(256, 2 * receptive_field))  # rows of chunk + field tokens; attention is dense on CPU
     if n <= chunk + receptive_field:
         return [(0, 0, n)]
     return [(max(0, s - receptive_field), s, min(n, s + chunk)) for s in range(0, n, chunk)]

@@ -173,3 +173,26 @@ def test_blt_harness_command(tmp_path, capsys, monkeypatch):
     assert blt_main(["harness", "--model_args", args, "--tasks", "tiny_mc", "--include_path", str(tmp_path),
                      "--device", "cpu", "--batch_size", "4"]) == 0
     assert "tiny_mc" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def test_byte_lm_through_the_adapter():
+    from lm_eval.api.instance import Instance
+
+    em = load_model(FIX / "entropy_model")
+    lm = BLTLM(model=em)
+    (lp, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, ("Hello", " world"), 0)])
+    full = torch.tensor([ByteTokenizer().encode("Hello world", add_bos=True, add_eos=False)])
+    logp = F.log_softmax(em(full)[0], -1)
+    expected = sum(float(logp[t - 1, full[0, t]]) for t in range(6, full.shape[1]))
+    assert lp == pytest.approx(expected, abs=1e-4)
+    # greedy generation by full recompute: each new byte is the argmax given everything before it
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("Hi", {"until": ["\n"], "max_gen_toks": 5}), 0)])
+    ids = ByteTokenizer().encode("Hi", add_bos=True, add_eos=False)
+    for _ in range(5):
+        nxt = int(em(torch.tensor([ids]))[0, -1].argmax())
+        if nxt == 2:
+            break
+        ids.append(nxt)
+    expected_text = ByteTokenizer().decode(ids[3:])
+    assert text == expected_text.split("\n")[0]

@@ -101,6 +101,7 @@ def main() -> None:
         res = write_entropy_shards(em, files, Path(tmp) / "ent", progress=False)
         ent_s = time.perf_counter() - t0
         rows.append({"case": "blt entropies (64-dim 2-layer model, fp32)", "bytes_per_s": res.n_bytes / ent_s})
+        print(f"measured blt entropies: {res.n_bytes:,} bytes in {ent_s:.1f}s", flush=True)
 
         import pyarrow.parquet as pq
 
@@ -120,6 +121,7 @@ def main() -> None:
         ]  # fmt: skip
         for name, cfg, model in cases:
             rows.append({"case": name, **time_loader(cfg, args.seconds, model)})
+            print(f"measured {name}: {rows[-1]['bytes_per_s']:,.0f} bytes/s", flush=True)
 
     for r in rows:
         r["ratio_to_read"] = r["bytes_per_s"] / read_bps

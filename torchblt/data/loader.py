@@ -36,7 +36,8 @@ from torchblt.patching import Patcher
 __all__ = ["DataLoader", "Pipeline", "build_loader", "make_patcher"]
 
 STATE_VERSION = 1
-_ONTHEFLY_DOCS = 32  # documents patched together by an on-the-fly entropy model
+_ONTHEFLY_DOCS = 32  # documents (at most) patched together by an on-the-fly entropy model
+_ONTHEFLY_TOKENS = 1 << 15  # ... or fewer once they hold this many tokens
 
 
 def make_patcher(
@@ -123,7 +124,9 @@ class Pipeline:
             self.pending.append(Sequence(document_tokens(self._next_doc().data), None))
         elif cfg.patching == "entropy" and not self.stored:
             assert self.entropy_model is not None
-            docs = [document_tokens(self._next_doc().data) for _ in range(_ONTHEFLY_DOCS)]
+            docs: list[np.ndarray] = []
+            while len(docs) < _ONTHEFLY_DOCS and sum(len(d) for d in docs) < _ONTHEFLY_TOKENS:
+                docs.append(document_tokens(self._next_doc().data))
             ents = document_entropies(self.entropy_model, docs)
             self.pending.extend(Sequence(t, self._patch(t, e)) for t, e in zip(docs, ents))
         else:

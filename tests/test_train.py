@@ -186,7 +186,8 @@ def test_signal_saves_and_exits_cleanly(tmp_path, corpus):
 def test_metrics_config_and_export(tmp_path, corpus):
     train, valid = corpus
     run(tmp_path, train, "r", steps=4, **{"data.validation": f"[{valid}]", "eval.every": 2,
-                                          "checkpoint.export": "true", "log.tensorboard": "true"})
+                                          "checkpoint.export": "true", "log.tensorboard": "true",
+                                          "log.profile_steps": "[1,2]"})
     rows = read_metrics(tmp_path / "r")
     for r in rows:
         assert {"step", "loss", "bpb", "lr", "bytes_per_s", "grad_norm", "mean_patch_length"} <= set(r)
@@ -195,6 +196,7 @@ def test_metrics_config_and_export(tmp_path, corpus):
     saved = load_config(tmp_path / "r" / "config.yaml")
     assert saved.train.steps == 4 and saved.data.patching == "space"
     assert list((tmp_path / "r" / "tensorboard").iterdir())
+    assert list((tmp_path / "r" / "profile").glob("*.json"))  # torch.profiler trace of step 2
 
     from torchblt import load_model
     from torchblt.eval.bpb import evaluate_bpb
@@ -233,9 +235,17 @@ def test_init_from_reference_checkpoint(tmp_path, corpus, fixtures_dir):
 def test_grad_accum_equals_bigger_batch(tmp_path, corpus):
     """Loss normalisation is per token of the whole optimizer step: 2 x 3 rows == 1 x 6 rows."""
     train, _ = corpus
-    run(tmp_path, train, "a", "entropy", steps=3, **{"data.batch_size": 3, "train.grad_accum": 2})
-    run(tmp_path, train, "b", "entropy", steps=3, **{"data.batch_size": 6})
+    run(tmp_path, train, "a", "byte", steps=3, **{"data.batch_size": 3, "train.grad_accum": 2})
+    run(tmp_path, train, "b", "byte", steps=3, **{"data.batch_size": 6})
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, corpus):
+    """train.dtype=bf16 (the GPU default) also works on CPU: finite losses, fp32 master weights."""
+    train, _ = corpus
+    t = run(tmp_path, train, "r", steps=2, **{"train.dtype": "bf16"})
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())

@@ -13,7 +13,7 @@ import torch
 from torchblt import Patcher, entropy, load_model
 from torchblt.cli import main
 from torchblt.data import DataConfig, build_loader, iter_documents
-from torchblt.data.calibrate import calibrate_threshold, mean_patch_size
+from torchblt.data.calibrate import _groups, _mean, calibrate_threshold, mean_patch_size
 from torchblt.data.entropies import document_entropies, document_tokens, write_entropy_shards
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
@@ -162,6 +162,11 @@ def test_calibration_hits_the_target(em, corpus: Path) -> None:
         assert abs(res.mean_patch_size - target) < 0.15, res
         assert res.mean_patch_size == pytest.approx(mean_patch_size(ents, res.threshold))
     assert mean_patch_size(ents, 0.5) <= mean_patch_size(ents, 1.5) <= mean_patch_size(ents, 3.0)
+    # the counting shortcut of the default rule equals patching with the Patcher
+    for t in (0.5, 1.3, 2.0, float(ents[0][5])):
+        assert mean_patch_size(ents, t) == pytest.approx(_mean(_groups(ents), Patcher("entropy", t)), rel=1e-12)
+    res = calibrate_threshold(ents, 3.0, threshold_add=0.0)  # general path (patching every step)
+    assert abs(res.mean_patch_size - 3.0) < 0.3
     with pytest.raises(ValueError, match="reachable mean patch sizes"):
         calibrate_threshold(ents, 10_000.0)
     # with max_patch_length the reachable range shrinks

@@ -62,6 +62,26 @@ def _mean(groups: list[tuple[torch.Tensor, torch.Tensor]], patcher: Patcher) -> 
     return tokens / max(patches, 1)
 
 
+class _GlobalRule:
+    """The default rule (byte ``j >= 2`` starts a patch iff ``E[j-1] > t``) counted without patching:
+    a document of ``n`` tokens has ``min(n, 2) + #{1 <= i <= n-2 : E[i] > t}`` patches, so one sorted
+    array answers every threshold in O(log N)."""
+
+    def __init__(self, entropies: list[np.ndarray]) -> None:
+        self.n_tokens = sum(len(e) for e in entropies)
+        self.fixed = sum(min(len(e), 2) for e in entropies)
+        inner = [np.asarray(e[1:-1], dtype=np.float32) for e in entropies if len(e) > 2]
+        self.sorted = np.sort(np.concatenate(inner)) if inner else np.zeros(0, np.float32)
+
+    def mean(self, threshold: float) -> float:
+        above = len(self.sorted) - int(np.searchsorted(self.sorted, np.float32(threshold), side="right"))
+        return self.n_tokens / (self.fixed + above)
+
+
+def _simple(threshold_add: float | None, monotonicity: bool, max_patch_length: int | None) -> bool:
+    return threshold_add is None and not monotonicity and max_patch_length is None
+
+
 def mean_patch_size(
     entropies: Iterable[np.ndarray],
     threshold: float,
@@ -70,8 +90,11 @@ def mean_patch_size(
     max_patch_length: int | None = None,
 ) -> float:
     """Mean patch size (tokens per patch) of documents with these per-token entropies."""
+    ents = [np.asarray(e, dtype=np.float32) for e in entropies]
+    if _simple(threshold_add, monotonicity, max_patch_length):
+        return _GlobalRule(ents).mean(threshold)
     patcher = Patcher("entropy", threshold, threshold_add, monotonicity, max_patch_length)
-    return _mean(_groups([np.asarray(e) for e in entropies]), patcher)
+    return _mean(_groups(ents), patcher)
 
 
 def calibrate_threshold(
@@ -80,7 +103,7 @@ def calibrate_threshold(
     threshold_add: float | None = None,
     monotonicity: bool = False,
     max_patch_length: int | None = None,
-    iterations: int = 40,
+    iterations: int = 50,
 ) -> CalibrationResult:
     """Bisection on the entropy threshold (see the module docstring).
 
@@ -93,17 +116,22 @@ def calibrate_threshold(
         raise ValueError("calibration: no sample documents")
     if not target_patch_size > 1:
         raise ValueError(f"target_patch_size must be greater than 1, got {target_patch_size}")
-    groups = _groups(ents)
     n_tokens = sum(len(e) for e in ents)
+    if _simple(threshold_add, monotonicity, max_patch_length):
+        rule = _GlobalRule(ents)
+        mean_at = rule.mean
+    else:
+        groups = _groups(ents)
+
+        def mean_at(t: float) -> float:
+            return _mean(groups, Patcher("entropy", t, threshold_add, monotonicity, max_patch_length))
+
     if monotonicity:  # the rule compares entropy differences with the threshold
         diffs = [np.diff(e) for e in ents if len(e) > 1]
         all_vals = np.concatenate(diffs) if diffs else np.zeros(1, np.float32)
     else:
         all_vals = np.concatenate(ents)
     lo, hi = float(all_vals.min()) - 1.0, float(all_vals.max()) + 1.0
-
-    def mean_at(t: float) -> float:
-        return _mean(groups, Patcher("entropy", t, threshold_add, monotonicity, max_patch_length))
 
     m_lo, m_hi = mean_at(lo), mean_at(hi)
     if not m_lo <= target_patch_size <= m_hi:

@@ -103,6 +103,14 @@ def test_save_load_and_blt_eval(tokenizer, tmp_path, capsys):
     assert blt_main(["flops", str(out), "--json"]) == 0
     flops_out = json.loads(capsys.readouterr().out)
     assert flops_out["kind"] == "bpe" and flops_out["bytes_per_token"] == 3.0
+    # the generic loader and blt info read BPE folders too (their config carries the tokenizer)
+    from torchblt import load_model
+
+    generic = load_model(out)
+    assert generic.config.tokenizer.endswith("tokenizer.json")
+    with torch.no_grad():
+        assert torch.equal(generic(ids), model(ids))
+    assert blt_main(["info", str(out)]) == 0
 
 
 def test_cli_tokenizer(tmp_path, capsys):

@@ -69,6 +69,10 @@ def read_native_config(folder: Path) -> BLTConfig | EntropyModelConfig:
     try:
         if kind == "blt":
             config: BLTConfig | EntropyModelConfig = blt_config_from_dict(raw["config"])
+        elif kind == "entropy_model" and isinstance(raw.get("config"), dict) and "tokenizer" in raw["config"]:
+            from torchblt.baselines.bpe import read_bpe_config  # a BPE baseline: LM over its tokenizer's ids
+
+            config = read_bpe_config(folder)
         elif kind == "entropy_model":
             config = entropy_config_from_dict(raw["config"])
         else:

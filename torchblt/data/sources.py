@@ -297,7 +297,10 @@ class DocumentReader:
             yield self._emit(data, path, row, entropies), -1
             return
         if entropies is not None:
-            raise ValueError(f"{path}: record {row}: a document with entropies is longer than max_doc_bytes")
+            raise ValueError(
+                f"{path}: record {row}: {len(data)} bytes with stored entropies exceed data.max_doc_bytes="
+                f"{self.max_doc_bytes}; raise it, or rerun `blt entropies` with --max-doc-bytes {self.max_doc_bytes}"
+            )
         start = piece
         while start < len(data):
             end = _utf8_boundary(data, min(start + self.max_doc_bytes, len(data)))

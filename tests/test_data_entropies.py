@@ -126,7 +126,7 @@ def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path) -> None:
     assert b.written == ["00001-part0.parquet", "00003-part2.parquet"]
 
 
-def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path) -> None:
+def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ent"
     write_entropy_shards(em, [str(corpus)], out, progress=False)
     cfg = DataConfig(entropies=str(out), threshold=1.2, seq_len=6, batch_size=1, shuffle_buffer=0, max_bytes=512)
@@ -148,6 +148,10 @@ def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path) -
     assert all(
         torch.equal(p.x, q.x) and torch.equal(p.patch_lengths, q.patch_lengths) for p, q in zip(ref, iter(again))
     )
+    # blt calibrate reads the shards too
+    assert main(["calibrate", "--entropies", str(out), "--target-patch-size", "3.0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert abs(res["mean_patch_size"] - 3.0) < 0.15 and res["n_documents"] == 16
     # an incomplete folder is refused
     (out / "00002-part1.parquet").unlink()
     with pytest.raises(ValueError, match="1 of 4 shards missing"):

@@ -176,3 +176,18 @@ def test_parquet_nulls_and_row_group_resume(tmp_path: Path) -> None:
     stats = new_stats()
     assert list(iter_documents([str(tmp_path / "p.parquet")], stats=stats)) == [b"a1", b"a3", b"a5", b"a6", b"a7"]
     assert stats["missing_field"] == 1 and stats["empty"] == 1
+
+
+def test_loader_reports_bad_records_and_error_mode(tmp_path: Path) -> None:
+    lines = [b'{"text": ""}', b'{"title": "no text"}', b"{oops", b'{"text": "caf\xe9"}']
+    lines += [json.dumps({"text": f"document number {i} " * 5}).encode() for i in range(4)]
+    src = _jsonl(tmp_path / "mixed.jsonl", lines)
+    cfg = DataConfig(sources=[str(src)], kind="bytes", seq_len=32, batch_size=2, shuffle_buffer=0)
+    dl = build_loader(cfg)
+    next(iter(dl))
+    s = dl.stats
+    assert (s["empty"], s["missing_field"], s["bad_json"], s["non_utf8"]) == (1, 1, 1, 1)
+    assert s["documents"] == 2 and s["bytes"] == 4 + len("document number 0 " * 5)  # "caf\xe9" kept, then a good one
+    cfg.on_bad_record = "error"
+    with pytest.raises(ValueError, match=r"mixed\.jsonl: record 0: bad record \(empty"):
+        next(iter(build_loader(cfg)))

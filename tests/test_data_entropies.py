@@ -191,3 +191,22 @@ def test_loader_calibrates_from_target_patch_size(em, corpus: Path, capsys) -> N
     )
     out = capsys.readouterr().out
     assert "threshold" in out and "mean patch size" in out
+
+
+def test_rows_cover_documents_with_enough_context() -> None:
+    from torchblt.data.entropies import _rows
+
+    for n, field, max_seqlen in (
+        (10, 4, 8192),
+        (5000, 126, 8192),
+        (20000, 1022, 8192),
+        (100, None, 64),
+        (50, None, 64),
+    ):
+        rows = _rows(n, field, max_seqlen)
+        covered = [p for _, s, e in rows for p in range(s, e)]
+        assert covered == list(range(n))  # every position exactly once, in order
+        ctx = field if field is not None else max_seqlen // 2
+        assert all(left == 0 or start - left >= ctx for left, start, _ in rows)
+        if field is None:
+            assert all(end - left <= max_seqlen for left, _, end in rows)

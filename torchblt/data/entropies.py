@@ -79,13 +79,20 @@ def batch_groups(
     return groups
 
 
-def _rows(n: int, receptive_field: int | None) -> list[tuple[int, int, int]]:
+def _rows(n: int, receptive_field: int | None, max_seqlen: int = 8192) -> list[tuple[int, int, int]]:
     """Cut a document of ``n`` tokens into rows ``(left, start, end)``: the row holds tokens
     ``[left, end)`` and yields the entropies of ``[start, end)``; ``start - left`` is at least the model's
-    receptive field (or ``left = 0``), so each value equals that of one forward over the whole document."""
+    receptive field (or ``left = 0``), so each value equals that of one forward over the whole document.
+
+    A model without a sliding window (unbounded receptive field) gets ``max_seqlen // 2`` tokens of
+    context and rows of at most ``max_seqlen`` (the length it was trained on) instead of one quadratic
+    forward over a whole long document: an approximation, exact for documents up to ``max_seqlen``."""
     if receptive_field is None:
-        return [(0, 0, n)]
-    chunk = min(8192, max(256, 2 * receptive_field))  # rows of chunk + field tokens; attention is dense on CPU
+        if n <= max_seqlen:
+            return [(0, 0, n)]
+        receptive_field = chunk = max(1, max_seqlen // 2)
+    else:
+        chunk = min(8192, max(256, 2 * receptive_field))  # rows of chunk + field tokens; attention is dense on CPU
     if n <= chunk + receptive_field:
         return [(0, 0, n)]
     return [(max(0, s - receptive_field), s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -103,8 +110,12 @@ def document_entropies(
     """
     device = next(model.parameters()).device
     field = getattr(model, "receptive_field", None)
+    config = getattr(model, "config", None)
+    max_seqlen = int(getattr(getattr(config, "transformer", None), "max_seqlen", 8192))
     out = [np.zeros(len(t), np.float32) for t in tokens]
-    rows = [(i, left, start, end) for i, t in enumerate(tokens) for left, start, end in _rows(len(t), field)]
+    rows = [
+        (i, left, start, end) for i, t in enumerate(tokens) for left, start, end in _rows(len(t), field, max_seqlen)
+    ]
     for group in batch_groups([end - left for _, left, _, end in rows], max_tokens):
         S = max(rows[g][3] - rows[g][1] for g in group)
         batch = torch.zeros(len(group), S, dtype=torch.int64)

@@ -119,11 +119,18 @@ def test_blt_entropies_writes_resumable_shards(corpus: Path, em, tmp_path: Path,
     assert "other sources" in capsys.readouterr().err
 
 
-def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path) -> None:
+def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path, monkeypatch, capsys) -> None:
     a = write_entropy_shards(em, [str(corpus)], tmp_path / "e", rank=0, world_size=2, progress=False)
-    b = write_entropy_shards(em, [str(corpus)], tmp_path / "e", rank=1, world_size=2, progress=False)
     assert a.written == ["00000-bin.parquet", "00002-part1.parquet"]
-    assert b.written == ["00001-part0.parquet", "00003-part2.parquet"]
+    # under torchrun the command takes its share from RANK / WORLD_SIZE
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["entropies", "--entropy-model", str(ENTROPY_MODEL), "--data", str(corpus), "--out", str(tmp_path / "e")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "rank 1/2: wrote 2 shards" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "e").glob("*.parquet")) == [
+        "00000-bin.parquet", "00001-part0.parquet", "00002-part1.parquet", "00003-part2.parquet"
+    ]  # fmt: skip
 
 
 def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path, capsys) -> None:

@@ -120,7 +120,9 @@ def test_blt_entropies_writes_resumable_shards(corpus: Path, em, tmp_path: Path,
 
 
 def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path, monkeypatch, capsys) -> None:
-    a = write_entropy_shards(em, [str(corpus)], tmp_path / "e", rank=0, world_size=2, progress=False)
+    a = write_entropy_shards(
+        em, [str(corpus)], tmp_path / "e", rank=0, world_size=2, progress=False, model_name=str(ENTROPY_MODEL)
+    )
     assert a.written == ["00000-bin.parquet", "00002-part1.parquet"]
     # under torchrun the command takes its share from RANK / WORLD_SIZE
     monkeypatch.setenv("RANK", "1")

@@ -219,3 +219,17 @@ def test_rows_cover_documents_with_enough_context() -> None:
         assert all(left == 0 or start - left >= ctx for left, start, _ in rows)
         if field is None:
             assert all(end - left <= max_seqlen for left, _, end in rows)
+
+
+def test_entropy_model_from_a_blt_folder(tmp_path: Path) -> None:
+    import shutil
+
+    from torchblt.data.entropies import load_entropy_model
+    from torchblt.model.entropy_model import EntropyModel
+
+    blt = tmp_path / "blt"
+    shutil.copytree(FIXTURES / "05_blt_forward" / "blt_model", blt)
+    with pytest.raises(ValueError, match="not an entropy model"):
+        load_entropy_model(str(blt))
+    shutil.copytree(ENTROPY_MODEL, blt / "entropy_model")  # the released repos' layout
+    assert isinstance(load_entropy_model(str(blt)), EntropyModel)

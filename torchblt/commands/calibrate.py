@@ -51,13 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sample-bytes must be positive, got {args.sample_bytes}")
     em = None
     if args.entropy_model:
-        from torchblt.formats import load_model
-        from torchblt.model.entropy_model import EntropyModel
+        from torchblt.data.entropies import load_entropy_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        em = load_model(args.entropy_model, device=device, dtype=args.dtype)
-        if not isinstance(em, EntropyModel):
-            raise ValueError(f"--entropy-model {args.entropy_model}: not an entropy model")
+        em = load_entropy_model(args.entropy_model, device=device, dtype=args.dtype)
     cfg = DataConfig(
         sources=list(args.data),
         text_field=args.text_field,

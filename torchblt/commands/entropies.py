@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--entropy-model", required=True, help="entropy model folder or hub repo id")
+    p.add_argument("--entropy-model", required=True, help="entropy model (or a BLT that has one) folder or hub repo id")
     p.add_argument("--data", nargs="+", required=True, help="files, folders or globs (.txt .jsonl .parquet .arrow)")
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/Arrow field holding the text (default: text)")
@@ -38,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from torchblt.data.entropies import write_entropy_shards
-    from torchblt.formats import load_model
-    from torchblt.model.entropy_model import EntropyModel
+    from torchblt.data.entropies import load_entropy_model, write_entropy_shards
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
-    model = load_model(args.entropy_model, device=device, dtype=dtype)
-    if not isinstance(model, EntropyModel):
-        raise ValueError(f"--entropy-model {args.entropy_model}: not an entropy model")
+    model = load_entropy_model(args.entropy_model, device=device, dtype=dtype)
     res = write_entropy_shards(
         model,
         args.data,

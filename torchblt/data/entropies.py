@@ -42,6 +42,7 @@ __all__ = [
     "EntropyJobResult",
     "document_entropies",
     "document_tokens",
+    "load_entropy_model",
     "shard_name",
     "write_entropy_shards",
 ]
@@ -49,6 +50,20 @@ __all__ = [
 ENTROPIES_FIELD = "entropies"
 _MAX_BATCH_TOKENS = 1 << 15
 _MAX_BATCH_ROWS = 64
+
+
+def load_entropy_model(path: str, device: str | torch.device = "cpu", dtype: str = "fp32") -> torch.nn.Module:
+    """An entropy model from its folder / hub id, or the one that comes with a BLT (e.g. ``facebook/blt-1b``)."""
+    from torchblt.formats import load_model
+    from torchblt.model.blt import BLT
+    from torchblt.model.entropy_model import EntropyModel
+
+    model = load_model(path, device=device, dtype=dtype)
+    if isinstance(model, BLT) and isinstance(model.patcher.entropy_model, EntropyModel):
+        model = model.patcher.entropy_model
+    if not isinstance(model, EntropyModel):
+        raise ValueError(f"{path}: not an entropy model (nor a BLT that comes with one)")
+    return model.eval()
 
 
 def document_tokens(data: bytes) -> np.ndarray:

@@ -318,13 +318,12 @@ def _sample_entropies(cfg: DataConfig, entropy_model: torch.nn.Module | None, sa
 
 
 def _load_entropy_model(path: str) -> torch.nn.Module:
-    from torchblt.formats import load_model
-    from torchblt.model.entropy_model import EntropyModel
+    from torchblt.data.entropies import load_entropy_model
 
-    model = load_model(path)
-    if not isinstance(model, EntropyModel):
-        raise ValueError(f"data.entropy_model: {path} is not an entropy model")
-    return model
+    try:
+        return load_entropy_model(path)
+    except ValueError as e:
+        raise ValueError(f"data.entropy_model: {e}") from None
 
 
 def build_loader(

@@ -136,6 +136,7 @@ def test_every_next_byte_pair_is_trained_once(corpus: Path) -> None:
             batch_size=1,
             shuffle_buffer=0,
             max_bytes=40,
+            interleave=1,
         )
         it = iter(build_loader(cfg))
         targets: list[int] = []
@@ -160,6 +161,30 @@ def test_every_next_byte_pair_is_trained_once(corpus: Path) -> None:
                 cur.append(t)
         assert set(seen) == set(docs)  # whole documents, nothing lost, nothing invented
         assert sorted(seen[: len(docs)]) == sorted(docs)  # the first epoch holds each document once
+
+
+def test_interleaved_streams_each_continue_their_documents(corpus: Path) -> None:
+    """With interleave=K, sequence i continues sequence i-K (overlap token) and whole documents still
+    come out of each stream; the first K sequences start K different documents."""
+    cfg = DataConfig(
+        sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
+        kind="bytes",
+        seq_len=24,
+        batch_size=1,
+        shuffle_buffer=0,
+        interleave=3,
+    )
+    it = iter(build_loader(cfg))
+    rows = [next(it) for _ in range(60)]
+    assert len({int(r.x[0, 1]) for r in rows[:3]}) > 1 and all(int(r.x[0, 0]) == BOS_ID for r in rows[:3])
+    docs = set(_docs(corpus))
+    for k in range(3):
+        stream = rows[k::3]
+        for prev, cur in zip(stream, stream[1:]):
+            assert int(cur.x[0, 0]) == int(prev.y[0, -1])
+        targets = [t for r in stream for t, m in zip(r.y[0].tolist(), r.mask[0].tolist()) if m]
+        pieces = bytes(t - OFFSET if t >= OFFSET else 0 for t in targets).split(bytes([0]))  # EOS -> 0
+        assert all(p in docs for p in pieces[:-1])  # whole documents between EOS targets
 
 
 def test_determinism_and_rank_sharding(corpus: Path) -> None:
@@ -229,6 +254,7 @@ def test_batch_to_and_counts(corpus: Path) -> None:
         (dict(max_bytes=1), "max_bytes"),
         (dict(on_bad_record="ignore"), "on_bad_record"),
         (dict(batch_size="8"), "batch_size"),
+        (dict(interleave=0), "interleave"),
         (dict(sources=[]), "sources"),
     ],
 )

@@ -20,7 +20,9 @@ class DataConfig:
     Entropy patching needs entropies: preprocessed shards (``entropies``, written by ``blt entropies``;
     the shards hold the text, so ``sources`` may then be empty) or a frozen ``entropy_model`` run on the
     fly. ``threshold=None`` with ``target_patch_size`` calibrates the threshold at start
-    (:func:`torchblt.data.calibrate.calibrate_threshold`).
+    (:func:`torchblt.data.calibrate.calibrate_threshold`). ``interleave``: documents are packed in this many
+    streams side by side and sequences taken from them in turn (mixes long documents; 1 = one stream);
+    ``shuffle_buffer`` sequences are then shuffled.
     """
 
     sources: list[str] = field(default_factory=list)
@@ -40,6 +42,7 @@ class DataConfig:
     entropies: str | None = None
     entropy_model: str | None = None
     shuffle_buffer: int = 64
+    interleave: int = 8
     seed: int = 0
     num_workers: int = 0
     max_doc_bytes: int = 64 * 2**20
@@ -84,6 +87,8 @@ class DataConfig:
             raise bad("max_patch_length", "must be a positive integer or null")
         if not self.patch_size > 0:
             raise bad("patch_size", "must be positive")
+        if isinstance(self.interleave, bool) or not isinstance(self.interleave, int) or self.interleave < 1:
+            raise bad("interleave", "must be a positive integer")
         if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
             raise bad("shuffle_buffer", "must be a non-negative integer")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:

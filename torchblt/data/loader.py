@@ -6,12 +6,14 @@ One :class:`Pipeline` serves one shard (a rank, or a rank's data-loader worker):
 2. each document becomes ``BOS + bytes + EOS`` and is patched on its own (``include_next_token=False``)
    with stored entropies, entropies from a frozen entropy model (a few documents per forward, per row),
    or the space/static/byte rule; ``kind="bytes"`` skips patching;
-3. :class:`~torchblt.data.packing.SequencePacker` cuts the stream into sequences;
+3. :class:`~torchblt.data.packing.SequencePacker` cuts the stream into sequences; ``interleave`` packers
+   run side by side, each taking the next document when it runs out, and sequences are taken from them
+   in turn — so long documents (whole books or plays) are mixed before the shuffle buffer even starts;
 4. a shuffle buffer of ``shuffle_buffer`` sequences: each output is a uniformly random slot of the
    buffer, refilled with the next sequence (numpy PCG64 seeded from ``seed``, rank and worker);
 5. ``batch_size`` sequences are padded into a :class:`~torchblt.data.packing.Batch`.
 
-The whole state — reader position, documents patched but not yet packed, the packer's tail, the
+The whole state — reader position, documents patched but not yet packed, the packers' tails, the
 shuffle buffer's contents and the RNG — is a JSON-serialisable dict, so a resumed run yields exactly
 the batches of an uninterrupted one. With ``num_workers=W`` the loader runs ``W`` pipelines (shards
 ``rank * W + w`` of ``world_size * W``) in ``torch.utils.data`` worker processes, taking batches from
@@ -95,7 +97,9 @@ class Pipeline:
         self.entropy_model = entropy_model
         self.patcher = make_patcher(cfg, threshold, entropy_model)
         self.pending: list[Sequence] = []  # documents patched, not yet handed to the packer
-        self.packer = SequencePacker(cfg.kind, cfg.seq_len, cfg.max_bytes if cfg.kind == "blt" else None, self._pull)
+        max_bytes = cfg.max_bytes if cfg.kind == "blt" else None
+        self.packers = [SequencePacker(cfg.kind, cfg.seq_len, max_bytes, self._pull) for _ in range(cfg.interleave)]
+        self.turn = 0  # the packer whose sequence comes next
         self.buffer: list[Sequence] = []
         self.rng = np.random.default_rng((cfg.seed, 104729, shard, n_shards))
 
@@ -135,15 +139,20 @@ class Pipeline:
             self.pending.append(Sequence(tokens, self._patch(tokens, doc.entropies)))
 
     # ------------------------------------------------------------------ sequences -> batches
+    def _packed_sequence(self) -> Sequence:
+        seq = self.packers[self.turn].next_sequence()
+        self.turn = (self.turn + 1) % len(self.packers)
+        return seq
+
     def _next_sequence(self) -> Sequence:
         size = self.cfg.shuffle_buffer
         if size <= 1:
-            return self.packer.next_sequence()
+            return self._packed_sequence()
         while len(self.buffer) < size:
-            self.buffer.append(self.packer.next_sequence())
+            self.buffer.append(self._packed_sequence())
         j = int(self.rng.integers(len(self.buffer)))
         out = self.buffer[j]
-        self.buffer[j] = self.packer.next_sequence()
+        self.buffer[j] = self._packed_sequence()
         return out
 
     def next_batch(self) -> Batch:
@@ -158,7 +167,8 @@ class Pipeline:
         return {
             "reader": self.reader.state_dict(),
             "pending": [s.to_state() for s in self.pending],
-            "packer": self.packer.state_dict(),
+            "packers": [p.state_dict() for p in self.packers],
+            "turn": self.turn,
             "buffer": [s.to_state() for s in self.buffer],
             "rng": self.rng.bit_generator.state,
         }
@@ -166,7 +176,13 @@ class Pipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state["reader"])
         self.pending = [Sequence.from_state(s) for s in state["pending"]]
-        self.packer.load_state_dict(state["packer"])
+        if len(state["packers"]) != len(self.packers):
+            raise ValueError(
+                f"data loader state: saved with interleave={len(state['packers'])}, now {len(self.packers)}"
+            )
+        for p, st in zip(self.packers, state["packers"]):
+            p.load_state_dict(st)
+        self.turn = int(state["turn"])
         self.buffer = [Sequence.from_state(s) for s in state["buffer"]]
         self.rng.bit_generator.state = state["rng"]
 

@@ -8,7 +8,7 @@ lengths sum to its length) are laid back to back into one stream. The stream is 
   byte cap is split.
 * ``kind="bytes"``: a sequence holds exactly ``seq_len + 1`` tokens.
 
-Consecutive sequences **overlap by one token**: the last token of a sequence (only a target there) is
+Consecutive sequences of a packer **overlap by one token**: the last token of a sequence (only a target there) is
 the first input of the next one, where it forms a patch of its own. So every next-token pair of the
 stream is trained exactly once, the first patch of every sequence has length 1 (the BLT's convention for
 BOS), and no target is the padding id (the reference trains the last byte of every entropy-model

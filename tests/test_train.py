@@ -4,6 +4,7 @@ logging, gradient accumulation."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import overrides, read_metrics, write_corpus
+from tests.train_helpers import one_thread, overrides, read_metrics, write_corpus  # noqa: F401
 from torchblt.cli import main as blt_main
 from torchblt.train import checkpoint as ckpt
 from torchblt.train.config import load_config
@@ -20,6 +21,7 @@ from torchblt.train.schedule import lr_factor
 from torchblt.train.trainer import Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -163,8 +165,9 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(tmp_path, corpus, capsys):
 def test_signal_saves_and_exits_cleanly(tmp_path, corpus):
     train, _ = corpus
     args = overrides(tmp_path / "r", train, steps=100000)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "torchblt.train", *args], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     metrics = tmp_path / "r" / "metrics.jsonl"
     import time
 

@@ -107,7 +107,7 @@ def _rows(n: int, receptive_field: int | None, max_seqlen: int = 8192) -> list[t
             return [(0, 0, n)]
         receptive_field = chunk = max(1, max_seqlen // 2)
     else:
-        chunk = min(8192, max(256, 2 * receptive_field))  # rows of chunk + field tokens; attention is dense on CPU
+        chunk = min(8192, max(512, 2 * receptive_field))  # rows of chunk + field tokens (512: fastest measured on CPU)
     if n <= chunk + receptive_field:
         return [(0, 0, n)]
     return [(max(0, s - receptive_field), s, min(n, s + chunk)) for s in range(0, n, chunk)]

@@ -182,7 +182,7 @@ def test_loader_reports_bad_records_and_error_mode(tmp_path: Path) -> None:
     lines = [b'{"text": ""}', b'{"title": "no text"}', b"{oops", b'{"text": "caf\xe9"}']
     lines += [json.dumps({"text": f"document number {i} " * 5}).encode() for i in range(4)]
     src = _jsonl(tmp_path / "mixed.jsonl", lines)
-    cfg = DataConfig(sources=[str(src)], kind="bytes", seq_len=32, batch_size=2, shuffle_buffer=0)
+    cfg = DataConfig(sources=[str(src)], kind="bytes", seq_len=32, batch_size=2, shuffle_buffer=0, interleave=1)
     dl = build_loader(cfg)
     next(iter(dl))
     s = dl.stats

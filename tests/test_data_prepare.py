@@ -143,3 +143,26 @@ def test_hf_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):
         fetch_hf_dataset("a/b", tmp_path / "full", files="*.parquet")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_hf_streaming_path_on_a_local_dataset(tmp_path: Path) -> None:
+    """The `datasets` streaming path end to end, on a local folder (no network); without `datasets` the
+    command says which package is missing."""
+    src = tmp_path / "ds"
+    src.mkdir()
+    with open(src / "train.jsonl", "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"content": f"row {i} text", "n": i}) + "\n")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the `datasets` package"):
+            fetch_hf_dataset(str(src), tmp_path / "out", text_field="content", max_docs=5, progress=False)
+        return
+    res = fetch_hf_dataset(
+        str(src), tmp_path / "out", text_field="content", max_docs=5, docs_per_shard=2, progress=False
+    )
+    assert res.n_documents == 5 and res.files == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
+    assert list(iter_documents([str(tmp_path / "out")])) == [f"row {i} text".encode() for i in range(5)]
+    with pytest.raises(ValueError, match="no field 'text'"):
+        fetch_hf_dataset(str(src), tmp_path / "out2", max_docs=5, progress=False)

@@ -252,3 +252,21 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, corpus):
     t = run(tmp_path, train, "r", steps=2, **{"train.dtype": "bf16"})
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
+
+
+def test_activation_checkpointing_gives_same_losses(tmp_path, corpus):
+    train, _ = corpus
+    run(tmp_path, train, "plain", steps=3)
+    t = run(tmp_path, train, "ac", steps=3, **{"train.activation_checkpointing": "true"})
+    assert [r["loss"] for r in read_metrics(tmp_path / "ac")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "plain")], rel=1e-6)
+    assert "encoder_hash_tok_embedding.0.weight" in dict(t.model.named_parameters())  # names unchanged
+
+
+@pytest.mark.slow
+def test_compile_gives_same_losses(tmp_path, corpus):
+    train, _ = corpus
+    run(tmp_path, train, "plain", "entropy", steps=3)
+    run(tmp_path, train, "compiled", "entropy", steps=3, **{"train.compile": "true"})
+    assert [r["loss"] for r in read_metrics(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "plain")], rel=1e-4)

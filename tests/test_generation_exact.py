@@ -302,3 +302,30 @@ def test_incremental_starts_equal_patcher_on_every_prefix(patcher):
         last = int(lengths[lengths > 0][-1])
         assert got[j] == (last == 1), f"position {j}"
     assert got[0] and got[1]
+
+
+def test_bf16_runs_and_agrees():
+    """bf16 (the released models' inference dtype): same greedy bytes; logits differ only by bf16 rounding."""
+    model, em = tiny_model(seed=0, window=8), tiny_em(seed=1, window=12)
+    threshold = median_entropy(em)
+    model, em = model.to(torch.bfloat16), em.to(torch.bfloat16)
+    patcher = Patcher("entropy", threshold=threshold, entropy_model=em)
+    outs = [generate_tokens(model, prompts_ids(TEXT[:40]), patcher, return_logits=True,
+                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, use_cache=c))
+            for c in (False, True)]
+    assert outs[0].tokens == outs[1].tokens
+    assert (outs[0].logits[0] - outs[1].logits[0]).abs().max() < 0.25
+
+
+def test_benchmark_smoke(tmp_path):
+    """bench/generation.py runs end to end (8 new bytes) and both engines agree."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_generation", Path("bench/generation.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "g.json"
+    assert bench.main(["--lengths", "8", "--batch-sizes", "1", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 2 and all(r["identical_bytes"] for r in rows)

@@ -62,6 +62,9 @@ def test_config_unknown_key_and_wrong_type_are_one_clear_line(tmp_path, corpus, 
     with pytest.raises(ValueError, match=r"model\.arch: .*dimm"):
         cfg = load_config(None, base + ["model.arch.encoder.dimm=3"])
         Trainer(cfg)
+    with pytest.raises(ValueError, match=r"^model\.entropy_model: validating an entropy-patched BLT needs"):
+        load_config(None, base + ["data.patching=entropy", "data.threshold=1.3", "data.entropies=x",
+                                  f"data.validation=[{train}]"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\n  sgd: true\n")
     assert blt_main(["train", str(bad_yaml), *base]) == 2

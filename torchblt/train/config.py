@@ -119,6 +119,10 @@ class TrainConfig:
         for key, value, ok in checks:
             if not ok:
                 raise ValueError(f"{key}: invalid value {value!r}")
+        if (kind.data_kind == "blt" and self.data.patching == "entropy" and self.data.validation
+                and not (self.model.entropy_model or self.data.entropy_model)):
+            raise ValueError("model.entropy_model: validating an entropy-patched BLT needs the (frozen) entropy model "
+                             "that patches the held-out text; set model.entropy_model=PATH (or drop data.validation)")
         if kind.make_loader is None:  # our loader: check the data section as it will be used
             dataclasses.replace(self.data, kind=kind.data_kind).validate()
 

@@ -37,7 +37,7 @@ def run(tmp_path, train, name="run", kind="blt", steps=6, stop_after=None, **ext
 
         def train_step():
             if trainer.state.step + 1 == stop_after:
-                trainer.stop_signal = signal.SIGTERM
+                trainer.signal_received = signal.SIGTERM
             return step()
 
         trainer.train_step = train_step

@@ -50,7 +50,18 @@ def main(argv: list[str]) -> None:
     data_cfg = dataclasses.replace(cfg.data, kind=get_kind(cfg.model.kind).data_kind)
     loader = RankSlice(build_loader(data_cfg), rank, world)  # the one-process stream of global batches
     cfg.data.batch_size //= world
-    Trainer(cfg, loader=loader).fit()
+    trainer = Trainer(cfg, loader=loader)
+    stop_at = int(os.environ.get("TEST_SIGNAL_RANK1_AT_STEP", "0"))
+    if stop_at and rank == 1:  # a signal reaching one rank only, during step `stop_at`
+        step = trainer.train_step
+
+        def train_step():
+            if trainer.state.step + 1 == stop_at:
+                trainer.signal_received = 15
+            return step()
+
+        trainer.train_step = train_step
+    trainer.fit()
     import torch.distributed as dist
 
     if dist.is_initialized():

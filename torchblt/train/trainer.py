@@ -55,7 +55,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.state = TrainState()
-        self.stop_signal: int | None = None
+        self.signal_received: int | None = None  # set by the handler, on this rank
+        self.stop_signal: int | None = None  # set from all ranks' flags in train_step: every rank stops together
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.entropy_model = self._load_entropy_model()
@@ -225,8 +226,9 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
+        signalled = self.signal_received  # read once: the handler may fire at any time
         sums = all_reduce_sum([loss_sum, float(local_tokens), float(n_bytes), float(n_patches), float(patched),
-                               float(self.stop_signal is not None)], self.device)
+                               float(signalled is not None)], self.device)
         loss = sums[0] / max(sums[1], 1.0)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -235,8 +237,8 @@ class Trainer:
                 f"step {self.state.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
                 f"the optimizer step. Last good checkpoint: {last or 'none'} (lower optim.lr, raise "
                 "optim.warmup_steps or check the data; re-running resumes from that checkpoint)")
-        if sums[5] > 0 and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM  # another rank was signalled: stop together
+        if sums[5] > 0:  # some rank was signalled before this reduction: all ranks stop after this step
+            self.stop_signal = signalled or signal.SIGTERM
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -329,9 +331,9 @@ class Trainer:
             return
 
         def handler(signum, frame):
-            if self.stop_signal is not None:  # a second signal: stop now (the last checkpoint stays valid)
+            if self.signal_received is not None:  # a second signal: stop now (the last checkpoint stays valid)
                 raise KeyboardInterrupt(f"second signal {signum}: stopped without saving")
-            self.stop_signal = signum
+            self.signal_received = signum
             self.metrics.message(f"signal {signum}: finishing this step, then saving a checkpoint")
 
         names = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else [])

@@ -273,3 +273,29 @@ def test_compile_gives_same_losses(tmp_path, corpus):
     run(tmp_path, train, "compiled", "entropy", steps=3, **{"train.compile": "true"})
     assert [r["loss"] for r in read_metrics(tmp_path / "compiled")] == pytest.approx(
         [r["loss"] for r in read_metrics(tmp_path / "plain")], rel=1e-4)
+
+
+def test_wandb_logging_with_a_stand_in_module(tmp_path, corpus, monkeypatch):
+    import types
+
+    logged, calls = [], {}
+
+    class Run:
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            calls["finish"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    train, _ = corpus
+    run(tmp_path, train, "r", steps=2, **{"log.wandb": "true", "log.wandb_project": "proj"})
+    assert calls["init"]["project"] == "proj" and calls["init"]["config"]["train"]["steps"] == 2
+    assert [s for s, _ in logged] == [1, 2] and "bpb" in logged[0][1] and calls["finish"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a clear error
+    with pytest.raises(ValueError, match="log.wandb: true but the wandb package is not installed"):
+        run(tmp_path, train, "r2", steps=1, **{"log.wandb": "true"})

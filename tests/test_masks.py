@@ -14,7 +14,7 @@ from torchblt.model.masks import (
     patch_ids_from_lengths,
     set_attention_backend,
 )
-from torchblt.model.transformer import Attention, RotaryEmbedding
+from torchblt.model.transformer import Attention, RotaryEmbedding, rope_table
 
 EOS = 2
 
@@ -94,7 +94,7 @@ def test_attention_output_matches_brute_force(backend):
         mask = build_self_attention_mask(tokens, "local_block_causal", 5, EOS)
         cos, sin = rope.cos_sin(torch.arange(T)[None])
         with torch.no_grad():  # FlexAttention has no CPU backward
-            got = attn(x, (cos.double(), sin.double()), mask)
+            got = attn(x, rope_table(cos.double(), sin.double()), mask)
     finally:
         set_attention_backend("auto")
     from torchblt.model.transformer import apply_rope

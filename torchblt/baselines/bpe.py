@@ -200,14 +200,10 @@ def bpe_config_from_dict(data: dict[str, Any]) -> BPEConfig:
 
 
 def is_bpe_folder(folder: Path) -> bool:
-    cfg = Path(folder) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "tokenizer" in raw["config"]
+    from torchblt.formats.common import read_config_json
+
+    raw = read_config_json(Path(folder))
+    return raw is not None and isinstance(raw.get("config"), dict) and "tokenizer" in raw["config"]
 
 
 def read_bpe_config(folder: Path) -> BPEConfig:

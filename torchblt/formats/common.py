@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+
+
+def read_config_json(folder: Path) -> dict | None:
+    """``folder/config.json`` as a dict, or None when it is missing or not a JSON object (format sniffing)."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 class CheckpointError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchblt.formats.common import CheckpointError
+from torchblt.formats.common import CheckpointError, read_config_json
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig, blt_config_from_dict, config_to_dict, entropy_config_from_dict
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
@@ -24,14 +24,8 @@ FORMAT_VERSION = 1
 
 
 def is_native_folder(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
+    raw = read_config_json(folder)
+    return raw is not None and raw.get("format") == FORMAT_NAME
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

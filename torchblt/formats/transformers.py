@@ -80,14 +80,10 @@ _CROSS_FROM_HF = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"
 
 
 def is_transformers_folder(folder: Path) -> bool:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") == "blt" and "args" not in raw
+    from torchblt.formats.common import read_config_json
+
+    raw = read_config_json(folder)
+    return raw is not None and raw.get("model_type") == "blt" and "args" not in raw
 
 
 # --------------------------------------------------------------------------- configs

@@ -48,9 +48,10 @@ from torchblt.model.entropy_model import EntropyModel, entropy
 from torchblt.model.local import pool_patches
 from torchblt.model.masks import (
     SelfAttentionMask,
+    build_self_attention_mask,
+    cross_attention_mask,
     document_ids,
     patch_ids_from_lengths,
-    self_attention_mask_dense,
     uses_documents,
     uses_window,
 )
@@ -59,24 +60,9 @@ from torchblt.patching import Patcher, lengths_from_start_mask
 
 
 def _dense_self_mask(cfg: StackConfig, tokens: torch.Tensor, eos_id: int) -> SelfAttentionMask:
-    """The full-forward self-attention mask as an explicit boolean tensor (SDPA on every device)."""
-    B, T = tokens.shape
-    pos = torch.arange(T, device=tokens.device).expand(B, T)
-    doc = document_ids(tokens, eos_id) if uses_documents(cfg.attention) else None
-    win = cfg.window if uses_window(cfg.attention) else None
-    return SelfAttentionMask(dense=self_attention_mask_dense(pos, pos, doc, doc, win))
-
-
-def _dense_cross_mask(byte_patch_ids: torch.Tensor, n_patches: int, k: int, slots_are_queries: bool,
-                      window: int | None) -> torch.Tensor:
-    """:func:`torchblt.model.masks.cross_attention_mask` as an explicit boolean tensor."""
-    slot_patch = torch.arange(n_patches, device=byte_patch_ids.device).repeat_interleave(k)
-    if slots_are_queries:
-        q, kv = slot_patch[None, :, None], byte_patch_ids[:, None, :]
-    else:
-        q, kv = byte_patch_ids[:, :, None], slot_patch[None, None, :]
-    allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
-    return allowed[:, None]
+    """The full-forward self-attention mask as an explicit boolean tensor (SDPA on every device: the
+    prefill records keys/values through the caches)."""
+    return build_self_attention_mask(tokens, cfg.attention, cfg.window, eos_id, dense=True)
 
 
 def _stack_kv(cfg: StackConfig, batch: int, total: int, dtype: torch.dtype, device: torch.device) -> StackKV:
@@ -212,7 +198,7 @@ class IncrementalEngine:
         # closed patches -> global inputs
         ca = cfg.cross_attn
         if self.enc_cross:
-            cmask = _dense_cross_mask(patch_ids, Pc, ca.k, True, ca.window_encoder)
+            cmask = cross_attention_mask(patch_ids, Pc, ca.k, True, ca.window_encoder, dense=True)
             slots = None
             last = len(enc.layers) - 1
             for i in range(len(enc.layers)):
@@ -237,7 +223,7 @@ class IncrementalEngine:
         dslots = dec.patch_slots(hg)  # (1, Pc*K, D) or (1, Pc, D)
         dec_ids = patch_ids_from_lengths(patch_lengths[:, 1:], L)  # (1, L), all < Pc
         if self.dec_cross:
-            dmask = _dense_cross_mask(dec_ids, Pc, dec.k, False, ca.window_decoder)
+            dmask = cross_attention_mask(dec_ids, Pc, dec.k, False, ca.window_decoder, dense=True)
             h = h_enc
         else:
             h = h_enc + torch.gather(dslots, 1, dec_ids[:, :, None].expand(-1, -1, dslots.shape[-1]))

@@ -103,17 +103,20 @@ def build_self_attention_mask(
     kind: str,
     window: int | None,
     eos_id: int = 2,
+    dense: bool = False,
 ) -> SelfAttentionMask:
-    """The mask of a full forward over ``tokens (B, T)`` for a stack configured with ``kind``/``window``."""
+    """The mask of a full forward over ``tokens (B, T)`` for a stack configured with ``kind``/``window``.
+
+    ``dense=True``: always an explicit boolean tensor (SDPA), whatever the back-end."""
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown attention mask kind {kind!r}; expected one of {MASK_KINDS}")
     docs = uses_documents(kind)
     win = window if uses_window(kind) else None
-    if not docs and win is None:
-        return SelfAttentionMask(dense=None, is_causal=True)
     B, T = tokens.shape
+    if not docs and win is None and not dense:
+        return SelfAttentionMask(dense=None, is_causal=True)
     doc = document_ids(tokens, eos_id) if docs else None
-    if attention_backend(tokens.device) == "flex":
+    if not dense and attention_backend(tokens.device) == "flex":
 
         def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
             allowed = k <= q
@@ -147,6 +150,7 @@ def cross_attention_mask(
     k: int,
     patches_as_queries: bool,
     window: int | None = None,
+    dense: bool = False,
 ) -> Any:
     """Mask between the ``P*K`` patch slots and the bytes.
 
@@ -154,10 +158,10 @@ def cross_attention_mask(
     Allowed iff ``p_byte == p_slot``; with a window, iff ``p_slot <= p_byte < p_slot + window`` (bytes
     read a slot) / ``p_byte <= p_slot < p_byte + window`` (slots read bytes).
     Returns ``(B, 1, P*K, T)`` if ``patches_as_queries`` else ``(B, 1, T, P*K)`` (a ``BlockMask`` of the
-    same shape with the flex back-end).
+    same shape with the flex back-end, unless ``dense``).
     """
     device = byte_patch_ids.device
-    if attention_backend(device) == "flex":
+    if not dense and attention_backend(device) == "flex":
         return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
     slot_patch = torch.arange(n_patches, device=device).repeat_interleave(k)  # (P*K,)
     if patches_as_queries:

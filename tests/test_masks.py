@@ -97,14 +97,20 @@ def test_attention_output_matches_brute_force(backend):
             got = attn(x, rope_table(cos.double(), sin.double()), mask)
     finally:
         set_attention_backend("auto")
+    with torch.no_grad():
+        want = _brute_attention_layer(attn, x, tokens, cos.double(), sin.double(), H, Hkv)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def _brute_attention_layer(attn, x, tokens, cos, sin, H, Hkv):
     from torchblt.model.transformer import apply_rope
 
-    q = apply_rope(attn.wq(x).view(B, T, H, -1), cos.double(), sin.double())
-    k = apply_rope(attn.wk(x).view(B, T, Hkv, -1), cos.double(), sin.double())
+    B, T, _ = x.shape
+    q = apply_rope(attn.wq(x).view(B, T, H, -1), cos, sin)
+    k = apply_rope(attn.wk(x).view(B, T, Hkv, -1), cos, sin)
     v = attn.wv(x).view(B, T, Hkv, -1)
     allowed = [brute_allowed(tokens[b].tolist(), "local_block_causal", 5) for b in range(B)]
-    want = attn.wo(brute_attention(q, k, v, allowed).reshape(B, T, -1)).detach()
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    return attn.wo(brute_attention(q, k, v, allowed).reshape(B, T, -1))
 
 
 def test_patch_ids_and_cross_masks():

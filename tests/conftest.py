@@ -27,3 +27,12 @@ def load_json(relpath: str):
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread (no OpenMP hand-offs, no spinning on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

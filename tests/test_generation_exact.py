@@ -23,13 +23,7 @@ TOK = ByteTokenizer()
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x):\n    return x * 2  # Zürich 日本 🙂 ok."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, window: int = 12, changes: dict | None = None) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import one_thread, overrides, read_metrics, write_corpus  # noqa: F401
+from tests.train_helpers import overrides, read_metrics, write_corpus
 from torchblt.cli import main as blt_main
 from torchblt.train import checkpoint as ckpt
 from torchblt.train.config import load_config

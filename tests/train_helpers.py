@@ -6,9 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-import torch
-
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows of outrageous "
          "fortune take arms against a sea troubles by opposing end them die sleep no more").split()
 
@@ -40,10 +37,3 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Tiny models train faster on one thread (no OpenMP hand-offs, no spinning on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -88,14 +88,18 @@ def self_attention_mask_dense(
     window: int | None = None,
 ) -> torch.Tensor:
     """Boolean ``(B, 1, Tq, Tk)`` mask from positions ``(B, Tq)``/``(B, Tk)`` and optional document ids."""
-    qp = q_pos[:, :, None]
-    kp = k_pos[:, None, :]
-    allowed = kp <= qp
+    docs = None if q_doc is None or k_doc is None else (q_doc[:, :, None], k_doc[:, None, :])
+    return _self_visible(q_pos[:, :, None], k_pos[:, None, :], docs, window)[:, None]
+
+
+def _self_visible(q: Any, k: Any, docs: tuple[Any, Any] | None, window: int | None) -> Any:
+    """The self-attention rule on broadcastable positions (dense masks and FlexAttention ``mask_mod`` alike)."""
+    allowed = k <= q
     if window is not None:
-        allowed = allowed & (qp - kp < window)
-    if q_doc is not None and k_doc is not None:
-        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
-    return allowed[:, None]
+        allowed = allowed & (q - k < window)
+    if docs is not None:
+        allowed = allowed & (docs[0] == docs[1])
+    return allowed
 
 
 def build_self_attention_mask(
@@ -119,12 +123,7 @@ def build_self_attention_mask(
     if not dense and attention_backend(tokens.device) == "flex":
 
         def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
-            allowed = k <= q
-            if win is not None:
-                allowed = allowed & (q - k < win)
-            if doc is not None:
-                allowed = allowed & (doc[b, q] == doc[b, k])
-            return allowed
+            return _self_visible(q, k, None if doc is None else (doc[b, q], doc[b, k]), win)
 
         return SelfAttentionMask(dense=None, block_mask=_create_block_mask(mask_mod, B, T, T, tokens.device))
     pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -164,36 +163,34 @@ def cross_attention_mask(
     if not dense and attention_backend(device) == "flex":
         return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
     slot_patch = torch.arange(n_patches, device=device).repeat_interleave(k)  # (P*K,)
-    if patches_as_queries:
-        q = slot_patch[None, :, None]  # (1, PK, 1)
-        kv = byte_patch_ids[:, None, :]  # (B, 1, T)
-        allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
-    else:
-        q = byte_patch_ids[:, :, None]  # (B, T, 1)
-        kv = slot_patch[None, None, :]  # (1, 1, PK)
-        allowed = kv == q if window is None else (kv <= q) & (q < kv + window)
+    if patches_as_queries:  # (1, PK, 1) slots x (B, 1, T) bytes
+        allowed = _cross_visible(slot_patch[None, :, None], byte_patch_ids[:, None, :], True, window)
+    else:  # (B, T, 1) bytes x (1, 1, PK) slots
+        allowed = _cross_visible(slot_patch[None, None, :], byte_patch_ids[:, :, None], False, window)
     return allowed[:, None]
+
+
+def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:
+    """The cross-attention rule (dense masks and FlexAttention ``mask_mod`` alike)."""
+    if window is None:
+        return slot_patch == byte_patch
+    if slots_read:
+        return (byte_patch <= slot_patch) & (slot_patch < byte_patch + window)
+    return (slot_patch <= byte_patch) & (byte_patch < slot_patch + window)
 
 
 def _cross_block_mask(byte_patch_ids: torch.Tensor, n_patches: int, k: int, patches_as_queries: bool, window: int | None) -> Any:
     B, T = byte_patch_ids.shape
     ids = byte_patch_ids
 
-    def visible(slot_patch: Any, byte_patch: Any, slots_read: bool) -> Any:
-        if window is None:
-            return slot_patch == byte_patch
-        if slots_read:
-            return (byte_patch <= slot_patch) & (slot_patch < byte_patch + window)
-        return (slot_patch <= byte_patch) & (byte_patch < slot_patch + window)
-
     if patches_as_queries:
 
         def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-            return visible(q // k, ids[b, kv], True)
+            return _cross_visible(q // k, ids[b, kv], True, window)
 
         return _create_block_mask(mask_mod, B, n_patches * k, T, ids.device)
 
     def mask_mod_dec(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        return visible(kv // k, ids[b, q], False)
+        return _cross_visible(kv // k, ids[b, q], False, window)
 
     return _create_block_mask(mask_mod_dec, B, T, n_patches * k, ids.device)

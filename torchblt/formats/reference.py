@@ -29,6 +29,7 @@ from torchblt.model.config import (
 )
 from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
+from torchblt.patching import DEFAULT_THRESHOLD
 
 
 class UnsupportedConfigError(ValueError):
@@ -133,7 +134,7 @@ def blt_config_from_reference_args(args: dict[str, Any], patcher_args: dict[str,
     p = patcher_args or {}
     patching = PatchingConfig(
         mode=p.get("patching_mode", a.get("patching_mode") or "entropy"),
-        threshold=float(p.get("threshold", a.get("patching_threshold") or 1.335442066192627)),
+        threshold=float(p.get("threshold", a.get("patching_threshold") or DEFAULT_THRESHOLD)),
         threshold_add=p.get("threshold_add", a.get("patching_threshold_add")),
         monotonicity=bool(p.get("monotonicity", a.get("monotonicity", False))),
         max_patch_length=p.get("max_patch_length", a.get("max_patch_length")),

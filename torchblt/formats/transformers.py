@@ -50,6 +50,7 @@ from torchblt.model.config import BLTConfig, CrossAttentionConfig, HashConfig, P
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
 from torchblt.model.masks import uses_window
 from torchblt.model.transformer import StackConfig, ffn_hidden_dim
+from torchblt.patching import DEFAULT_THRESHOLD
 
 __all__ = [
     "blt_to_transformers_state",
@@ -267,7 +268,7 @@ def config_from_transformers(raw: dict[str, Any]) -> tuple[BLTConfig, EntropyMod
         pooling=ours.get("pooling", "max"),
         patching=PatchingConfig(
             mode=ours.get("mode", raw.get("patching_mode") or "entropy"),
-            threshold=float(raw.get("patching_threshold", 1.335442066192627)),
+            threshold=float(raw.get("patching_threshold", DEFAULT_THRESHOLD)),
             threshold_add=raw.get("patching_threshold_add"),
             monotonicity=bool(raw.get("monotonicity", False)),
             max_patch_length=raw.get("max_patch_length"),

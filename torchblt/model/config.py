@@ -13,11 +13,10 @@ from typing import Any
 
 from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
+from torchblt.patching import DEFAULT_THRESHOLD, PATCHING_MODES
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
 POOLING_MODES = ("avg", "mean", "min", "max")
-PATCHING_MODES = ("entropy", "space", "static", "byte", "bpe")
-DEFAULT_THRESHOLD = 1.335442066192627
 
 
 @dataclass

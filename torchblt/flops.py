@@ -217,3 +217,11 @@ def param_counts(model_or_cfg: nn.Module | BLTConfig | EntropyModelConfig) -> di
     counts["total"] = sum(counts.values())
     counts["non_embedding"] = counts["total"] - embeddings
     return counts
+
+
+def human(x: float, digits: int = 3) -> str:
+    """``1234567 -> '1.235M'``: compact counts for the CLI tables."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.{digits}f}{unit}"
+    return f"{x:.0f}"

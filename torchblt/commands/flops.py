@@ -151,10 +151,9 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fmt(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3f}{unit}"
-    return f"{x:.0f}"
+    from torchblt.flops import human
+
+    return human(x)
 
 
 def run(args: argparse.Namespace) -> int:

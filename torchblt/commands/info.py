@@ -64,10 +64,9 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
 
 
 def _fmt(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
+    from torchblt.flops import human
+
+    return human(n, digits=2)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def lengths_from_start_mask(starts: torch.Tensor, row_lengths: torch.Tensor | No
     n_patches = int(starts.sum(1).max().item()) if B else 0
     lengths = torch.zeros(B, max(n_patches, 1), dtype=torch.int64, device=starts.device)
     lengths.scatter_add_(1, patch_index.clamp(min=0), valid.to(torch.int64) * (patch_index >= 0))
-    return lengths[:, :n_patches] if n_patches else lengths[:, :0]
+    return lengths[:, :n_patches]
 
 
 def split_long_patches(starts: torch.Tensor, max_patch_length: int) -> torch.Tensor:

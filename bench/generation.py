@@ -7,8 +7,10 @@ last 10% of the steps), the peak cache memory of the cached path, and whether bo
 bytes. The full-recompute baseline is the plain generator; with equal-length rows it runs the rows as
 one batch (a stronger baseline than one row at a time).
 
-    python bench/generation.py                       # small config on CPU: 256/512/1024 new bytes, batch 1 and 8
+    python bench/generation.py                       # small config on CPU: 256/512/1024 new bytes, batch 1 and 8,
+                                                     # with 1 thread and with torch's default thread count
     python bench/generation.py --lengths 512 --batch-sizes 1 --threads 2
+    python bench/generation.py --kernels             # the one-row product kernels behind the decoding step
     python bench/generation.py --device cuda          # + blt-1b (random weights) when CUDA is available
 
 Writes a JSON file (``--json``, default ``generation_bench.json``) and prints a table.
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,10 +100,12 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def timed_run(engine, rows: list[list[int]], n_new: int, device: torch.device) -> dict:
-    """Greedy generation of ``n_new`` bytes per row: total time, per-step times, the bytes."""
+def timed_run(make_engine, rows: list[list[int]], n_new: int, device: torch.device) -> dict:
+    """Greedy generation of ``n_new`` bytes per row: total time (building the engine included: the cached
+    one lays out its step weights), per-step times, the bytes."""
     sync(device)
     t0 = time.perf_counter()
+    engine = make_engine()
     logits = engine.start(rows)
     sync(device)
     prefill = time.perf_counter() - t0
@@ -132,32 +138,40 @@ def timed_run(engine, rows: list[list[int]], n_new: int, device: torch.device) -
 
 
 def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: list[int], batch_sizes: list[int],
-                 prompt_bytes: int, full_max_work: int) -> list[dict]:
+                 prompt_bytes: int, full_max_work: int, threads: int | None) -> list[dict]:
     model, patcher = build(name, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     rows_out = []
-    # warm-up (allocator, kernels) on both paths
-    timed_run(IncrementalEngine(model, patcher, 8), prompts(1, prompt_bytes), 8, device)
-    timed_run(FullRecomputeEngine(model, patcher, True), prompts(1, prompt_bytes), 4, device)
+    # warm-up (allocator, kernels) on every path
+    timed_run(lambda: IncrementalEngine(model, patcher, 8), prompts(1, prompt_bytes), 8, device)
+    timed_run(lambda: IncrementalEngine(model, patcher, 8, fused=False), prompts(1, prompt_bytes), 8, device)
+    timed_run(lambda: FullRecomputeEngine(model, patcher, True), prompts(1, prompt_bytes), 4, device)
     for batch in batch_sizes:
         for n_new in lengths:
             rows = prompts(batch, prompt_bytes)
-            cached = timed_run(IncrementalEngine(model, patcher, n_new), rows, n_new, device)
+            cached = timed_run(lambda n=n_new: IncrementalEngine(model, patcher, n), rows, n_new, device)
+            modules = timed_run(lambda n=n_new: IncrementalEngine(model, patcher, n, fused=False), rows, n_new,
+                                device)
             full = None
             if not full_max_work or batch * n_new <= full_max_work:
-                full = timed_run(FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new, device)
+                full = timed_run(lambda: FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new,
+                                 device)
             row = {
                 "config": name,
                 "device": str(device),
+                "threads": threads,
                 "dtype": str(dtype).replace("torch.", ""),
                 "params_blt": n_params,
                 "batch": batch,
                 "prompt_bytes": prompt_bytes,
                 "new_bytes": n_new,
                 "cached": {k: v for k, v in cached.items() if k != "tokens"},
+                "cached_modules": {k: v for k, v in modules.items() if k != "tokens"},
                 "full": {k: v for k, v in full.items() if k != "tokens"} if full else None,
                 "speedup": full["seconds"] / cached["seconds"] if full else None,
-                "identical_bytes": full["tokens"] == cached["tokens"] if full else None,
+                "speedup_modules": full["seconds"] / modules["seconds"] if full else None,
+                "identical_bytes": (full["tokens"] == cached["tokens"] == modules["tokens"]) if full
+                else cached["tokens"] == modules["tokens"],
             }
             rows_out.append(row)
             print_row(row)
@@ -165,22 +179,67 @@ def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: l
 
 
 HEADER = (
-    f"{'config':<7} {'dev':<5} {'B':>2} {'new':>5} | {'cached B/s':>10} {'full B/s':>9} {'speedup':>8} | "
-    f"{'cached ms/step':>15} {'full ms/step':>15} | {'cache MiB':>9} {'same':>5}"
+    f"{'config':<7} {'dev':<5} {'thr':>3} {'B':>2} {'new':>5} | {'cached B/s':>10} {'modules':>8} {'full B/s':>9} "
+    f"{'speedup':>8} | {'cached ms/step':>15} {'full ms/step':>15} | {'cache MiB':>9} {'same':>5}"
 )
 
 
 def print_row(row: dict) -> None:
-    c, f = row["cached"], row["full"]
+    c, m, f = row["cached"], row["cached_modules"], row["full"]
     cs = f"{c['ms_per_step_first10pct']:.2f}->{c['ms_per_step_last10pct']:.2f}"
     fs = f"{f['ms_per_step_first10pct']:.1f}->{f['ms_per_step_last10pct']:.1f}" if f else "-"
     print(
-        f"{row['config']:<7} {row['device'][:5]:<5} {row['batch']:>2} {row['new_bytes']:>5} | "
-        f"{c['bytes_per_second']:>10.1f} {(f['bytes_per_second'] if f else float('nan')):>9.1f} "
+        f"{row['config']:<7} {row['device'][:5]:<5} {row['threads'] or '-':>3} {row['batch']:>2} {row['new_bytes']:>5} | "
+        f"{c['bytes_per_second']:>10.1f} {m['bytes_per_second']:>8.1f} "
+        f"{(f['bytes_per_second'] if f else float('nan')):>9.1f} "
         f"{(row['speedup'] or float('nan')):>7.1f}x | {cs:>15} {fs:>15} | {c['peak_cache_mib']:>9.2f} "
         f"{str(row['identical_bytes']):>5}",
         flush=True,
     )
+
+
+def _products(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(x, w) for w in weights]
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+KERNEL_SHAPES = [(256, 768), (256, 1408), (704, 256), (768, 2304), (768, 768), (768, 4096), (2048, 768)]  # (in, out)
+
+
+def bench_kernels(threads: list[int], shapes: list[tuple[int, int]] = KERNEL_SHAPES) -> list[dict]:
+    """One-row products (what a decoding step does) with the small config's matrix shapes: ``nn.Linear``
+    vs the step's input-major ``x @ W_t`` vs oneDNN's packed layout; 40 matrices of a shape per round, so
+    the weights come from memory, not from the cache. Backs the choices in ``torchblt.generation.fused``."""
+    out = []
+    print(f"{'thr':>3} {'in x out':>11} | {'nn.Linear':>10} {'x @ W_t':>10} {'oneDNN':>10}  (GiB/s of weights read)")
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for d_in, d_out in shapes:
+            ws = [torch.randn(d_out, d_in) for _ in range(40)]
+            wts = [w.t().contiguous() for w in ws]
+            x = torch.randn(1, 1, d_in)
+            fns = {"linear": partial(_products, torch.nn.functional.linear, x, ws),
+                   "input_major": partial(_products, torch.matmul, x, wts)}
+            if torch.backends.mkldnn.is_available():
+                packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+                fns["onednn"] = partial(_products, _onednn, x, packed)
+            gib = 40 * d_in * d_out * 4 / 2**30
+            rates = {}
+            with torch.inference_mode():
+                for k, fn in fns.items():
+                    fn()
+                    reps = max(3, int(2e8 / (40 * d_in * d_out * 4)))
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    rates[k] = gib * reps / (time.perf_counter() - t)
+            out.append({"threads": n_threads, "in": d_in, "out": d_out, "gib_per_s": rates})
+            print(f"{n_threads:>3} {f'{d_in}x{d_out}':>11} | {rates['linear']:>10.1f} {rates['input_major']:>10.1f} "
+                  f"{rates.get('onednn', float('nan')):>10.1f}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,32 +247,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-bytes", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch CPU thread counts to run the CPU table with, one table each (default: 1 and torch's "
+                         "default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda; the blt-1b row runs only on CUDA")
     ap.add_argument("--full-max-work", type=int, default=4096,
                     help="run the full-recompute baseline only when batch x new bytes <= this (it is quadratic; "
                          "default 4096 skips batch 8 x 1024, ~40 min on one CPU core); 0 = always")
     ap.add_argument("--gpu-lengths", type=int, nargs="+", default=None, help="lengths for blt-1b (default: --lengths)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the one-row matrix-product kernels (nn.Linear vs the decoding step's layouts)")
     ap.add_argument("--json", default="generation_bench.json", help="where to write the results")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    threads = args.threads or sorted({1, default_threads})
+    if any(t < 1 for t in threads):
+        ap.error(f"--threads must be positive, got {threads}")
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, threads {threads}")
+    meta = {"torch": torch.__version__, "threads": threads, "argv": sys.argv[1:],
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if args.kernels:
+        Path(args.json).write_text(json.dumps({"meta": meta, "kernels": bench_kernels(threads)}, indent=1))
+        print(f"wrote {args.json}")
+        return 0
+    print("cached: the fused decode-layout step; modules: the same engine on the model's modules (fused=False); "
+          "speedup = full / cached seconds")
     print("per-step columns: mean ms of one decoding step over the first -> the last 10% of the steps")
     print(HEADER)
-    results = bench_config("small", torch.device("cpu") if device.type != "cuda" else device, torch.float32,
-                           args.lengths, args.batch_sizes, args.prompt_bytes, args.full_max_work)
+    results = []
+    if device.type == "cuda":
+        results += bench_config("small", device, torch.float32, args.lengths, args.batch_sizes, args.prompt_bytes,
+                                args.full_max_work, None)
+    else:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            results += bench_config("small", device, torch.float32, args.lengths, args.batch_sizes,
+                                    args.prompt_bytes, args.full_max_work, n_threads)
     if torch.cuda.is_available() and device.type == "cuda":
         from torchblt.model.masks import set_attention_backend
 
         set_attention_backend("sdpa")  # full recompute: no per-shape FlexAttention recompiles
         results += bench_config("blt-1b", device, torch.bfloat16, args.gpu_lengths or args.lengths,
-                                args.batch_sizes, args.prompt_bytes, args.full_max_work)
+                                args.batch_sizes, args.prompt_bytes, args.full_max_work, None)
     else:
         print("blt-1b on GPU: skipped (CUDA is not available here); run with --device cuda on a GPU machine")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {args.json}")
     return 0

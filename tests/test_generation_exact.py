@@ -320,6 +320,9 @@ def test_benchmark_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "g.json"
-    assert bench.main(["--lengths", "8", "--batch-sizes", "1", "2", "--json", str(out)]) == 0
+    assert bench.main(["--lengths", "8", "--batch-sizes", "1", "2", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 2 and all(r["identical_bytes"] for r in rows)
+    assert all(r["speedup"] > 0 and r["cached_modules"]["bytes_per_second"] > 0 for r in rows)
+    kernels = bench.bench_kernels([1], shapes=[(32, 48)])
+    assert set(kernels[0]["gib_per_s"]) >= {"linear", "input_major"}

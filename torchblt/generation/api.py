@@ -27,7 +27,12 @@ from torchblt.tokenizer import ByteTokenizer
 
 @dataclass
 class GenerationConfig:
-    """How to generate. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters."""
+    """How to generate. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters.
+
+    ``fused_step`` (cached decoding only): run the steps on decode-layout copies of the layer weights
+    (faster; memory equal to the transformer layers' weights, see :mod:`torchblt.generation.fused`);
+    ``False`` runs the model's modules; ``None`` picks fused unless a forward hook is registered.
+    """
 
     max_new_bytes: int = 256
     temperature: float = 0.0
@@ -37,6 +42,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
     use_cache: bool = True
+    fused_step: bool | None = None
 
     def validate(self) -> None:
         if int(self.max_new_bytes) != self.max_new_bytes or self.max_new_bytes < 0:
@@ -96,7 +102,7 @@ def encode_prompts(prompts: list[str | bytes] | str | bytes) -> list[list[int]]:
 
 def _engine(model: BLT, patcher: Patcher, cfg: GenerationConfig):
     if cfg.use_cache:
-        return IncrementalEngine(model, patcher, cfg.max_new_bytes)
+        return IncrementalEngine(model, patcher, cfg.max_new_bytes, fused=cfg.fused_step)
     return FullRecomputeEngine(model, patcher)
 
 

@@ -40,12 +40,16 @@ class Recorder:
 class _RowSlotWriter:
     """``KVCacheLike`` for one decoding step: writes each row's new key at its own slot."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor, view: int):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor, view: int,
+                 all_rows: torch.Tensor | None = None):
         self.k, self.v, self.rows, self.slots, self.view = k, v, rows, slots, view
+        if all_rows is None and rows is None:
+            all_rows = torch.arange(k.shape[0], device=k.device)
+        self.all_rows = all_rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows is None:  # every row
-            idx = torch.arange(k.shape[0], device=k.device)
+            idx = self.all_rows
             self.k[idx, self.slots] = k[:, 0]
             self.v[idx, self.slots] = v[:, 0]
             return self.k[:, : self.view], self.v[:, : self.view]
@@ -76,6 +80,7 @@ class StackKV:
         self.doc = torch.zeros(batch, capacity, dtype=torch.int64, device=device)
         self.capacity, self.window, self.documents = capacity, window, documents
         self._slots: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
         self._view = capacity
 
     def load_row(self, row: int, layers: list[Recorder], positions: torch.Tensor, docs: torch.Tensor) -> None:
@@ -97,7 +102,7 @@ class StackKV:
         idx = torch.arange(pos.shape[0], device=pos.device)
         self.pos[idx, slots] = pos
         self.doc[idx, slots] = doc
-        self._slots = slots
+        self._slots, self._rows = slots, idx
         self._view = min(self.capacity, int(pos.max()) + 1)
         kp, kd = self.pos[:, : self._view], self.doc[:, : self._view]
         qp = pos[:, None]
@@ -110,7 +115,7 @@ class StackKV:
 
     def layer(self, i: int) -> _RowSlotWriter:
         assert self._slots is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], None, self._slots, self._view)
+        return _RowSlotWriter(self.k[i], self.v[i], None, self._slots, self._view, self._rows)
 
     def select(self, rows: torch.Tensor) -> None:
         self.k = [t[rows] for t in self.k]

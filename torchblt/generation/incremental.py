@@ -42,6 +42,7 @@ from torchblt.generation.boundaries import (
     raw_prompt_starts,
 )
 from torchblt.generation.cache import GlobalKV, PatchSlotKV, Recorder, StackKV
+from torchblt.generation.fused import StepCrossAttention, StepLinear, step_blocks
 from torchblt.model.blt import BLT, global_tokens_from_patches
 from torchblt.model.cross_attention import double_residual
 from torchblt.model.entropy_model import EntropyModel, entropy
@@ -72,12 +73,20 @@ def _stack_kv(cfg: StackConfig, batch: int, total: int, dtype: torch.dtype, devi
                    uses_documents(cfg.attention), dtype, device)
 
 
+def _has_hooks(model: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 class IncrementalEngine:
     """Cached decoding with the same interface as :class:`~torchblt.generation.reference.FullRecomputeEngine`:
     ``start(prompts) -> logits (B, V)``, ``advance(next_ids (B,)) -> logits (B, V)``, ``select(rows)``,
     ``next_starts`` (does the byte about to be appended start a patch), ``prompt_starts``."""
 
-    def __init__(self, model: BLT, patcher: Patcher, max_new_bytes: int) -> None:
+    def __init__(self, model: BLT, patcher: Patcher, max_new_bytes: int, fused: bool | None = None) -> None:
+        """``fused``: run the steps on decode-layout copies of the layer weights (:mod:`.fused`: fused
+        q/k/v and w1/w3, input-major; faster, costs memory equal to the transformer layers' weights);
+        ``False`` runs the model's modules; ``None`` (default): fused unless a forward hook is registered
+        on the model or the entropy model (hooks see the modules' calls, which the fused step skips)."""
         check_incremental(patcher)
         self.model, self.patcher = model, patcher
         self.max_new_bytes = max_new_bytes
@@ -86,6 +95,7 @@ class IncrementalEngine:
             if patcher.entropy_model is None:
                 raise ValueError("entropy patching needs an entropy model: pass entropy_model=... or attach one")
             self.em = patcher.entropy_model
+            self.em_device = next(self.em.parameters()).device
         cfg = model.config
         self.cfg = cfg
         self.eos = cfg.eos_id
@@ -105,6 +115,42 @@ class IncrementalEngine:
         self.dec_window = (cfg.cross_attn.window_decoder or 1) if self.dec_cross else 1
         self.tail_width = max([2] + (cfg.hash.group_sizes if cfg.hash else []))
         self.prompt_starts: list[list[bool]] = []
+        if fused is None:
+            fused = not any(_has_hooks(m) for m in (model, self.em) if m is not None)
+        self.fused = fused
+        self._build_step(model)
+
+    def _build_step(self, model: BLT) -> None:
+        """What a step calls: the blocks, the decoder's cross-attention queries and the heads — the
+        model's modules, or their decode-layout copies (``fused``)."""
+        enc, gt, dec = model.local_encoder, model.global_transformer, model.local_decoder
+        dec_cross = list(dec.cross_attn_layers) if dec.cross_attn_layers is not None else []
+        if self.fused:
+            self.enc_blocks, self.g_blocks, self.dec_blocks = (
+                step_blocks(enc.layers), step_blocks(gt.layers), step_blocks(dec.layers))
+            self.dec_output = StepLinear(dec.output)
+            self.dec_cross_steps = [StepCrossAttention(layer) for layer in dec_cross]
+            if self.em is not None:
+                self.em_blocks = step_blocks(self.em.layers)
+                self.em_output = StepLinear(self.em.output)
+        else:
+            self.enc_blocks, self.g_blocks, self.dec_blocks = list(enc.layers), list(gt.layers), list(dec.layers)
+            self.dec_output = dec.output
+            self.dec_cross_steps = [
+                (lambda x, k, v, mask, layer=layer: layer(x, None, mask, projected_kv=(k, v))) for layer in dec_cross
+            ]
+            if self.em is not None:
+                self.em_blocks = list(self.em.layers)
+                self.em_output = self.em.output
+
+    def step_weight_bytes(self) -> int:
+        """Memory held by the decode-layout weight copies (0 when not ``fused``)."""
+        if not self.fused:
+            return 0
+        parts = [*self.enc_blocks, *self.g_blocks, *self.dec_blocks, self.dec_output, *self.dec_cross_steps]
+        if self.em is not None:
+            parts += [*self.em_blocks, self.em_output]
+        return sum(p.nbytes() for p in parts)
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
@@ -290,14 +336,14 @@ class IncrementalEngine:
         enc = model.local_encoder
         e = enc.tok_embeddings(x[:, None])  # (B, 1, E)
         if model.encoder_hash_tok_embedding is not None:
-            ids = [t[:, -1:] for t in model.encoder_hash_tok_embedding.ids(self.tail)]
+            ids = model.encoder_hash_tok_embedding.last_ids(self.tail)
             e = model.encoder_hash_tok_embedding.add_to(e, None, ids=ids)  # type: ignore[arg-type]
         mask = self.enc_kv.begin_step(T, doc)
         rope = enc.rope_for(T[:, None])
         h = e
         states = []
-        for i, layer in enumerate(enc.layers):
-            h = layer(h, rope, mask, self.enc_kv.layer(i))
+        for i, block in enumerate(self.enc_blocks):
+            h = block(h, rope, mask, self.enc_kv.layer(i))
             states.append(h)
         h_enc = h
         per_byte = torch.stack([states[i][:, 0] for i in self.state_layers], dim=1)  # (B, n_state, E)
@@ -319,13 +365,12 @@ class IncrementalEngine:
             h = h_enc + self.last_slot[:, None]
         mask = self.dec_kv.begin_step(T, doc)
         rope = dec.rope_for(T[:, None])
-        for i, layer in enumerate(dec.layers):
+        for i, block in enumerate(self.dec_blocks):
             if dec.uses_cross_attn(i):
                 j = i if dec.cross_attn_all_layers else 0
-                kv = (self.slot_kv.k[j], self.slot_kv.v[j])
-                h = double_residual(h, dec.cross_layer(i)(h, None, cmask, projected_kv=kv))
-            h = layer(h, rope, mask, self.dec_kv.layer(i))
-        logits = dec.head(h)[:, 0]
+                h = double_residual(h, self.dec_cross_steps[j](h, self.slot_kv.k[j], self.slot_kv.v[j], cmask))
+            h = block(h, rope, mask, self.dec_kv.layer(i))
+        logits = self.dec_output(dec.norm(h))[:, 0]
 
         self.pos = T + 1
         self.doc = doc + is_eos.to(torch.int64)
@@ -335,15 +380,15 @@ class IncrementalEngine:
     def _entropy_step(self, x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         em = self.em
         assert em is not None
-        dev = next(em.parameters()).device
+        dev = self.em_device
         xe, Te = x.to(dev), T.to(dev)
         mask = self.em_kv.begin_step(Te, self.edoc.to(dev))
         self.edoc = self.edoc + (x == self.em.config.eos_id).to(torch.int64)
         rope = em.rope_for(Te[:, None])
         h = em.tok_embeddings(xe[:, None])
-        for i, layer in enumerate(em.layers):
-            h = layer(h, rope, mask, self.em_kv.layer(i))
-        return entropy(em.output(em.norm(h)))[:, 0].to(self.device)
+        for i, block in enumerate(self.em_blocks):
+            h = block(h, rope, mask, self.em_kv.layer(i))
+        return entropy(self.em_output(em.norm(h)).float())[:, 0].to(self.device)
 
     def _close(self, rows: torch.Tensor, ends: torch.Tensor) -> None:
         """Close the open patch of ``rows (R,)`` (their next patch starts at ``ends (B,)``)."""
@@ -399,8 +444,8 @@ class IncrementalEngine:
         mask, gpos = self.gkv.begin_step(None if all_rows else rows, gdoc)
         rope = gt.rope_for(gpos[:, None])
         h = gt.embed(v)
-        for i, layer in enumerate(gt.layers):
-            h = layer(h, rope, mask, self.gkv.layer(i))
+        for i, block in enumerate(self.g_blocks):
+            h = block(h, rope, mask, self.gkv.layer(i))
         self.gdoc[rows] = gdoc + self.open_has_eos[rows].to(torch.int64)
         self.open_has_eos[rows] = False
 

@@ -1,0 +1,163 @@
+"""Decode-step weights: the model's linear layers laid out for one new position at a time.
+
+Shape legend: B rows, D width, H query heads, Hkv key/value heads, Dh head width, F feed-forward width.
+
+A cached decoding step multiplies a single row vector per batch row by every weight matrix. That is a
+matrix-vector product bound by reading the weights, and two things make it cheaper than the
+``nn.Linear`` calls of the full forward:
+
+* **layout.** ``nn.Linear`` keeps ``(out, in)`` and computes ``x @ W.T``; for one row the BLAS kernel
+  then reads memory well under its bandwidth. Measured on the development machine (2-core AMD EPYC,
+  ``python bench/generation.py --kernels``, weights read per second): ``nn.Linear`` 12-19 GiB/s,
+  ``x @ W_t`` with ``W_t (in, out)`` contiguous 17-23 GiB/s on one thread, oneDNN's packed layout 16-23 GiB/s
+  on one thread and 16-30 GiB/s on two (it spreads one row over threads; the BLAS product does not). The
+  step keeps large fp32 CPU matrices packed for oneDNN (:data:`PACK_MIN_ELEMENTS`) and the rest ``W_t``.
+* **fused projections.** ``wq|wk|wv`` become one ``(D, (H + 2 Hkv) Dh)`` matrix and ``w1|w3`` one
+  ``(D, 2F)``: four products per block instead of seven (fewer calls; on GPU, fewer kernel launches).
+
+The packed layout goes through ``torch.ops.mkldnn`` (the operators torch.compile's CPU back-end uses; not a
+documented API), so each packed matrix is checked against ``x @ W.T`` once when it is built, and any
+failure (an op missing from the build, a wrong result) falls back to ``W_t``.
+
+The products are the same dot products summed in a possibly different order, so outputs agree with the
+module path to float rounding (tests: logits within 1e-4 in fp32, identical greedy bytes). The copies
+cost memory equal to the transformer layers' weights (the hash and byte embeddings are not copied);
+``IncrementalEngine(..., fused=False)`` runs the modules instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchblt.model.cross_attention import CrossAttention
+from torchblt.model.masks import SelfAttentionMask
+from torchblt.model.transformer import (
+    KVCacheLike,
+    RMSNorm,
+    TransformerBlock,
+    apply_rope_table,
+    scaled_dot_product,
+)
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without the module call machinery (this runs ~30 times per decoded byte)."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm.forward(x)
+
+
+def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`~torchblt.model.transformer.apply_rope_table` (fp32 inputs skip the casts)."""
+    if x.dtype != torch.float32:
+        return apply_rope_table(x, table)
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table).flatten(-2)
+
+
+# Below this many weights the oneDNN call's fixed cost outweighs its better bandwidth (measured on the
+# development machine, ``bench/generation.py --kernels``): with one thread it wins from ~0.5M weights, with
+# more threads (oneDNN uses them for one row, the BLAS ``x @ W_t`` does not) from ~0.25M.
+PACK_MIN_ELEMENTS = {1: 1 << 19, "threads": 1 << 18}
+
+
+def pack_min_elements() -> int:
+    return PACK_MIN_ELEMENTS[1] if torch.get_num_threads() == 1 else PACK_MIN_ELEMENTS["threads"]
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight (out, in)`` in oneDNN's blocked layout for fp32 CPU products, or None where that is not
+    available (other devices and dtypes, builds without oneDNN, small matrices) or gives wrong numbers."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < pack_min_elements()
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        probe = torch.linspace(-1, 1, weight.shape[1])[None]
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        if not torch.allclose(got, probe @ weight.t(), rtol=1e-4, atol=1e-4 * float(weight.abs().max())):
+            return None
+        return packed
+    except (RuntimeError, AttributeError):  # op missing or unsupported in this build
+        return None
+
+
+class StepLinear:
+    """``x @ W.T`` for ``x (..., in)`` and one or several ``nn.Linear`` (same input) side by side: large fp32
+    CPU matrices in oneDNN's packed layout, the others input-major (``x @ W_t``)."""
+
+    __slots__ = ("weight", "packed")
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        with torch.no_grad():
+            weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
+        self.packed = _onednn_pack(weight)
+        self.weight = weight.t().contiguous() if self.packed is None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return x @ self.weight
+
+    def nbytes(self) -> int:
+        w = self.packed if self.packed is not None else self.weight
+        return w.numel() * w.element_size()
+
+
+class StepBlock:
+    """One :class:`~torchblt.model.transformer.TransformerBlock` for a decoding step: ``x (B, 1, D)``."""
+
+    def __init__(self, block: TransformerBlock) -> None:
+        attn, ffn = block.attention, block.feed_forward
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.hidden = ffn.w1.out_features
+        self.qkv = StepLinear(attn.wq, attn.wk, attn.wv)
+        self.wo = StepLinear(attn.wo)
+        self.w13 = StepLinear(ffn.w1, ffn.w3)
+        self.w2 = StepLinear(ffn.w2)
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+
+    def __call__(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: SelfAttentionMask, cache: KVCacheLike
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(_norm(self.attention_norm, x))  # (B, T, (H + 2 Hkv) Dh)
+        # RoPE on queries and keys at once (the table broadcasts over heads)
+        qk = _rope(qkv[..., : (H + Hkv) * Dh].unflatten(-1, (H + Hkv, Dh)), rope)
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        v = qkv[..., (H + Hkv) * Dh :].unflatten(-1, (Hkv, Dh))
+        k, v = cache.update(k, v)
+        out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
+        h = x + self.wo(out.reshape(B, T, H * Dh))
+        a1, a3 = self.w13(_norm(self.ffn_norm, h)).split(self.hidden, dim=-1)
+        return h + self.w2(F.silu(a1) * a3)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in (self.qkv, self.wo, self.w13, self.w2))
+
+
+class StepCrossAttention:
+    """The query side of a decoder :class:`~torchblt.model.cross_attention.CrossAttention` for a step
+    (its keys/values are projected once per closed patch, by the module)."""
+
+    def __init__(self, layer: CrossAttention) -> None:
+        self.n_heads, self.head_dim = layer.n_heads, layer.head_dim
+        self.wq, self.wo = StepLinear(layer.wq), StepLinear(layer.wo)
+        self.norm_q = layer.cross_attn_norm_q
+
+    def __call__(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The update for ``x (B, 1, D)`` given keys/values ``(B, Tk, H, Dh)`` and ``mask (B, 1, 1, Tk)``.
+        Every decoding row sees at least one slot (the last closed patch), so no empty-row guard."""
+        B, T, _ = x.shape
+        q = self.wq(_norm(self.norm_q, x)).unflatten(-1, (self.n_heads, self.head_dim))
+        out = scaled_dot_product(q, k, v, mask)
+        return self.wo(out.reshape(B, T, -1))
+
+    def nbytes(self) -> int:
+        return self.wq.nbytes() + self.wo.nbytes()
+
+
+def step_blocks(layers: nn.ModuleList) -> list[StepBlock]:
+    return [StepBlock(block) for block in layers]  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 For every batch size and number of new bytes (after a 64-byte prompt per row) both engines generate
 greedily from random-weight models; the table gives new bytes per second, the speed-up (the ratio of
-the two, measured in this run), how each path's cost per byte grows (ms per step over the first and the
+the two, measured in this run; the cached path's time is the median of 3 runs, the full recompute's one
+run of minutes), how each path's cost per byte grows (ms per step over the first and the
 last 10% of the steps), the peak cache memory of the cached path, and whether both produced the same
 bytes. The full-recompute baseline is the plain generator; with equal-length rows it runs the rows as
 one batch (a stronger baseline than one row at a time).
@@ -134,11 +135,23 @@ def timed_run(make_engine, rows: list[list[int]], n_new: int, device: torch.devi
         "tokens": [list(col) for col in zip(*out)],
         "cache_breakdown_mib": {k2: v / 2**20 for k2, v in engine.cache_bytes().items()}
         if hasattr(engine, "cache_bytes") else None,
+        "step_weights_mib": engine.step_weight_bytes() / 2**20 if hasattr(engine, "step_weight_bytes") else None,
     }
 
 
+def median_run(make_engine, rows: list[list[int]], n_new: int, device: torch.device, repeats: int) -> dict:
+    """The run with the median total time of ``repeats`` (a few-second run is at the mercy of a busy
+    machine; the full recompute runs for minutes and is timed once). Every repeat must give the same bytes."""
+    runs = sorted((timed_run(make_engine, rows, n_new, device) for _ in range(repeats)), key=lambda r: r["seconds"])
+    if any(r["tokens"] != runs[0]["tokens"] for r in runs):
+        raise RuntimeError("repeated cached runs produced different bytes")
+    out = runs[len(runs) // 2]
+    out["seconds_all"] = [r["seconds"] for r in runs]
+    return out
+
+
 def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: list[int], batch_sizes: list[int],
-                 prompt_bytes: int, full_max_work: int, threads: int | None) -> list[dict]:
+                 prompt_bytes: int, full_max_work: int, threads: int | None, repeats: int = 3) -> list[dict]:
     model, patcher = build(name, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     rows_out = []
@@ -149,9 +162,9 @@ def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: l
     for batch in batch_sizes:
         for n_new in lengths:
             rows = prompts(batch, prompt_bytes)
-            cached = timed_run(lambda n=n_new: IncrementalEngine(model, patcher, n), rows, n_new, device)
-            modules = timed_run(lambda n=n_new: IncrementalEngine(model, patcher, n, fused=False), rows, n_new,
-                                device)
+            cached = median_run(lambda n=n_new: IncrementalEngine(model, patcher, n), rows, n_new, device, repeats)
+            modules = median_run(lambda n=n_new: IncrementalEngine(model, patcher, n, fused=False), rows, n_new,
+                                 device, repeats)
             full = None
             if not full_max_work or batch * n_new <= full_max_work:
                 full = timed_run(lambda: FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new,

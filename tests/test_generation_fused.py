@@ -23,7 +23,7 @@ ONEDNN = torch.backends.mkldnn.is_available()
 @pytest.fixture
 def pack_everything(monkeypatch):
     """Pack every fp32 CPU matrix in oneDNN's layout (the tiny models' are all below the size threshold)."""
-    monkeypatch.setattr(fused_mod, "PACK_MIN_ELEMENTS", {1: 0, "threads": 0})
+    monkeypatch.setattr(fused_mod, "PACK_MIN_ELEMENTS", 0)
 
 
 def _run(engine, prompts, forced: list[list[int]]) -> torch.Tensor:

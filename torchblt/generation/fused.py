@@ -57,19 +57,15 @@ def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 # Below this many weights the oneDNN call's fixed cost outweighs its better bandwidth (measured on the
-# development machine, ``bench/generation.py --kernels``): with one thread it wins from ~0.5M weights, with
-# more threads (oneDNN uses them for one row, the BLAS ``x @ W_t`` does not) from ~0.25M.
-PACK_MIN_ELEMENTS = {1: 1 << 19, "threads": 1 << 18}
-
-
-def pack_min_elements() -> int:
-    return PACK_MIN_ELEMENTS[1] if torch.get_num_threads() == 1 else PACK_MIN_ELEMENTS["threads"]
+# development machine, ``bench/generation.py --kernels``: from ~0.5M weights it is as fast as ``x @ W_t`` on
+# one thread and faster on two).
+PACK_MIN_ELEMENTS = 1 << 19
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight (out, in)`` in oneDNN's blocked layout for fp32 CPU products, or None where that is not
     available (other devices and dtypes, builds without oneDNN, small matrices) or gives wrong numbers."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < pack_min_elements()
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < PACK_MIN_ELEMENTS
             or not torch.backends.mkldnn.is_available()):
         return None
     try:
@@ -139,13 +135,18 @@ class StepBlock:
 
 
 class StepCrossAttention:
-    """The query side of a decoder :class:`~torchblt.model.cross_attention.CrossAttention` for a step
-    (its keys/values are projected once per closed patch, by the module)."""
+    """A decoder :class:`~torchblt.model.cross_attention.CrossAttention` for a step: the query side per byte,
+    :meth:`project_kv` once per closed patch."""
 
     def __init__(self, layer: CrossAttention) -> None:
         self.n_heads, self.head_dim = layer.n_heads, layer.head_dim
-        self.wq, self.wo = StepLinear(layer.wq), StepLinear(layer.wo)
-        self.norm_q = layer.cross_attn_norm_q
+        self.wq, self.wo, self.wkv = StepLinear(layer.wq), StepLinear(layer.wo), StepLinear(layer.wk, layer.wv)
+        self.norm_q, self.norm_kv = layer.cross_attn_norm_q, layer.cross_attn_norm_kv
+
+    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, Tk, H, Dh)`` of ``kv (B, Tk, D)``, as the module's ``project_kv``."""
+        k, v = self.wkv(_norm(self.norm_kv, kv)).unflatten(-1, (2 * self.n_heads, self.head_dim)).chunk(2, dim=2)
+        return k, v
 
     def __call__(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The update for ``x (B, 1, D)`` given keys/values ``(B, Tk, H, Dh)`` and ``mask (B, 1, 1, Tk)``.
@@ -156,7 +157,7 @@ class StepCrossAttention:
         return self.wo(out.reshape(B, T, -1))
 
     def nbytes(self) -> int:
-        return self.wq.nbytes() + self.wo.nbytes()
+        return self.wq.nbytes() + self.wo.nbytes() + self.wkv.nbytes()
 
 
 def step_blocks(layers: nn.ModuleList) -> list[StepBlock]:

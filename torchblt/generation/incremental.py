@@ -130,6 +130,10 @@ class IncrementalEngine:
                 step_blocks(enc.layers), step_blocks(gt.layers), step_blocks(dec.layers))
             self.dec_output = StepLinear(dec.output)
             self.dec_cross_steps = [StepCrossAttention(layer) for layer in dec_cross]
+            self.dec_project_kv = [layer.project_kv for layer in self.dec_cross_steps]
+            self.g_embed = StepLinear(gt.token_embedding_projection) if gt.token_embedding_projection else gt.embed
+            proj = dec.patch_embedding_projection
+            self.dec_patch_proj = StepLinear(proj) if proj is not None else None
             if self.em is not None:
                 self.em_blocks = step_blocks(self.em.layers)
                 self.em_output = StepLinear(self.em.output)
@@ -139,6 +143,9 @@ class IncrementalEngine:
             self.dec_cross_steps = [
                 (lambda x, k, v, mask, layer=layer: layer(x, None, mask, projected_kv=(k, v))) for layer in dec_cross
             ]
+            self.dec_project_kv = [layer.project_kv for layer in dec_cross]
+            self.g_embed = gt.embed
+            self.dec_patch_proj = dec.patch_embedding_projection
             if self.em is not None:
                 self.em_blocks = list(self.em.layers)
                 self.em_output = self.em.output
@@ -148,6 +155,7 @@ class IncrementalEngine:
         if not self.fused:
             return 0
         parts = [*self.enc_blocks, *self.g_blocks, *self.dec_blocks, self.dec_output, *self.dec_cross_steps]
+        parts += [p for p in (self.g_embed, self.dec_patch_proj) if isinstance(p, StepLinear)]
         if self.em is not None:
             parts += [*self.em_blocks, self.em_output]
         return sum(p.nbytes() for p in parts)
@@ -443,16 +451,17 @@ class IncrementalEngine:
         gdoc = self.gdoc[rows]
         mask, gpos = self.gkv.begin_step(None if all_rows else rows, gdoc)
         rope = gt.rope_for(gpos[:, None])
-        h = gt.embed(v)
+        h = self.g_embed(v)
         for i, block in enumerate(self.g_blocks):
             h = block(h, rope, mask, self.gkv.layer(i))
         self.gdoc[rows] = gdoc + self.open_has_eos[rows].to(torch.int64)
         self.open_has_eos[rows] = False
 
         # decoder cross-attention keys/values (or the projected global output) of the closed patch
-        dslots = dec.patch_slots(h)  # (R, K, D) or (R, 1, D)
+        # the decoder's slots of the closed patch (LocalDecoder.patch_slots): (R, K, D) or (R, 1, D)
+        dslots = h if self.dec_patch_proj is None else self.dec_patch_proj(h).reshape(h.shape[0], dec.k, -1)
         if self.dec_cross:
-            kv = [layer.project_kv(dslots) for layer in dec.cross_attn_layers]
+            kv = [project(dslots) for project in self.dec_project_kv]
             self.slot_kv.put(rows, gpos, kv)
         else:
             self.last_slot[rows] = dslots[:, 0]

@@ -324,5 +324,6 @@ def test_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 2 and all(r["identical_bytes"] for r in rows)
     assert all(r["speedup"] > 0 and r["cached_modules"]["bytes_per_second"] > 0 for r in rows)
+    assert all(1 <= r["cached"]["mean_patch_bytes_generated"] == r["full"]["mean_patch_bytes_generated"] for r in rows)
     kernels = bench.bench_kernels([1], shapes=[(32, 48)])
     assert set(kernels[0]["gib_per_s"]) >= {"linear", "input_major"}

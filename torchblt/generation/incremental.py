@@ -24,6 +24,9 @@ document) with a sliding window; RoPE positions keep counting, and the caches ca
 position and document so the step mask is exact. Rows are independent: each keeps its own positions,
 documents, patch boundaries and global cache length; rows that finish are dropped from every cache.
 
+The steps run on decode-layout copies of the layer weights (:mod:`.fused`; ``fused=False`` runs the
+modules) and are otherwise the modules' math.
+
 Memory: the entropy, encoder and decoder caches are ring buffers of ``window`` positions (bounded
 however long the text); the global cache holds one key/value per closed patch and layer; the decoder
 keeps cross-attention keys/values for the last ``cross_attn.window_decoder`` (or 1) patches; the
@@ -74,6 +77,11 @@ def _stack_kv(cfg: StackConfig, batch: int, total: int, dtype: torch.dtype, devi
 
 
 def _has_hooks(model: torch.nn.Module) -> bool:
+    """Is a forward (pre-)hook registered on ``model``, one of its modules, or globally?"""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
@@ -131,7 +139,8 @@ class IncrementalEngine:
             self.dec_output = StepLinear(dec.output)
             self.dec_cross_steps = [StepCrossAttention(layer) for layer in dec_cross]
             self.dec_project_kv = [layer.project_kv for layer in self.dec_cross_steps]
-            self.g_embed = StepLinear(gt.token_embedding_projection) if gt.token_embedding_projection else gt.embed
+            g_proj = gt.token_embedding_projection
+            self.g_embed = StepLinear(g_proj) if g_proj is not None else gt.embed
             proj = dec.patch_embedding_projection
             self.dec_patch_proj = StepLinear(proj) if proj is not None else None
             if self.em is not None:

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks that need one CUDA GPU, in one run (sized for a 10-minute slot on an H100/H200):
+#   1. tests/test_gpu.py      compiled FlexAttention == SDPA == CPU; cached generation == full recompute on
+#                             the GPU (fp32, bf16); the decode-layout step on the GPU
+#   2. bench/generation.py    cached vs full recompute: the small config (fp32) and blt-1b (random weights, bf16)
+#   3. bench/train.py         the trainer's step on blt-1b: bytes/s, peak memory, MFU inputs, eager and compiled
+# Runs from a source checkout without installing (PYTHONPATH); needs torch (CUDA), pyyaml, safetensors, pytest.
+# Results go to $OUT (default: gpu_results/): one log and one JSON per check; the last lines summarise.
+#
+#   bash bench/gpu_checks.sh                    # everything
+#   SKIP_TRAIN=1 bash bench/gpu_checks.sh        # tests + generation only
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')" || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+    | tee -a "$OUT/gpu.txt"
+
+echo "== 1. GPU tests"
+timeout 300 "$PY" -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" \
+    || status=1
+
+echo "== 2. generation benchmark"
+timeout 420 "$PY" bench/generation.py --device cuda --lengths ${GEN_LENGTHS:-256 512 1024} --batch-sizes 1 8 \
+    --json "$OUT/generation_gpu.json" 2>&1 | tee "$OUT/generation_gpu.txt" || status=1
+
+if [ -z "${SKIP_TRAIN:-}" ]; then
+    echo "== 3. training benchmark (blt-1b)"
+    timeout 300 "$PY" bench/train.py --only blt-1b --steps 10 --warmup 3 --json "$OUT/train_gpu.json" 2>&1 \
+        | tee "$OUT/train_gpu.txt" || status=1
+fi
+
+echo "== summary (exit $status)"
+tail -n 2 "$OUT/pytest_gpu.txt"
+grep -E "^(small|blt-1b) " "$OUT/generation_gpu.txt" || true
+exit $status

@@ -1,0 +1,72 @@
+"""CUDA-only paths against the CPU-tested ones (``python -m pytest -m gpu``; deselected by default, CI has
+no GPU): compiled FlexAttention vs SDPA, cached generation vs full recompute on the GPU (fp32 and bf16),
+the decode-layout step on the GPU. ``bench/gpu_checks.sh`` runs these with the GPU benchmarks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generation_exact import TEXT, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
+from test_generation_fused import _paths_agree
+from test_model import make, variants
+
+from torchblt import ByteTokenizer, Patcher
+from torchblt.generation import GenerationConfig, generate_tokens
+from torchblt.model.masks import set_attention_backend
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """No TF32 in the fp32 comparisons; SDPA unless a test asks for FlexAttention."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    set_attention_backend("sdpa")
+    yield
+    set_attention_backend("auto")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_flex_compiled_equals_sdpa_and_cpu():
+    model = make(variants()["all_layers_windows_gqa"])
+    tokens = torch.tensor([ByteTokenizer().encode("Sliding windows, documents\nand padding. " * 6)])
+    lengths, _ = Patcher(mode="space").patch(tokens, include_next_token=True)
+    with torch.no_grad():
+        cpu = model(tokens, patch_lengths=lengths)
+        model, tokens, lengths = model.cuda(), tokens.cuda(), lengths.cuda()
+        sdpa = model(tokens, patch_lengths=lengths)
+        set_attention_backend("flex")  # compiled on CUDA
+        flex = model(tokens, patch_lengths=lengths)
+    torch.testing.assert_close(flex, sdpa, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sdpa.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def _entropy_patcher(em: torch.nn.Module) -> Patcher:
+    return Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+
+
+def test_cached_generation_equals_full_recompute_on_cuda():
+    model, em = tiny_model(seed=0, window=10), tiny_em(seed=1, window=12)
+    patcher = _entropy_patcher(em)
+    patcher.entropy_model = em.cuda()
+    assert_same(model.cuda(), patcher, prompts_ids(TEXT[:33], TEXT[3:7], "x"), n_new=48)
+
+
+def test_fused_and_module_steps_on_cuda():
+    model, em = tiny_model(seed=3, window=10), tiny_em(seed=4, window=12)
+    patcher = _entropy_patcher(em)
+    patcher.entropy_model = em.cuda()
+    results = _paths_agree(model.cuda(), patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
+    assert results[True][0].step_weight_bytes() > 0
+
+
+def test_bf16_generation_on_cuda():
+    model, em = tiny_model(seed=0, window=8), tiny_em(seed=1, window=12)
+    patcher = _entropy_patcher(em)
+    model, patcher.entropy_model = model.cuda().to(torch.bfloat16), em.cuda().to(torch.bfloat16)
+    outs = [generate_tokens(model, prompts_ids(TEXT[:40]), patcher, return_logits=True,
+                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, use_cache=c))
+            for c in (False, True)]
+    assert outs[0].tokens == outs[1].tokens
+    assert (outs[0].logits[0] - outs[1].logits[0]).abs().max() < 0.25

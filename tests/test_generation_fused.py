@@ -114,6 +114,8 @@ def test_step_block_equals_module_block():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rec_b.k, rec_a.k, rtol=1e-5, atol=1e-5)  # the cached keys (after RoPE) too
     torch.testing.assert_close(rec_b.v, rec_a.v, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense masks"):
+        fused_mod.StepBlock(block)(x, rope, SelfAttentionMask(dense=None, block_mask=object()), Recorder())
 
 
 def test_hooks_select_the_module_step():

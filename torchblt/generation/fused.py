@@ -125,6 +125,8 @@ class StepBlock:
         q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[..., (H + Hkv) * Dh :].unflatten(-1, (Hkv, Dh))
         k, v = cache.update(k, v)
+        if mask.block_mask is not None:  # the caches build dense step masks; a block mask would be ignored
+            raise ValueError("the decoding step takes dense masks (SelfAttentionMask.dense), not a FlexAttention one")
         out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
         h = x + self.wo(out.reshape(B, T, H * Dh))
         a1, a3 = self.w13(_norm(self.ffn_norm, h)).split(self.hidden, dim=-1)

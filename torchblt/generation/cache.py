@@ -38,27 +38,36 @@ class Recorder:
 
 
 class _RowSlotWriter:
-    """``KVCacheLike`` for one decoding step: writes each row's new key at its own slot."""
+    """``KVCacheLike`` for one decoding step: writes row ``rows[j]``'s new key at slot ``slots[j]`` and returns
+    the cache up to ``view`` positions — of ``rows`` only (``subset``) or of every row."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor, view: int,
-                 all_rows: torch.Tensor | None = None):
-        self.k, self.v, self.rows, self.slots, self.view = k, v, rows, slots, view
-        if all_rows is None and rows is None:
-            all_rows = torch.arange(k.shape[0], device=k.device)
-        self.all_rows = all_rows
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, view: int,
+                 subset: bool):
+        self.k, self.v, self.rows, self.slots, self.view, self.subset = k, v, rows, slots, view, subset
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rows is None:  # every row
-            idx = self.all_rows
-            self.k[idx, self.slots] = k[:, 0]
-            self.v[idx, self.slots] = v[:, 0]
-            return self.k[:, : self.view], self.v[:, : self.view]
         self.k[self.rows, self.slots] = k[:, 0]
         self.v[self.rows, self.slots] = v[:, 0]
-        return self.k[self.rows, : self.view], self.v[self.rows, : self.view]
+        if self.subset:
+            return self.k[self.rows, : self.view], self.v[self.rows, : self.view]
+        return self.k[:, : self.view], self.v[:, : self.view]
 
 
-class StackKV:
+class _LayerKV:
+    """What every cache shares: per-layer keys ``k[i]`` and values ``v[i]``, batch rows first."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    def _select_layers(self, rows: torch.Tensor) -> None:
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class StackKV(_LayerKV):
     """Ring-buffer self-attention cache of a byte-level stack (all layers)."""
 
     def __init__(
@@ -114,19 +123,15 @@ class StackKV:
         return SelfAttentionMask(dense=allowed[:, None, None, :])
 
     def layer(self, i: int) -> _RowSlotWriter:
-        assert self._slots is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], None, self._slots, self._view, self._rows)
+        assert self._slots is not None and self._rows is not None, "begin_step first"
+        return _RowSlotWriter(self.k[i], self.v[i], self._rows, self._slots, self._view, subset=False)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
+        self._select_layers(rows)
         self.pos, self.doc = self.pos[rows], self.doc[rows]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-
-class GlobalKV:
+class GlobalKV(_LayerKV):
     """The global transformer's cache: one key/value per closed patch and layer, per-row counts."""
 
     def __init__(
@@ -140,6 +145,7 @@ class GlobalKV:
         self.count = torch.zeros(batch, dtype=torch.int64, device=device)
         self.documents = documents
         self._rows: torch.Tensor | None = None
+        self._subset = False
         self._slots: torch.Tensor | None = None
         self._view = 0
 
@@ -177,8 +183,8 @@ class GlobalKV:
         and the new patches' positions ``(R,)`` (patch indices, for RoPE)."""
         count = (self.count if rows is None else self.count[rows]).clone()
         self._grow(int(count.max().item()) + 1)
-        self._rows, self._slots = rows, count
         all_rows = rows if rows is not None else torch.arange(count.shape[0], device=count.device)
+        self._rows, self._subset, self._slots = all_rows, rows is not None, count
         self.doc[all_rows, count] = doc
         self._view = int(count.max().item()) + 1
         key_index = torch.arange(self._view, device=count.device)[None]
@@ -189,19 +195,15 @@ class GlobalKV:
         return SelfAttentionMask(dense=allowed[:, None, None, :]), count
 
     def layer(self, i: int) -> _RowSlotWriter:
-        assert self._slots is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], self._rows, self._slots, self._view)
+        assert self._slots is not None and self._rows is not None, "begin_step first"
+        return _RowSlotWriter(self.k[i], self.v[i], self._rows, self._slots, self._view, self._subset)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
+        self._select_layers(rows)
         self.doc, self.count = self.doc[rows], self.count[rows]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-
-class PatchSlotKV:
+class PatchSlotKV(_LayerKV):
     """The decoder's cross-attention keys/values for the last ``W`` closed patches (``K`` slots each)."""
 
     def __init__(
@@ -230,9 +232,5 @@ class PatchSlotKV:
         return self.filled[:, None, None, :]
 
     def select(self, rows: torch.Tensor) -> None:
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
+        self._select_layers(rows)
         self.filled = self.filled[rows]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)

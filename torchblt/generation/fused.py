@@ -35,26 +35,10 @@ from torchblt.model.cross_attention import CrossAttention
 from torchblt.model.masks import SelfAttentionMask
 from torchblt.model.transformer import (
     KVCacheLike,
-    RMSNorm,
     TransformerBlock,
     apply_rope_table,
     scaled_dot_product,
 )
-
-
-def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` without the module call machinery (this runs ~30 times per decoded byte)."""
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm.forward(x)
-
-
-def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """:func:`~torchblt.model.transformer.apply_rope_table` (fp32 inputs skip the casts)."""
-    if x.dtype != torch.float32:
-        return apply_rope_table(x, table)
-    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table).flatten(-2)
-
 
 # Below this many weights the oneDNN call's fixed cost outweighs its better bandwidth (measured on the
 # development machine, ``bench/generation.py --kernels``: from ~0.5M weights it is as fast as ``x @ W_t`` on
@@ -119,9 +103,9 @@ class StepBlock:
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(_norm(self.attention_norm, x))  # (B, T, (H + 2 Hkv) Dh)
+        qkv = self.qkv(self.attention_norm.forward(x))  # (B, T, (H + 2 Hkv) Dh)
         # RoPE on queries and keys at once (the table broadcasts over heads)
-        qk = _rope(qkv[..., : (H + Hkv) * Dh].unflatten(-1, (H + Hkv, Dh)), rope)
+        qk = apply_rope_table(qkv[..., : (H + Hkv) * Dh].unflatten(-1, (H + Hkv, Dh)), rope)
         q, k = qk[:, :, :H], qk[:, :, H:]
         v = qkv[..., (H + Hkv) * Dh :].unflatten(-1, (Hkv, Dh))
         k, v = cache.update(k, v)
@@ -129,7 +113,7 @@ class StepBlock:
             raise ValueError("the decoding step takes dense masks (SelfAttentionMask.dense), not a FlexAttention one")
         out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
         h = x + self.wo(out.reshape(B, T, H * Dh))
-        a1, a3 = self.w13(_norm(self.ffn_norm, h)).split(self.hidden, dim=-1)
+        a1, a3 = self.w13(self.ffn_norm.forward(h)).split(self.hidden, dim=-1)
         return h + self.w2(F.silu(a1) * a3)
 
     def nbytes(self) -> int:
@@ -147,14 +131,14 @@ class StepCrossAttention:
 
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(B, Tk, H, Dh)`` of ``kv (B, Tk, D)``, as the module's ``project_kv``."""
-        k, v = self.wkv(_norm(self.norm_kv, kv)).unflatten(-1, (2 * self.n_heads, self.head_dim)).chunk(2, dim=2)
+        k, v = self.wkv(self.norm_kv.forward(kv)).unflatten(-1, (2 * self.n_heads, self.head_dim)).chunk(2, dim=2)
         return k, v
 
     def __call__(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The update for ``x (B, 1, D)`` given keys/values ``(B, Tk, H, Dh)`` and ``mask (B, 1, 1, Tk)``.
         Every decoding row sees at least one slot (the last closed patch), so no empty-row guard."""
         B, T, _ = x.shape
-        q = self.wq(_norm(self.norm_q, x)).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq(self.norm_q.forward(x)).unflatten(-1, (self.n_heads, self.head_dim))
         out = scaled_dot_product(q, k, v, mask)
         return self.wo(out.reshape(B, T, -1))
 

@@ -86,15 +86,15 @@ class HashNgramEmbedding(nn.ModuleList):
         """For a decoding step: the ids of the n-grams ending at the *last* position of ``tail (B, W)`` (the
         last ``W >= max(group_sizes)`` tokens, zero-padded on the left where fewer exist), ``(B, 1)`` per
         table; equal to ``ids(tokens)[..., -1:]`` without hashing every position."""
-        if not hasattr(self, "_powers") or self._powers[0].device != tail.device:
-            self._powers = [
-                torch.tensor(_prime_powers(HASH_PRIMES[f], g), dtype=torch.int64, device=tail.device)
+        cached = getattr(self, "_step_hashes", None)
+        if cached is None or cached[0] != tail.device:  # (device, [(n-gram size, prime powers) per table])
+            cached = self._step_hashes = (tail.device, [
+                (g, torch.tensor(_prime_powers(HASH_PRIMES[f], g), dtype=torch.int64, device=tail.device))
                 for f in range(self.n_functions) for g in self.group_sizes
-            ]
-        sizes = [g for _ in range(self.n_functions) for g in self.group_sizes]
+            ])
         return [
             torch.remainder((tail[:, -g:] * powers).sum(-1, keepdim=True), self.vocab_size)
-            for g, powers in zip(sizes, self._powers)
+            for g, powers in cached[1]
         ]
 
     def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[torch.Tensor] | None = None) -> torch.Tensor:

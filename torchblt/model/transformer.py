@@ -137,6 +137,8 @@ def apply_rope_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     The complex product's parts are exactly ``x0 cos - x1 sin`` and ``x0 sin + x1 cos``; one fused
     kernel instead of a dozen small ops (this runs twice per layer for every decoded byte)."""
+    if x.dtype == torch.float32:  # no casts (this runs for every block of every decoded byte)
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table).flatten(-2)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * table).flatten(-2).type_as(x)
 

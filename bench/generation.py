@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchblt.formats.common import build_model  # noqa: E402
 from torchblt.generation import FullRecomputeEngine, IncrementalEngine  # noqa: E402
+from torchblt.generation.fused import onednn_pack, onednn_product  # noqa: E402
 from torchblt.model.config import (  # noqa: E402
     BLTConfig,
     CrossAttentionConfig,
@@ -227,10 +228,6 @@ def _products(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Te
     return [fn(x, w) for w in weights]
 
 
-def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
 KERNEL_SHAPES = [(256, 768), (256, 1408), (704, 256), (768, 2304), (768, 768), (768, 4096), (2048, 768)]  # (in, out)
 
 
@@ -249,8 +246,8 @@ def bench_kernels(threads: list[int], shapes: list[tuple[int, int]] = KERNEL_SHA
             fns = {"linear": partial(_products, torch.nn.functional.linear, x, ws),
                    "input_major": partial(_products, torch.matmul, x, wts)}
             if torch.backends.mkldnn.is_available():
-                packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
-                fns["onednn"] = partial(_products, _onednn, x, packed)
+                packed = [onednn_pack(w) for w in ws]
+                fns["onednn"] = partial(_products, onednn_product, x, packed)
             gib = 40 * d_in * d_out * 4 / 2**30
             rates = {}
             with torch.inference_mode():

@@ -46,17 +46,28 @@ from torchblt.model.transformer import (
 PACK_MIN_ELEMENTS = 1 << 19
 
 
-def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight (out, in)`` in oneDNN's blocked layout for fp32 CPU products, or None where that is not
-    available (other devices and dtypes, builds without oneDNN, small matrices) or gives wrong numbers."""
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight (out, in)`` in oneDNN's blocked layout for one-row fp32 CPU products (``torch.ops.mkldnn``: the
+    operators torch.compile's CPU back-end uses; this and :func:`onednn_product` are the only callers)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+
+def onednn_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for ``x (..., in)`` and ``packed = onednn_pack(W)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _checked_onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """:func:`onednn_pack` of ``weight``, or None where that is not available (other devices and dtypes,
+    builds without oneDNN, matrices under :data:`PACK_MIN_ELEMENTS`) or gives wrong numbers."""
     if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < PACK_MIN_ELEMENTS
             or not torch.backends.mkldnn.is_available()):
         return None
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        packed = onednn_pack(weight)
         probe = torch.linspace(-1, 1, weight.shape[1])[None]
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-        if not torch.allclose(got, probe @ weight.t(), rtol=1e-4, atol=1e-4 * float(weight.abs().max())):
+        if not torch.allclose(onednn_product(probe, packed), probe @ weight.t(), rtol=1e-4,
+                              atol=1e-4 * float(weight.abs().max())):
             return None
         return packed
     except (RuntimeError, AttributeError):  # op missing or unsupported in this build
@@ -72,12 +83,12 @@ class StepLinear:
     def __init__(self, *linears: nn.Linear) -> None:
         with torch.no_grad():
             weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
-        self.packed = _onednn_pack(weight)
+        self.packed = _checked_onednn_pack(weight)
         self.weight = weight.t().contiguous() if self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return onednn_product(x, self.packed)
         return x @ self.weight
 
     def nbytes(self) -> int:

@@ -1,0 +1,556 @@
+"""``blt serve``: the OpenAI-compatible server, end to end over HTTP on 127.0.0.1 and a free port.
+
+A tiny entropy-patched BLT is built, saved and loaded back (as ``blt serve`` loads it). Every output is
+checked against the same request run alone through :func:`torchblt.generate` (greedy and seeded
+sampling), log-probabilities against a direct forward, lm-eval's ``local-completions`` against its ``blt``
+model; then the faults: bad input, full queue, missing key, disconnects, failing rows, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from torchblt import generate, load_model, save_model  # noqa: E402
+from torchblt.formats.common import build_model  # noqa: E402
+from torchblt.model.config import tiny_blt, tiny_entropy  # noqa: E402
+from torchblt.patching import split_first_patch  # noqa: E402
+from torchblt.serve import BLTServer, CohortEngine, ServeConfig, ThreadedServer  # noqa: E402
+from torchblt.tokenizer import ByteTokenizer  # noqa: E402
+
+TOK = ByteTokenizer()
+TEXT = "The quick brown fox jumps over the lazy dog. Zürich 日本 🙂 def f(x): return x * 2"
+NAME = "tiny-blt"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny BLT with entropy patching (threshold at the median entropy of TEXT) and its entropy model."""
+    torch.manual_seed(0)
+    em_cfg = tiny_entropy()
+    em_cfg.transformer.window = 16
+    em = build_model(em_cfg, device="cpu")
+    em.init_weights()
+    em.output.weight.data *= 6
+    cfg = tiny_blt()
+    cfg.encoder.window = cfg.decoder.window = 12
+    cfg.patching.threshold = float(em.entropies(torch.tensor([TOK.encode(TEXT, add_eos=False)])).median())
+    model = build_model(cfg, device="cpu")
+    model.init_weights()
+    model.local_decoder.output.weight.data *= 4  # sharp distributions: greedy bytes are not near-ties
+    folder = tmp_path_factory.mktemp("serve") / "tiny-blt"
+    save_model(model, folder)
+    save_model(em, folder / "entropy_model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    m = load_model(model_dir)
+    assert m.patcher.mode == "entropy" and m.patcher.entropy_model is not None
+    return m
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=16, max_queue=64, max_prompt_bytes=200))
+    with ThreadedServer(srv) as url:
+        yield srv, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def alone(model, prompt, max_tokens, **kw) -> str:
+    """The same request run alone through torchblt.generate."""
+    return generate(model, prompt, max_new_bytes=max_tokens, **kw)[0]
+
+
+def post(url: str, body, path: str = "/v1/completions", headers: dict | None = None, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def get(url: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def error_of(status_body: tuple) -> dict:
+    body = json.loads(status_body[2])
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def metric(url: str, name: str) -> float:
+    text = get(url, "/metrics")[1]
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- the OpenAI client
+
+
+def test_openai_client_completions_n_stop_seed(server, client, model):
+    _, url = server
+    prompt = "The quick brown fox"
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert out.choices[0].text == alone(model, prompt, 24)
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens == len(prompt.encode()) and out.usage.completion_tokens <= 24
+
+    # a list of prompts: each choice is its prompt's single run
+    prompts = ["Hello", "Zürich 日本", ""]
+    out = client.completions.create(model=NAME, prompt=prompts, max_tokens=16, temperature=0)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [alone(model, p, 16) for p in prompts]
+
+    # n samples with a seed: choice i is seeded seed + i, as torchblt.generate seeds row i
+    kw = dict(temperature=0.9, top_p=0.95, seed=1234)
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, n=3, **kw)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert texts == generate(model, [prompt] * 3, max_new_bytes=20, **kw)
+    assert len(set(texts)) > 1  # the choices really are different samples
+    again = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, n=3, **kw)
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts  # reproducible
+    other = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, n=3, **{**kw, "seed": 99})
+    assert [c.text for c in sorted(other.choices, key=lambda c: c.index)] != texts
+    # top_k (an extension field) and temperature together
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=1.3, seed=5,
+                                    extra_body={"top_k": 7})
+    assert out.choices[0].text == alone(model, prompt, 20, temperature=1.3, top_k=7, seed=5)
+
+    # stop strings: cut before the stop, finish_reason "stop"
+    full = alone(model, prompt, 40, stop_at_eos=False)
+    stop = full[5:7]
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "zzz"],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == alone(model, prompt, 40, stop=[stop, "zzz"], stop_at_eos=False)
+    assert stop not in out.choices[0].text and out.choices[0].finish_reason == "stop"
+
+
+def test_streaming_chunks_utf8_and_done(server, client, model):
+    _, url = server
+    # sampled at a high temperature the random model writes multi-byte characters too
+    kw = dict(max_tokens=120, temperature=1.5, seed=3)
+    prompt = "Zürich 日本"
+    expected = alone(model, prompt, 120, temperature=1.5, seed=3)
+    assert any(ord(ch) > 127 for ch in expected)
+    stream = client.completions.create(model=NAME, prompt=prompt, stream=True, stream_options={"include_usage": True},
+                                       **kw)
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.text)
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == expected and finish in ("stop", "length")
+    assert usage is not None and usage.prompt_tokens == len(prompt.encode())
+    assert len([p for p in pieces if p]) > 10  # streamed piece by piece, not in one go
+
+    # the raw stream: OpenAI chunks as server-sent events, "data: [DONE]" last, every chunk whole UTF-8 JSON
+    status, headers, text = post(url, {"model": NAME, "prompt": prompt, "stream": True, **kw})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["model"] == NAME for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert "\ufffd" not in text
+
+
+def test_echo_logprobs_are_the_models(server, client, model):
+    """echo + logprobs: per-byte log-probabilities of the prompt (given the BOS and the bytes before) and of
+    the generated bytes, from the model's own distribution."""
+    prompt = "Hello wörld"
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    choice = out.choices[0]
+    generated = alone(model, prompt, 3)
+    assert choice.text == prompt + generated
+    lp = choice.logprobs
+    n_prompt = len(prompt.encode())
+    assert len(lp.tokens) == n_prompt + 3
+    assert lp.tokens[:7] == list("Hello w") and lp.tokens[7:9] == ["bytes:\\xc3", "bytes:\\xb6"]  # ö: 2 bytes
+    assert lp.text_offset[:10] == [0, 1, 2, 3, 4, 5, 6, 7, 7, 8]
+    # the prompt's log-probabilities equal one direct forward over [BOS] + prompt
+    ids = TOK.encode(prompt, add_bos=True, add_eos=False)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+        logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
+    for i in range(n_prompt):
+        assert lp.token_logprobs[i] == pytest.approx(float(logp[i, ids[i + 1]]), abs=1e-4)
+        top = torch.topk(logp[i], 2)
+        assert list(lp.top_logprobs[i].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+    # generated bytes: their log-probabilities are the greedy maxima
+    for i in range(n_prompt, n_prompt + 3):
+        assert lp.token_logprobs[i] == pytest.approx(max(lp.top_logprobs[i].values()), abs=1e-6)
+    # max_tokens=0 with echo scores the prompt only; token-id prompts are read as given (BOS in front)
+    out = client.completions.create(model=NAME, prompt=[ids[1:]], max_tokens=0, echo=True, logprobs=0)
+    assert out.choices[0].text == prompt and out.usage.completion_tokens == 0
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:n_prompt], abs=1e-5)
+    out = client.completions.create(model=NAME, prompt=[ids], max_tokens=0, echo=True, logprobs=0)
+    assert out.choices[0].logprobs.tokens[0] == "<s>" and out.choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_lm_eval_local_completions_equals_blt_model(server, model, tmp_path, monkeypatch):
+    """lm-eval's local-completions against the server (log-likelihoods through echo + logprobs, the remote
+    tokenizer endpoints, generation) scores exactly as lm-eval's blt model on the same model."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from test_eval_harness import GEN_PROMPTS, _write_tasks
+
+    from torchblt.eval.harness import BLTLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _write_tasks(tmp_path, [generate(model, GEN_PROMPTS[0], max_new_bytes=12, stop=["\n", "."])[0], "x"])
+    tasks = ["tiny_mc", "tiny_gen", "tiny_roll"]
+
+    def run(lm):
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, bootstrap_iters=0, log_samples=True,
+                                       task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+
+    ours = run(BLTLM(model=model, batch_size=4))
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    remote = LocalCompletionsAPI(base_url=server[1] + "/v1/completions", model=NAME, max_retries=1)
+    assert remote.tokenizer_backend == "remote"  # found /tokenizer_info and /tokenize
+    theirs = run(remote)
+    for task in tasks:
+        for metric_name, value in ours["results"][task].items():
+            if metric_name != "alias" and isinstance(value, float):
+                assert theirs["results"][task][metric_name] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, metric_name)
+    for a, b in zip(ours["samples"]["tiny_mc"], theirs["samples"]["tiny_mc"]):
+        for (lp, greedy), (lp2, greedy2) in zip([r[0] for r in a["resps"]], [r[0] for r in b["resps"]]):
+            assert lp2 == pytest.approx(lp, abs=1e-4) and greedy2 == greedy
+    assert [s["resps"] for s in theirs["samples"]["tiny_gen"]] == [s["resps"] for s in ours["samples"]["tiny_gen"]]
+    assert theirs["results"]["tiny_gen"]["exact_match,none"] == 0.5
+
+
+def test_sixteen_staggered_clients_each_equal_their_single_run(server, model):
+    srv, url = server
+    rng = torch.Generator().manual_seed(0)
+    jobs = []
+    for i in range(16):
+        start = int(torch.randint(0, len(TEXT) - 12, (1,), generator=rng))
+        prompt = TEXT[start : start + 4 + i % 9]
+        kw: dict = {"max_tokens": 10 + 3 * (i % 7)}
+        if i % 3 == 1:
+            kw.update(temperature=0.8 + 0.1 * (i % 4), seed=100 + i, top_p=0.9)
+        elif i % 3 == 2:
+            kw.update(temperature=1.1, seed=7, top_k=5)
+        else:
+            kw.update(temperature=0.0)
+        if i % 4 == 3:
+            kw["stop"] = [" ", "e"]
+        jobs.append((prompt, kw, i % 5 == 0))
+    expected = []
+    for prompt, kw, _ in jobs:
+        gen_kw = {k: v for k, v in kw.items() if k != "max_tokens"}
+        expected.append(alone(model, prompt, kw["max_tokens"], **gen_kw))
+
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    before_peak = srv.scheduler.max_rows
+
+    def client_thread(i: int) -> None:
+        try:
+            time.sleep(0.015 * i)  # staggered arrivals: rows join a running batch
+            prompt, kw, streaming = jobs[i]
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            extra = {"top_k": kw.pop("top_k")} if "top_k" in kw else None
+            if streaming:
+                stream = c.completions.create(model=NAME, prompt=prompt, stream=True, extra_body=extra, **kw)
+                results[i] = "".join(ch.choices[0].text for ch in stream if ch.choices)
+            else:
+                results[i] = c.completions.create(model=NAME, prompt=prompt, extra_body=extra, **kw).choices[0].text
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(results) == list(range(16))  # none lost
+    for i in range(16):
+        assert results[i] == expected[i], f"client {i}: {jobs[i]}"
+    assert srv.scheduler.max_rows > 1 or before_peak > 1  # rows really ran side by side
+    wait_until(lambda: srv.engine.n_rows == 0)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(server, client, model):
+    _, url = server
+    r = post(url, None, raw=b'{"model": "tiny-blt", "prompt": "x",')
+    assert r[0] == 400 and error_of(r)["code"] == "invalid_json" and "not valid JSON" in error_of(r)["message"]
+    r = post(url, ["not", "an", "object"])
+    assert r[0] == 400 and "JSON object" in error_of(r)["message"]
+    cases = [
+        ({"max_tokens": "ten"}, "max_tokens", "'ten'"),
+        ({"max_tokens": -1}, "max_tokens", "-1"),
+        ({"max_tokens": True}, "max_tokens", "True"),
+        ({"temperature": "hot"}, "temperature", "'hot'"),
+        ({"temperature": -0.5}, "temperature", "-0.5"),
+        ({"top_p": 0}, "top_p", "0"),
+        ({"n": 0}, "n", "0"),
+        ({"stop": 5}, "stop", "5"),
+        ({"logprobs": 99}, "logprobs", "99"),
+        ({"stream": "yes"}, "stream", "'yes'"),
+        ({"prompt": 5}, "prompt", "5"),
+        ({"prompt": [[1, 2, 999]]}, "prompt", "999"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty", "0.5"),
+        ({"temprature": 0.5}, "temprature", "temprature"),
+    ]
+    for change, param, value in cases:
+        r = post(url, {"model": NAME, "prompt": "Hi", **change})
+        err = error_of(r)
+        assert r[0] == 400 and err["param"] == param and value in err["message"], (change, err)
+    r = post(url, {"model": "gpt-4", "prompt": "Hi"})
+    assert r[0] == 404 and error_of(r)["code"] == "model_not_found" and "'gpt-4'" in error_of(r)["message"]
+    r = post(url, {"model": NAME, "prompt": "x" * 201})
+    err = error_of(r)
+    assert r[0] == 400 and err["param"] == "prompt" and "201 bytes" in err["message"] and "200" in err["message"]
+    r = post(url, {"model": NAME, "prompt": ["ok", "é" * 101]})  # 202 bytes in the second prompt
+    assert r[0] == 400 and error_of(r)["param"] == "prompt[1]"
+    assert get(url, "/v1/nothing")[0] == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    # and the server keeps serving
+    assert client.completions.create(model=NAME, prompt="Hi", max_tokens=5, temperature=0).choices[0].text == alone(
+        model, "Hi", 5)
+    assert metric(url, 'blt_requests_total{endpoint="completions",status="400"}') >= len(cases) + 4
+
+
+def test_full_queue_gets_429_with_retry_after(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=1, max_queue=1))
+    with ThreadedServer(srv) as url:
+        long = {"model": NAME, "prompt": "Hello", "max_tokens": 250, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        host, port = url.rsplit("/", 1)[1].split(":")
+        first = _open_stream(host, int(port), long)  # takes the only row
+        wait_until(lambda: srv.engine.n_rows == 1)
+        second = _open_stream(host, int(port), {**long, "max_tokens": 5})  # waits in the queue
+        wait_until(lambda: metric(url, "blt_queue_depth") == 1)
+        r = post(url, {"model": NAME, "prompt": "Hi", "max_tokens": 2})
+        err = error_of(r)
+        assert r[0] == 429 and r[1]["retry-after"] == "1" and err["code"] == "queue_full" and "--max-queue 1" in err[
+            "message"]
+        for conn in (first, second):
+            body = conn.getresponse().read().decode()
+            assert body.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in body
+        assert post(url, {"model": NAME, "prompt": "Hi", "max_tokens": 2})[0] == 200  # served again
+
+
+def _open_stream(host: str, port: int, body: dict) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return conn
+
+
+def test_api_key_required_on_v1(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME, api_key="s3cret"))
+    with ThreadedServer(srv) as url:
+        r = post(url, {"model": NAME, "prompt": "Hi", "max_tokens": 2})
+        assert r[0] == 401 and error_of(r)["code"] == "invalid_api_key" and "Bearer" in error_of(r)["message"]
+        r = post(url, {"model": NAME, "prompt": "Hi", "max_tokens": 2}, headers={"Authorization": "Bearer wrong"})
+        assert r[0] == 401 and "wrong" in error_of(r)["message"]
+        assert get(url, "/v1/models")[0] == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).completions.create(
+                model=NAME, prompt="x", max_tokens=1)
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0).choices[0].text == alone(
+            model, "Hi", 4)
+        assert [m.id for m in good.models.list().data] == [NAME]
+        assert get(url, "/health")[0] == 200  # health and metrics stay open
+
+
+def test_disconnects_cancel_rows_and_free_memory(server, client, model):
+    srv, url = server
+    host, port = url.rsplit("/", 1)[1].split(":")
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    for stream in (True, False):
+        wait_until(lambda: srv.engine.n_rows == 0)
+        conn = _open_stream(host, int(port), {**body, "stream": stream})
+        wait_until(lambda: srv.engine.n_rows == 1 and srv.engine.cache_bytes() > 0)
+        if stream:
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        conn.sock.shutdown(2)  # the client goes away mid-generation
+        conn.close()
+        wait_until(lambda: srv.engine.n_rows == 0)
+        assert srv.engine.cache_bytes() == 0 and metric(url, "blt_running_rows") == 0
+    assert client.completions.create(model=NAME, prompt="Hi", max_tokens=5, temperature=0).choices[0].text == alone(
+        model, "Hi", 5)
+
+
+class _FaultyEngine(CohortEngine):
+    """Fails the prefill of prompts holding "BOOM" and the steps of the cohort holding a "STEP" prompt."""
+
+    def join(self, prompts, max_new_bytes):
+        texts = [TOK.decode(p) for p in prompts]
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("prefill exploded")
+        logits = super().join(prompts, max_new_bytes)
+        self.cohorts[-1].faulty = any("STEP" in t for t in texts)
+        return logits
+
+    def step(self, next_ids):
+        for c in self.cohorts:
+            if getattr(c, "faulty", False) and not hasattr(c.engine, "_armed"):
+                c.engine._armed = True
+                c.engine.advance = _raise
+        return super().step(next_ids)
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("step exploded")
+
+
+def test_failing_rows_do_not_take_down_the_others(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME), engine=_FaultyEngine(model))
+    with ThreadedServer(srv) as url:
+        good = {"model": NAME, "prompt": "Hello", "max_tokens": 60, "temperature": 0}
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("good", post(url, good)))
+        t.start()
+        wait_until(lambda: srv.engine.n_rows >= 1)
+        r = post(url, {"model": NAME, "prompt": "BOOM", "max_tokens": 5})
+        assert r[0] == 500 and "prefill exploded" in error_of(r)["message"]
+        r = post(url, {"model": NAME, "prompt": "STEP", "max_tokens": 5, "stream": True})
+        assert r[0] == 200 and 'step exploded' in r[2] and r[2].endswith("data: [DONE]\n\n")
+        t.join(60)
+        assert out["good"][0] == 200 and json.loads(out["good"][2])["choices"][0]["text"] == alone(model, "Hello", 60)
+        assert post(url, good)[0] == 200 and get(url, "/health")[0] == 200
+
+
+def test_models_health_metrics_tokenizer(server, client):
+    _, url = server
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME] and client.models.retrieve(NAME).id == NAME
+    assert json.loads(get(url, "/health")[1]) == {"status": "ok"}
+    text = get(url, "/metrics")[1]
+    for name in ("blt_requests_total", "blt_generated_bytes_total", "blt_queue_depth", "blt_running_rows",
+                 "blt_time_to_first_byte_seconds_bucket", "blt_inter_byte_latency_seconds_bucket"):
+        assert name in text
+    assert metric(url, "blt_generated_bytes_total") > 0
+    r = post(url, {"prompt": "é!", "add_special_tokens": False}, path="/tokenize")
+    assert json.loads(r[2])["tokens"] == [0xC3 + 4, 0xA9 + 4, ord("!") + 4]
+    assert json.loads(post(url, {"prompt": "<s>", "add_special_tokens": False}, path="/tokenize")[2])["tokens"] == [1]
+    assert json.loads(post(url, {"tokens": [1, 0xC3 + 4, 0xA9 + 4]}, path="/detokenize")[2]) == {"prompt": "é"}
+    assert json.loads(get(url, "/tokenizer_info")[1])["eos_token"] == "</s>"
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_serve_binds_localhost_and_drains_on_sigterm(model_dir, model):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torchblt.cli", "serve", str(model_dir), "--port", "0",
+                             "--drain-timeout", "60", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on http://([\d.]+):(\d+)/v1", line)
+        assert m and m.group(1) == "127.0.0.1", line
+        port = int(m.group(2))
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _health(url), 60)
+        body = {"model": "tiny-blt", "prompt": "Hello", "max_tokens": 80, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        conn = _open_stream("127.0.0.1", port, body)
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: ")  # generating
+        proc.send_signal(signal.SIGTERM)
+        rest = resp.read().decode()  # the running request still finishes
+        assert rest.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in rest
+        assert proc.wait(60) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url + "/health", timeout=5)  # no longer accepting
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _health(url: str) -> bool:
+    try:
+        return get(url, "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def test_cli_bad_options_exit_2(model_dir, capsys):
+    from torchblt.cli import main as blt_main
+
+    assert blt_main(["serve", str(model_dir), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
+    assert blt_main(["serve", str(model_dir / "missing")]) == 2
+    assert blt_main(["serve", str(model_dir / "entropy_model")]) == 2
+    assert "entropy model" in capsys.readouterr().err
+
+
+def test_drain_finishes_running_requests_then_cancels_what_is_left(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=1))
+    with ThreadedServer(srv) as url:
+        host, port = url.rsplit("/", 1)[1].split(":")
+        short = {"model": NAME, "prompt": "Hello", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        conn = _open_stream(host, int(port), short)
+        wait_until(lambda: srv.engine.n_rows == 1)
+        srv.scheduler.begin_drain(timeout=60)
+        r = post(url, short)
+        assert r[0] == 503 and error_of(r)["code"] == "server_shutting_down"
+        assert get(url, "/health")[0] == 503
+        body = json.loads(conn.getresponse().read())  # the running one finishes
+        assert body["choices"][0]["text"] == alone(model, "Hello", 30, stop_at_eos=False)
+        # past the drain timeout whatever still runs gets a 503 error, streams end with [DONE]
+        conn = _open_stream(host, int(port), {**short, "max_tokens": 4000, "stream": True})
+        srv.scheduler._draining = False  # (let one more in)
+        wait_until(lambda: srv.engine.n_rows == 1)
+        srv.scheduler.abort()
+        text = conn.getresponse().read().decode()
+        assert "server_shutting_down" in text and text.endswith("data: [DONE]\n\n")
+        wait_until(lambda: srv.engine.n_rows == 0)

@@ -1,0 +1,469 @@
+"""Continuous batching: one thread owns the engine and all torch work; requests join and leave between steps.
+
+A request (:class:`Job`) has one *choice* per prompt and ``n``; each choice is a row of the running
+batch. The scheduler thread loops over *ticks*:
+
+1. rows of cancelled (client gone) or failed jobs leave the batch;
+2. waiting choices are admitted while fewer than ``max_batch`` rows run (a job may be admitted in parts;
+   choices with ``max_tokens=0`` finish at once); the new rows are prefilled (``engine.join``) and
+   their prompts scored when ``echo`` + ``logprobs`` ask for it;
+3. every row samples its next byte from its logits with its own temperature / top-k / top-p and its own
+   ``torch.Generator`` (seeded ``seed + choice index`` as :func:`torchblt.generate` seeds row ``i``),
+   appends it, checks its stop condition (EOS, stop strings, ``max_tokens``: :mod:`torchblt.generation.stream`)
+   and releases the text that is final (never half a UTF-8 character, never the start of a stop string);
+4. finished rows leave; the others take one ``engine.step``.
+
+So a choice's bytes depend only on its prompt, its parameters and its seed: equal to the same request
+run alone, whatever else runs. Errors are contained: a job whose prefill, sampling or step raises gets
+an error event and leaves; the other rows go on. Events go to the event loop through a sink callback
+(thread-safe: it only hands a list over); the thread never waits on the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from torchblt.generation.sampling import sample
+from torchblt.generation.stream import StopCondition, TextStream
+from torchblt.serve.engine import DecodeEngine
+from torchblt.serve.metrics import Metrics
+from torchblt.serve.protocol import APIError, CompletionRequest, TokenLogprob
+
+log = logging.getLogger("torchblt.serve")
+
+
+# --------------------------------------------------------------------------- events (thread -> event loop)
+
+
+@dataclass
+class Started:
+    """Choice ``index`` was admitted; ``prompt_logprobs``: its prompt's entries (``echo`` + ``logprobs``)."""
+
+    index: int
+    prompt_logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class Delta:
+    """New final text of a streaming choice, and the log-probabilities of the bytes generated since the last."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class Finished:
+    """Choice ``index`` is done: ``text`` (its whole text, or the rest of it when streaming), why it stopped,
+    how many ids it generated, and the log-probabilities not yet sent."""
+
+    index: int
+    text: str
+    finish_reason: str
+    n_generated: int
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class Failed:
+    """The job failed (its remaining choices were cancelled)."""
+
+    error: APIError
+
+
+Event = Started | Delta | Finished | Failed
+
+
+# --------------------------------------------------------------------------- jobs and rows
+
+
+class Job:
+    """One completions request: its choices, where its events go, and whether its client is gone."""
+
+    def __init__(self, request: CompletionRequest, sink: Callable[[list[Event]], None]) -> None:
+        self.request = request
+        self.sink = sink
+        self.arrival = time.perf_counter()
+        self.cancelled = False  # set by the event loop (client gone); read by the scheduler thread
+        self.failed = False
+        self.n_finished = 0
+        self.next_choice = 0  # choices below this were admitted
+        self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.failed
+
+    @property
+    def fully_admitted(self) -> bool:
+        return self.next_choice >= self.request.n_rows
+
+
+@dataclass
+class Row:
+    """One choice decoding: its sampling state, its bytes so far, its text stream."""
+
+    job: Job
+    index: int
+    generator: torch.Generator | None
+    stop: StopCondition
+    stream: TextStream | None
+    ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    last_time: float = 0.0
+
+    @property
+    def params(self) -> tuple[float, int, float]:
+        r = self.job.request
+        return (r.temperature, r.top_k, r.top_p)
+
+
+class Scheduler:
+    """Owns ``engine`` on its own thread; :meth:`submit` from any thread (the event loop)."""
+
+    def __init__(self, engine: DecodeEngine, metrics: Metrics, max_batch: int = 16, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.engine, self.metrics = engine, metrics
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = getattr(engine, "device", torch.device("cpu"))
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._rows: list[Row] = []
+        self._logits: torch.Tensor | None = None  # (len(rows), V): each row's next-byte logits
+        self._draining = False
+        self._stopping = False
+        self._aborting = False
+        self._thread: threading.Thread | None = None
+        self.ticks = 0
+        self.max_rows = 0  # the most rows that ever decoded side by side
+
+    # ------------------------------------------------------------------ control (any thread)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="blt-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`APIError` 429 (queue full) or 503 (draining / stopped)."""
+        with self._cv:
+            if self._draining or self._stopping:
+                raise APIError(503, "the server is shutting down and takes no new requests",
+                               type="server_error", code="server_shutting_down")
+            if len(self._waiting) >= self.max_queue and not (self._free_rows() >= job.request.n_rows
+                                                             and not self._waiting):
+                raise APIError(429, f"the server is busy: {len(self._waiting)} requests are waiting "
+                               f"(--max-queue {self.max_queue}); retry later", type="rate_limit_error",
+                               code="queue_full", headers={"Retry-After": "1"})
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def begin_drain(self, timeout: float | None = None) -> None:
+        """Take no new requests; the queued and running ones go on (for at most ``timeout`` seconds, then
+        :meth:`abort`)."""
+        with self._cv:
+            if self._draining:
+                return
+            self._draining = True
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.abort)
+            timer.daemon = True
+            timer.start()
+
+    def abort(self) -> None:
+        """Fail every queued and running request now (503); the thread goes on (see :meth:`stop`)."""
+        with self._cv:
+            self._aborting = True
+            self._cv.notify()
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._rows and not self._waiting
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything left and end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _free_rows(self) -> int:
+        return self.max_batch - len(self._rows)
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._stopping or self._aborting or self._rows or self._waiting):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                aborting, self._aborting = self._aborting, False
+                admitted = [] if aborting else self._take_admissions()
+            if aborting:
+                self._fail_all("the server shut down before this request finished (--drain-timeout)")
+                continue
+            events: dict[Job, list[Event]] = {}
+            try:
+                self._tick(admitted, events)
+            except Exception as e:  # noqa: BLE001 - a bug in a tick must not end the server
+                log.exception("scheduler tick failed; failing the running requests")
+                err = APIError(500, f"internal error while decoding: {type(e).__name__}: {e}", type="server_error",
+                               code="internal_error")
+                for job in {r.job for r in self._rows} | {j for j, _ in admitted}:
+                    self._fail(job, err, events)
+                self.engine.reset()
+                self._rows, self._logits = [], None
+            self._deliver(events)
+            self.ticks += 1
+        self._fail_all("the server shut down before this request finished")
+
+    def _fail_all(self, message: str) -> None:
+        events: dict[Job, list[Event]] = {}
+        err = APIError(503, message, type="server_error", code="server_shutting_down")
+        with self._cv:
+            left = list(self._waiting)
+            self._waiting.clear()
+            self.metrics.queue_depth.set(0)
+        for job in {r.job for r in self._rows} | set(left):
+            self._fail(job, err, events)
+        self._leave(list(range(len(self._rows))))
+        self._deliver(events)
+
+    def _take_admissions(self) -> list[tuple[Job, list[int]]]:
+        """(under the lock) choices to admit now: ``[(job, [choice index, ...])]``."""
+        out = []
+        free = self._free_rows()
+        while self._waiting and (self._waiting[0].done or free > 0):
+            job = self._waiting[0]
+            if job.done:
+                self._waiting.popleft()
+                continue
+            take = min(free, job.request.n_rows - job.next_choice)
+            out.append((job, list(range(job.next_choice, job.next_choice + take))))
+            job.next_choice += take
+            free -= take
+            if job.fully_admitted:
+                self._waiting.popleft()
+        self.metrics.queue_depth.set(len(self._waiting))
+        return out
+
+    def _tick(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        gone = [i for i, r in enumerate(self._rows) if r.job.done]
+        if gone:
+            self._leave(gone)
+        if admitted:
+            self._admit(admitted, events)
+            self.max_rows = max(self.max_rows, len(self._rows))
+        if self._rows:
+            next_ids, finished = self._sample(events)
+            if finished:
+                done = set(finished)
+                keep = [i for i in range(len(self._rows)) if i not in done]
+                next_ids = next_ids[keep]
+                self._leave(finished)
+            if self._rows:
+                out = self.engine.step(next_ids)
+                failed_jobs = {self._rows[i].job: e for i, e in out.failed.items()}
+                self._rows = [r for i, r in enumerate(self._rows) if i not in out.failed]
+                self._logits = out.logits
+                for job, e in failed_jobs.items():
+                    self._fail(job, _internal(e), events)
+        self.metrics.running_rows.set(len(self._rows))
+        self.metrics.cohorts.set(len(getattr(self.engine, "cohorts", [])) or (1 if self._rows else 0))
+        self.metrics.cache_bytes.set(self.engine.cache_bytes())
+
+    # ------------------------------------------------------------------ steps of a tick
+    def _admit(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        new: list[tuple[Job, int]] = []
+        for job, indices in admitted:
+            if job.done:
+                continue
+            req = job.request
+            try:
+                if req.echo and req.logprobs is not None:
+                    self._score_prompts(job, {i // req.n for i in indices})
+            except Exception as e:  # noqa: BLE001
+                self._fail(job, _internal(e), events)
+                continue
+            for i in indices:
+                p = i // req.n
+                events.setdefault(job, []).append(Started(i, job.prompt_logprobs.get(p)))
+                self.metrics.prompt_bytes.inc(req.prompts[p].shown)
+                if req.max_tokens == 0:
+                    self._finish_empty(job, i, events)
+                else:
+                    new.append((job, i))
+        if not new:
+            return
+        groups = [new]
+        try:
+            logits = self._join(new)
+        except Exception:  # noqa: BLE001 - retry job by job, so that one bad request fails alone
+            groups = [[(j, i) for j, i in new if j is job] for job in dict.fromkeys(j for j, _ in new)]
+            logits = None
+        for group in groups:
+            if logits is None:
+                try:
+                    group_logits = self._join(group)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(group[0][0], _internal(e), events)
+                    continue
+            else:
+                group_logits = logits
+            rows = [self._new_row(job, i) for job, i in group]
+            self._rows.extend(rows)
+            self._logits = group_logits if self._logits is None or not len(self._logits) else torch.cat(
+                [self._logits, group_logits])
+
+    def _join(self, new: list[tuple[Job, int]]) -> torch.Tensor:
+        prompts = [job.request.prompts[i // job.request.n].ids for job, i in new]
+        return self.engine.join(prompts, [job.request.max_tokens for job, _ in new])
+
+    def _new_row(self, job: Job, index: int) -> Row:
+        req = job.request
+        gen = None
+        if req.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.seed + index if req.seed is not None else secrets.randbits(63))
+        stop = StopCondition(req.max_tokens, req.stop, stop_at_eos=not req.ignore_eos)
+        return Row(job, index, gen, stop, TextStream(stop) if req.stream else None, last_time=job.arrival)
+
+    def _score_prompts(self, job: Job, prompt_indices: set[int]) -> None:
+        req = job.request
+        todo = sorted(p for p in prompt_indices if p not in job.prompt_logprobs)
+        if not todo:
+            return
+        scores = self.engine.score([req.prompts[p].ids for p in todo], req.logprobs or 0)
+        for p, s in zip(todo, scores):
+            prompt = req.prompts[p]
+            entries = []
+            lps, tops, top_lps = s.logprobs.tolist(), s.top_ids.tolist(), s.top_logprobs.tolist()
+            # ids[0] is the BOS (predicted by nothing); shown ids are the last `prompt.shown`
+            for pos in range(len(prompt.ids) - prompt.shown, len(prompt.ids)):
+                if pos == 0:
+                    entries.append(TokenLogprob(prompt.ids[0], None, None))
+                else:
+                    entries.append(TokenLogprob(prompt.ids[pos], lps[pos - 1],
+                                                list(zip(tops[pos - 1], top_lps[pos - 1]))))
+            job.prompt_logprobs[p] = entries
+
+    def _sample(self, events: dict[Job, list[Event]]) -> tuple[torch.Tensor, list[int]]:
+        """Next id of every row (rows of jobs that fail here are marked finished); the rows that finished."""
+        logits = self._logits
+        assert logits is not None and logits.shape[0] == len(self._rows)
+        next_ids = torch.zeros(len(self._rows), dtype=torch.int64, device=logits.device)
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, row in enumerate(self._rows):
+            groups.setdefault(row.params if row.params[0] > 0 else (0.0, 0, 1.0), []).append(i)
+        bad: set[int] = set()
+        for (temperature, top_k, top_p), idx in groups.items():
+            try:
+                next_ids[idx] = sample(logits[idx], temperature, top_k, top_p, [self._rows[i].generator for i in idx])
+            except Exception:  # noqa: BLE001 - find the row(s) that fail and fail their jobs alone
+                for i in idx:
+                    try:
+                        next_ids[i] = sample(logits[i : i + 1], temperature, top_k, top_p, [self._rows[i].generator])[0]
+                    except Exception as e:  # noqa: BLE001
+                        self._fail(self._rows[i].job, _internal(e), events)
+                        bad.add(i)
+        want_lp = [i for i, r in enumerate(self._rows) if r.job.request.logprobs is not None and i not in bad]
+        lp_rows: dict[int, tuple[torch.Tensor, list[tuple[int, float]]]] = {}
+        if want_lp:
+            logp = torch.log_softmax(logits[want_lp].float(), dim=-1)
+            for j, i in enumerate(want_lp):
+                k = self._rows[i].job.request.logprobs or 0
+                values, ids = logp[j].topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+                lp_rows[i] = (logp[j], list(zip(ids.tolist(), values.tolist())))
+        now = time.perf_counter()
+        ids_list = next_ids.tolist()
+        finished = sorted(bad)
+        for i, row in enumerate(self._rows):
+            if i in bad or row.job.done:
+                if i not in bad:
+                    finished.append(i)
+                continue
+            t = ids_list[i]
+            if i in lp_rows:
+                logp_row, top = lp_rows[i]
+                row.pending_logprobs.append(TokenLogprob(t, float(logp_row[t]), top))
+            row.ids.append(t)
+            (self.metrics.ttfb if len(row.ids) == 1 else self.metrics.inter_byte).observe(now - row.last_time)
+            row.last_time = now
+            reason = row.stop.reason(row.ids)
+            if row.stream is not None and reason != "eos":
+                text = row.stream.push(t)
+                if text:
+                    events.setdefault(row.job, []).append(Delta(row.index, text, self._take_logprobs(row)))
+            if reason is not None:
+                self._finish(row, reason, events)
+                finished.append(i)
+        self.metrics.generated_bytes.inc(len(self._rows) - len(bad))
+        return next_ids, sorted(set(finished))
+
+    def _take_logprobs(self, row: Row) -> list[TokenLogprob] | None:
+        if row.job.request.logprobs is None:
+            return None
+        out, row.pending_logprobs = row.pending_logprobs, []
+        return out
+
+    def _finish(self, row: Row, reason: str, events: dict[Job, list[Event]]) -> None:
+        text = row.stream.finish() if row.stream is not None else row.stop.text(row.ids)
+        finish_reason = "length" if reason == "length" else "stop"
+        events.setdefault(row.job, []).append(
+            Finished(row.index, text, finish_reason, len(row.ids), self._take_logprobs(row)))
+
+    def _finish_empty(self, job: Job, index: int, events: dict[Job, list[Event]]) -> None:
+        lp = [] if job.request.logprobs is not None else None
+        events.setdefault(job, []).append(Finished(index, "", "length", 0, lp))
+
+    def _leave(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        gone = set(rows)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self.engine.leave(sorted(gone))
+        self._rows = [self._rows[i] for i in keep]
+        if self._logits is not None:
+            self._logits = self._logits[keep] if keep else None
+
+    def _fail(self, job: Job, error: APIError, events: dict[Job, list[Event]]) -> None:
+        if job.failed:
+            return
+        job.failed = True
+        events.setdefault(job, []).append(Failed(error))
+
+    def _deliver(self, events: dict[Job, list[Event]]) -> None:
+        for job, evs in events.items():
+            try:
+                job.sink(evs)
+            except Exception:  # noqa: BLE001 - the loop is gone (shutdown): nobody to tell
+                job.cancel()
+
+
+def _internal(e: BaseException) -> APIError:
+    log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
+    return APIError(500, f"the request failed while decoding: {type(e).__name__}: {e}", type="server_error",
+                    code="internal_error")

@@ -534,23 +534,22 @@ def test_cli_bad_options_exit_2(model_dir, capsys):
 
 
 def test_drain_finishes_running_requests_then_cancels_what_is_left(model):
-    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=1))
-    with ThreadedServer(srv) as url:
-        host, port = url.rsplit("/", 1)[1].split(":")
-        short = {"model": NAME, "prompt": "Hello", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
-        conn = _open_stream(host, int(port), short)
-        wait_until(lambda: srv.engine.n_rows == 1)
-        srv.scheduler.begin_drain(timeout=60)
-        r = post(url, short)
-        assert r[0] == 503 and error_of(r)["code"] == "server_shutting_down"
-        assert get(url, "/health")[0] == 503
-        body = json.loads(conn.getresponse().read())  # the running one finishes
-        assert body["choices"][0]["text"] == alone(model, "Hello", 30, stop_at_eos=False)
-        # past the drain timeout whatever still runs gets a 503 error, streams end with [DONE]
-        conn = _open_stream(host, int(port), {**short, "max_tokens": 4000, "stream": True})
-        srv.scheduler._draining = False  # (let one more in)
-        wait_until(lambda: srv.engine.n_rows == 1)
-        srv.scheduler.abort()
-        text = conn.getresponse().read().decode()
-        assert "server_shutting_down" in text and text.endswith("data: [DONE]\n\n")
-        wait_until(lambda: srv.engine.n_rows == 0)
+    short = {"model": NAME, "prompt": "Hello", "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    for drain_timeout in (60.0, 0.3):
+        srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=1))
+        with ThreadedServer(srv) as url:
+            host, port = url.rsplit("/", 1)[1].split(":")
+            body = short if drain_timeout > 1 else {**short, "max_tokens": 4000, "stream": True}
+            conn = _open_stream(host, int(port), body)
+            wait_until(lambda s=srv: s.engine.n_rows == 1)
+            srv.scheduler.begin_drain(timeout=drain_timeout)
+            r = post(url, short)
+            assert r[0] == 503 and error_of(r)["code"] == "server_shutting_down"
+            assert get(url, "/health")[0] == 503
+            if drain_timeout > 1:  # the running request finishes
+                text = json.loads(conn.getresponse().read())["choices"][0]["text"]
+                assert text == alone(model, "Hello", 30, stop_at_eos=False)
+            else:  # past the drain timeout what still runs gets a 503 error; the stream ends with [DONE]
+                text = conn.getresponse().read().decode()
+                assert "server_shutting_down" in text and text.endswith("data: [DONE]\n\n")
+            wait_until(lambda s=srv: s.engine.n_rows == 0)

@@ -43,6 +43,8 @@ def register(subparsers: Any) -> None:
                    help="seconds running requests may take to finish after SIGTERM (default 30)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default fp32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a small machine 1 leaves a core to HTTP)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")
     p.set_defaults(func=run)
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from torchblt import load_model
     from torchblt.model.blt import BLT
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     config = ServeConfig(
@@ -74,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # "max_batch must be ..." -> "--max-batch must be ..."
         field, _, rest = str(e).partition(" ")
         raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
     if not isinstance(model, BLT):
         raise ValueError(f"{args.model} is an entropy model; blt serve needs a BLT")

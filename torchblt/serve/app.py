@@ -327,7 +327,7 @@ class BLTServer:
         s = self.scheduler
         if not s.alive:
             return self._ok("health", {"status": "stopped"}, 503)
-        if s._draining:
+        if s.draining:
             return self._ok("health", {"status": "draining"}, 503)
         return self._ok("health", {"status": "ok"})
 

@@ -1,6 +1,6 @@
 """The OpenAI completions protocol for a byte model: request validation, errors, and the response shapes.
 
-Everything here is plain Python (no torch, no web framework), so the event loop can run it.
+Everything here is plain Python (no torch calls, no web framework), so the event loop can run it.
 
 Tokens are bytes
 ----------------
@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchblt.generation.api import GenerationConfig
 from torchblt.tokenizer import BOS_ID, OFFSET, VOCAB_SIZE, ByteTokenizer
 
 SPECIAL_TOKENS = {0: "<boe>", 1: "<s>", 2: "</s>", 3: "<bpe>"}
@@ -97,22 +98,18 @@ class Prompt:
 
 @dataclass
 class CompletionRequest:
-    """A validated ``POST /v1/completions`` body."""
+    """A validated ``POST /v1/completions`` body. ``generation`` is what each choice is, as
+    :func:`torchblt.generate` takes it (``max_tokens`` -> ``max_new_bytes``, ``ignore_eos`` -> not
+    ``stop_at_eos``; choice ``i`` is seeded ``seed + i``)."""
 
     model: str
     prompts: list[Prompt]
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     n: int = 1
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
-    ignore_eos: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -236,15 +233,16 @@ def parse_completion_request(body: Any, *, model_name: str, max_prompt_bytes: in
             raise invalid(name, f"{name} is not supported by this server (got {_short(v)}); leave it out",
                           "unsupported_parameter")
     req = CompletionRequest(model=model, prompts=_prompts(body.get("prompt"), max_prompt_bytes))
-    req.max_tokens = _get_int(body, "max_tokens", 16, 0, max_tokens_limit)
-    req.temperature = _get_float(body, "temperature", 1.0)
-    if req.temperature < 0:
-        raise invalid("temperature", f"temperature must be >= 0, got {req.temperature:g}")
-    req.top_p = _get_float(body, "top_p", 1.0)
-    if not 0.0 < req.top_p <= 1.0:
-        raise invalid("top_p", f"top_p must be in (0, 1], got {req.top_p:g}")
+    gen = req.generation
+    gen.max_new_bytes = _get_int(body, "max_tokens", 16, 0, max_tokens_limit)
+    gen.temperature = _get_float(body, "temperature", 1.0)
+    if gen.temperature < 0:
+        raise invalid("temperature", f"temperature must be >= 0, got {gen.temperature:g}")
+    gen.top_p = _get_float(body, "top_p", 1.0)
+    if not 0.0 < gen.top_p <= 1.0:
+        raise invalid("top_p", f"top_p must be in (0, 1], got {gen.top_p:g}")
     top_k = _get_int(body, "top_k", 0, -1)
-    req.top_k = 0 if top_k == -1 else top_k  # -1 = off, as vLLM
+    gen.top_k = 0 if top_k == -1 else top_k  # -1 = off, as vLLM
     req.n = _get_int(body, "n", 1, 1, MAX_N)
     best_of = _get_int(body, "best_of", None, 1)
     if best_of is not None and best_of != req.n:
@@ -253,16 +251,16 @@ def parse_completion_request(body: Any, *, model_name: str, max_prompt_bytes: in
     if req.n_rows > MAX_PROMPTS:
         raise invalid("n", f"{len(req.prompts)} prompts x n={req.n} is {req.n_rows} completions; at most "
                       f"{MAX_PROMPTS} per request")
-    req.seed = _get_int(body, "seed", None, *SEED_RANGE)
+    gen.seed = _get_int(body, "seed", None, *SEED_RANGE)
     stop = body.get("stop")
     if stop is None:
-        req.stop = []
+        gen.stop = []
     elif isinstance(stop, str):
-        req.stop = [stop] if stop else []
+        gen.stop = [stop] if stop else []
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         if len(stop) > MAX_STOP:
             raise invalid("stop", f"stop holds {len(stop)} strings; at most {MAX_STOP}")
-        req.stop = [s for s in stop if s]
+        gen.stop = [s for s in stop if s]
     else:
         raise invalid("stop", f"stop must be a string or a list of strings, got {_short(stop)}", "invalid_type")
     req.stream = _get_bool(body, "stream")
@@ -276,7 +274,7 @@ def parse_completion_request(body: Any, *, model_name: str, max_prompt_bytes: in
         req.include_usage = _get_bool(options, "include_usage")
     req.echo = _get_bool(body, "echo")
     req.logprobs = _get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    req.ignore_eos = _get_bool(body, "ignore_eos")
+    gen.stop_at_eos = not _get_bool(body, "ignore_eos")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user", f"user must be a string, got {_short(user)}", "invalid_type")

@@ -125,8 +125,8 @@ class Row:
 
     @property
     def params(self) -> tuple[float, int, float]:
-        r = self.job.request
-        return (r.temperature, r.top_k, r.top_p)
+        g = self.job.request.generation
+        return (g.temperature, g.top_k, g.top_p)
 
 
 class Scheduler:
@@ -192,9 +192,8 @@ class Scheduler:
             self._cv.notify()
 
     @property
-    def idle(self) -> bool:
-        with self._cv:
-            return not self._rows and not self._waiting
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def alive(self) -> bool:
@@ -312,7 +311,7 @@ class Scheduler:
                 p = i // req.n
                 events.setdefault(job, []).append(Started(i, job.prompt_logprobs.get(p)))
                 self.metrics.prompt_bytes.inc(req.prompts[p].shown)
-                if req.max_tokens == 0:
+                if req.generation.max_new_bytes == 0:
                     self._finish_empty(job, i, events)
                 else:
                     new.append((job, i))
@@ -340,16 +339,16 @@ class Scheduler:
 
     def _join(self, new: list[tuple[Job, int]]) -> torch.Tensor:
         prompts = [job.request.prompts[i // job.request.n].ids for job, i in new]
-        return self.engine.join(prompts, [job.request.max_tokens for job, _ in new])
+        return self.engine.join(prompts, [job.request.generation.max_new_bytes for job, _ in new])
 
     def _new_row(self, job: Job, index: int) -> Row:
-        req = job.request
+        g = job.request.generation
         gen = None
-        if req.temperature > 0:
+        if g.temperature > 0:  # as torchblt.generate's row_generators: choice i draws from seed + i
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(req.seed + index if req.seed is not None else secrets.randbits(63))
-        stop = StopCondition(req.max_tokens, req.stop, stop_at_eos=not req.ignore_eos)
-        return Row(job, index, gen, stop, TextStream(stop) if req.stream else None, last_time=job.arrival)
+            gen.manual_seed(g.seed + index if g.seed is not None else secrets.randbits(63))
+        stop = StopCondition(g.max_new_bytes, g.stop, g.stop_at_eos)
+        return Row(job, index, gen, stop, TextStream(stop) if job.request.stream else None, last_time=job.arrival)
 
     def _score_prompts(self, job: Job, prompt_indices: set[int]) -> None:
         req = job.request

@@ -1,0 +1,304 @@
+"""Serving throughput and latency: 1, 4 and 16 concurrent streaming clients against ``blt serve``, one run.
+
+The server (a child process: its own interpreter, as in production) serves bench/generation.py's *small*
+config (random weights, entropy patching) with the default scheduler (``--max-batch 16``). Each client
+sends streaming completions back to back (greedy, ``ignore_eos``, 64-byte prompts from different places
+of one text, ``max_tokens`` cycling through 32..96 so requests end at different moments, as real ones
+do); the clients of a level start staggered over ``--ramp`` seconds. For every level it reports:
+
+* aggregate new bytes/s: bytes streamed to all clients between the end of the ramp and the end of the
+  level (``--seconds``), divided by that time;
+* time to first byte (request sent -> first chunk carrying a new byte), p50 / p99 over requests;
+* inter-byte latency (each chunk's gap since the previous chunk of its request, divided by the new bytes
+  it carries), p50 / p99 over bytes; bytes are counted from the chunks' ``logprobs.tokens``, so bytes
+  held back (an unfinished UTF-8 character) or dropped (invalid UTF-8) still count;
+* the mean number of rows decoding and of engine batches stepped per byte (``blt_running_rows``,
+  ``blt_cohorts``, sampled from ``/metrics``);
+
+and the ratios at 16 clients to 1: aggregate throughput (goal >= 4) and p99 inter-byte latency (goal
+<= 5). An engine-only section in the same run times 16 rows decoded as one batch vs as 16 one-row
+batches vs one row alone (no HTTP): what merging the cohorts into one batch (the generation engine's
+``DecodeState.extend``) can bring.
+
+    python bench/serve.py                        # writes serve_bench.json, prints the table
+    python bench/serve.py --json bench/serve_cpu.json --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from generation import TEXT, build  # noqa: E402
+
+MODEL_NAME = "small"
+LENGTHS = (32, 48, 64, 80, 96)
+PROMPT_BYTES = 64
+
+
+def serve_child(args: argparse.Namespace) -> int:
+    """The server process: the small model behind ``blt serve``'s server."""
+    from torchblt.serve import BLTServer, CohortEngine, ServeConfig, run
+
+    torch.set_num_threads(args.threads)
+    model, patcher = build("small", torch.device("cpu"), torch.float32)
+    server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
+                                          drain_timeout=5), engine=CohortEngine(model, patcher))
+    return run(server, port=args.port, log_level="warning")
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def prompt_for(client: int, k: int) -> str:
+    data = (TEXT * 4).encode()
+    start = (client * 131 + k * 37) % (len(data) - PROMPT_BYTES)
+    return data[start : start + PROMPT_BYTES].decode("utf-8", errors="ignore")
+
+
+def one_request(port: int, prompt: str, max_tokens: int) -> dict:
+    """A streaming completion; per chunk carrying new bytes: (arrival time, n new bytes)."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "logprobs": 0}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    chunks = []
+    while True:
+        line = resp.readline()
+        if not line:
+            raise RuntimeError("stream ended without [DONE]")
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        msg = json.loads(data)
+        if "error" in msg:
+            raise RuntimeError(msg["error"]["message"])
+        lp = msg["choices"][0]["logprobs"]
+        n = len(lp["tokens"]) if lp else 0
+        if n:
+            chunks.append((time.perf_counter(), n))
+    conn.close()
+    return {"sent": sent, "chunks": chunks, "max_tokens": max_tokens}
+
+
+def sample_metrics(port: int, stop: threading.Event, out: list[tuple[float, float, float]]) -> None:
+    while not stop.is_set():
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            rows = float(re.search(r"^blt_running_rows (\S+)$", text, re.M).group(1))
+            cohorts = float(re.search(r"^blt_cohorts (\S+)$", text, re.M).group(1))
+            out.append((time.perf_counter(), rows, cohorts))
+        except (OSError, AttributeError):
+            pass
+        stop.wait(0.2)
+
+
+def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
+    start = time.perf_counter()
+    window = (start + ramp, start + seconds)
+    results: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        time.sleep(ramp * i / n_clients)
+        k = 0
+        while time.perf_counter() < window[1]:
+            try:
+                r = one_request(port, prompt_for(i, k), LENGTHS[(i * 3 + k) % len(LENGTHS)])
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+                return
+            with lock:
+                results.append(r)
+            k += 1
+
+    samples: list[tuple[float, float, float]] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_metrics, args=(port, stop, samples), daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    sampler.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[:3]}")
+    in_window = sum(n for r in results for t, n in r["chunks"] if window[0] <= t <= window[1])
+    ttfb = [r["chunks"][0][0] - r["sent"] for r in results if r["chunks"]]
+    inter = []
+    for r in results:
+        for (t0, _), (t1, n) in zip(r["chunks"], r["chunks"][1:]):
+            inter.extend([(t1 - t0) / n] * n)
+    n_bytes = sum(n for r in results for _, n in r["chunks"])
+    if any(sum(n for _, n in r["chunks"]) != r["max_tokens"] for r in results):
+        raise RuntimeError("a request streamed a different number of bytes than it asked for")
+    steady = [s for s in samples if window[0] <= s[0] <= window[1]] or samples
+    return {
+        "clients": n_clients,
+        "requests": len(results),
+        "bytes": n_bytes,
+        "window_seconds": window[1] - window[0],
+        "bytes_per_second": in_window / (window[1] - window[0]),
+        "ttfb_p50_ms": 1000 * quantile(ttfb, 0.5),
+        "ttfb_p99_ms": 1000 * quantile(ttfb, 0.99),
+        "inter_byte_p50_ms": 1000 * quantile(inter, 0.5),
+        "inter_byte_p99_ms": 1000 * quantile(inter, 0.99),
+        "mean_running_rows": statistics.fmean(s[1] for s in steady) if steady else None,
+        "mean_cohorts": statistics.fmean(s[2] for s in steady) if steady else None,
+    }
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+# --------------------------------------------------------------------------- engine only
+
+
+@torch.inference_mode()
+def engine_section(threads: int, n_rows: int = 16, n_steps: int = 48) -> dict:
+    """Bytes/s of ``n_rows`` rows as one batch, as ``n_rows`` one-row engines stepped in turn (the cohort
+    adapter when every row joined at its own step), and of one row alone."""
+    from torchblt.generation import IncrementalEngine
+    from torchblt.tokenizer import ByteTokenizer
+
+    torch.set_num_threads(threads)
+    model, patcher = build("small", torch.device("cpu"), torch.float32)
+    tok = ByteTokenizer()
+    prompts = [tok.encode(prompt_for(i, 0), add_eos=False) for i in range(n_rows)]
+    template = IncrementalEngine(model, patcher, n_steps)
+
+    def decode(groups: list[list[list[int]]]) -> float:
+        import copy
+
+        engines = [copy.copy(template) for _ in groups]
+        logits = [e.start(g) for e, g in zip(engines, groups)]
+        t = time.perf_counter()
+        for _ in range(n_steps):
+            logits = [e.advance(lg.argmax(-1)) for e, lg in zip(engines, logits)]
+        return sum(len(g) for g in groups) * n_steps / (time.perf_counter() - t)
+
+    decode([prompts[:1]])  # warm-up
+    return {
+        "rows": n_rows,
+        "steps": n_steps,
+        "one_row_bytes_per_second": decode([prompts[:1]]),
+        "one_batch_bytes_per_second": decode([prompts]),
+        "one_row_batches_bytes_per_second": decode([[p] for p in prompts]),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    ap.add_argument("--seconds", type=float, default=25.0, help="length of each level (default 25)")
+    ap.add_argument("--ramp", type=float, default=3.0, help="clients start staggered over this (default 3 s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--json", default="serve_bench.json")
+    ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_child:
+        return serve_child(args)
+    levels = [int(c) for c in args.clients.split(",")]
+    t_start = time.perf_counter()
+    engine = engine_section(args.threads)
+    port = free_port()
+    child = subprocess.Popen([sys.executable, __file__, "--serve-child", "--port", str(port), "--threads",
+                              str(args.threads), "--max-batch", str(args.max_batch)],
+                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    rows = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                one_request(port, prompt_for(0, 0), 8)  # up and warm
+                break
+            except OSError:
+                if child.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(0.5)
+        print(f"{'clients':>7} {'requests':>8} | {'bytes/s':>8} | {'TTFB p50':>9} {'p99':>8} | "
+              f"{'inter-byte p50':>14} {'p99':>8} | {'rows':>5} {'batches':>7}   (ms)")
+        for n in levels:
+            row = run_level(port, n, args.seconds, min(args.ramp, args.seconds / 2))
+            rows.append(row)
+            print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
+                  f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
+                  f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}",
+                  flush=True)
+    finally:
+        child.terminate()
+        child.wait(60)
+    by = {r["clients"]: r for r in rows}
+    ratios = {}
+    if 1 in by and max(by) > 1:
+        hi = by[max(by)]
+        ratios = {"clients": max(by),
+                  "throughput_ratio": hi["bytes_per_second"] / by[1]["bytes_per_second"],
+                  "p99_inter_byte_ratio": hi["inter_byte_p99_ms"] / by[1]["inter_byte_p99_ms"]}
+        print(f"\n{max(by)} clients vs 1: aggregate throughput x{ratios['throughput_ratio']:.2f} (goal >= 4), "
+              f"p99 inter-byte latency x{ratios['p99_inter_byte_ratio']:.2f} (goal <= 5)")
+    print(f"engine only, {engine['rows']} rows x {engine['steps']} steps (bytes/s): one row "
+          f"{engine['one_row_bytes_per_second']:.1f}; {engine['rows']} one-row batches (cohorts) "
+          f"{engine['one_row_batches_bytes_per_second']:.1f}; one batch of {engine['rows']} "
+          f"{engine['one_batch_bytes_per_second']:.1f} (x{engine['one_batch_bytes_per_second'] / engine['one_row_bytes_per_second']:.2f} one row)")
+    out = {
+        "meta": {"torch": torch.__version__, "threads": args.threads, "max_batch": args.max_batch,
+                 "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "argv": sys.argv[1:],
+                 "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                 "run_seconds": time.perf_counter() - t_start,
+                 "load_average_at_end": os.getloadavg()},
+        "levels": rows,
+        "ratios": ratios,
+        "engine": engine,
+    }
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ do); the clients of a level start staggered over ``--ramp`` seconds. For every l
   it carries), p50 / p99 over bytes; bytes are counted from the chunks' ``logprobs.tokens``, so bytes
   held back (an unfinished UTF-8 character) or dropped (invalid UTF-8) still count;
 * the mean number of rows decoding and of engine batches stepped per byte (``blt_running_rows``,
-  ``blt_cohorts``, sampled from ``/metrics``);
+  ``blt_engine_batches``, sampled from ``/metrics``);
 
 and the ratios at 16 clients to 1: aggregate throughput (goal >= 4) and p99 inter-byte latency (goal
 <= 5). An engine-only section in the same run times 16 rows decoded as one batch vs as 16 one-row
@@ -112,7 +112,7 @@ def sample_metrics(port: int, stop: threading.Event, out: list[tuple[float, floa
             text = conn.getresponse().read().decode()
             conn.close()
             rows = float(re.search(r"^blt_running_rows (\S+)$", text, re.M).group(1))
-            cohorts = float(re.search(r"^blt_cohorts (\S+)$", text, re.M).group(1))
+            cohorts = float(re.search(r"^blt_engine_batches (\S+)$", text, re.M).group(1))
             out.append((time.perf_counter(), rows, cohorts))
         except (OSError, AttributeError):
             pass

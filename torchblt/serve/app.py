@@ -463,6 +463,8 @@ class ThreadedServer:
         return f"http://{host}:{port}"
 
     def __exit__(self, *exc: Any) -> None:
+        self.server.scheduler.begin_drain()
+        self.server.scheduler.abort()  # leaving the block ends what still runs (503), then the server
         self._uv.should_exit = True
         self._thread.join(60)
         self._sock.close()

@@ -62,7 +62,13 @@ class PromptScores:
 class DecodeEngine(Protocol):
     """See the module docstring."""
 
-    n_rows: int
+    @property
+    def n_rows(self) -> int: ...
+
+    @property
+    def n_batches(self) -> int:
+        """Batches a step runs (cohorts); 1 for an engine that merges joining rows into its batch."""
+        ...
 
     def join(self, prompts: list[list[int]], max_new_bytes: list[int]) -> torch.Tensor: ...
 
@@ -101,6 +107,10 @@ class CohortEngine:
     @property
     def n_rows(self) -> int:
         return sum(c.n_rows for c in self.cohorts)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.cohorts)
 
     def _new_engine(self, max_new_bytes: int) -> IncrementalEngine:
         # a shallow copy shares the step weights; start() gives it its own caches and row state

@@ -160,6 +160,9 @@ class Scheduler:
             if self._draining or self._stopping:
                 raise APIError(503, "the server is shutting down and takes no new requests",
                                type="server_error", code="server_shutting_down")
+            if not self.alive:
+                raise APIError(503, "the server's scheduler is not running", type="server_error",
+                               code="scheduler_stopped")
             if len(self._waiting) >= self.max_queue and not (self._free_rows() >= job.request.n_rows
                                                              and not self._waiting):
                 raise APIError(429, f"the server is busy: {len(self._waiting)} requests are waiting "
@@ -291,7 +294,7 @@ class Scheduler:
                 for job, e in failed_jobs.items():
                     self._fail(job, _internal(e), events)
         self.metrics.running_rows.set(len(self._rows))
-        self.metrics.cohorts.set(len(getattr(self.engine, "cohorts", [])) or (1 if self._rows else 0))
+        self.metrics.batches.set(self.engine.n_batches)
         self.metrics.cache_bytes.set(self.engine.cache_bytes())
 
     # ------------------------------------------------------------------ steps of a tick
@@ -399,12 +402,14 @@ class Scheduler:
         now = time.perf_counter()
         ids_list = next_ids.tolist()
         finished = sorted(bad)
+        n_new = 0
         for i, row in enumerate(self._rows):
             if i in bad or row.job.done:
                 if i not in bad:
                     finished.append(i)
                 continue
             t = ids_list[i]
+            n_new += 1
             if i in lp_rows:
                 logp_row, top = lp_rows[i]
                 row.pending_logprobs.append(TokenLogprob(t, float(logp_row[t]), top))
@@ -419,7 +424,7 @@ class Scheduler:
             if reason is not None:
                 self._finish(row, reason, events)
                 finished.append(i)
-        self.metrics.generated_bytes.inc(len(self._rows) - len(bad))
+        self.metrics.generated_bytes.inc(n_new)
         return next_ids, sorted(set(finished))
 
     def _take_logprobs(self, row: Row) -> list[TokenLogprob] | None:

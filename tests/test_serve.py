@@ -323,7 +323,7 @@ def test_sixteen_staggered_clients_each_equal_their_single_run(server, model):
 
 
 def test_bad_requests_get_openai_errors_naming_the_field(server, client, model):
-    _, url = server
+    srv, url = server
     r = post(url, None, raw=b'{"model": "tiny-blt", "prompt": "x",')
     assert r[0] == 400 and error_of(r)["code"] == "invalid_json" and "not valid JSON" in error_of(r)["message"]
     r = post(url, ["not", "an", "object"])
@@ -355,6 +355,8 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, client, model):
     assert r[0] == 400 and err["param"] == "prompt" and "201 bytes" in err["message"] and "200" in err["message"]
     r = post(url, {"model": NAME, "prompt": ["ok", "é" * 101]})  # 202 bytes in the second prompt
     assert r[0] == 400 and error_of(r)["param"] == "prompt[1]"
+    r = post(url, None, raw=b'{"model": "tiny-blt", "prompt": "' + b"x" * (srv.body_limit + 1) + b'"}')
+    assert r[0] == 413 and error_of(r)["code"] == "body_too_large"
     assert get(url, "/v1/nothing")[0] == 404
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
@@ -465,6 +467,30 @@ def test_failing_rows_do_not_take_down_the_others(model):
         t.join(60)
         assert out["good"][0] == 200 and json.loads(out["good"][2])["choices"][0]["text"] == alone(model, "Hello", 60)
         assert post(url, good)[0] == 200 and get(url, "/health")[0] == 200
+
+
+def test_a_bad_request_in_a_shared_prefill_fails_alone(model):
+    """Requests admitted in the same tick are prefilled together; when that raises, each is retried alone."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.protocol import parse_completion_request
+    from torchblt.serve.scheduler import Failed, Finished, Job, Scheduler
+
+    sched = Scheduler(_FaultyEngine(model), Metrics(), max_batch=4)
+    got: dict[str, list] = {"good": [], "bad": []}
+    jobs = {}
+    for name, prompt in (("good", "Hello"), ("bad", "BOOM")):
+        req = parse_completion_request({"model": NAME, "prompt": prompt, "max_tokens": 6, "temperature": 0},
+                                       model_name=NAME, max_prompt_bytes=100, max_tokens_limit=100)
+        jobs[name] = Job(req, got[name].extend)
+    sched.start()
+    with sched._cv:  # both wait before the thread's first tick, so they are admitted together
+        for job in jobs.values():
+            sched._waiting.append(job)
+        sched._cv.notify()
+    wait_until(lambda: any(isinstance(e, Finished) for e in got["good"]) and got["bad"])
+    sched.stop()
+    assert [e for e in got["bad"] if isinstance(e, Failed)][0].error.status == 500
+    assert [e.text for e in got["good"] if isinstance(e, Finished)] == [alone(model, "Hello", 6)]
 
 
 def test_models_health_metrics_tokenizer(server, client):

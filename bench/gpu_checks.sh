@@ -2,6 +2,8 @@
 # The checks that need one CUDA GPU, in one run (sized for a 10-minute slot on an H100/H200):
 #   1. tests/test_gpu.py      compiled FlexAttention == SDPA == CPU; cached generation == full recompute on
 #                             the GPU (fp32, bf16); the decode-layout step on the GPU
+#      tests/test_serve.py    blt serve on a CUDA model: concurrent clients == their single runs (needs the
+#                             serve extra and openai; skipped without them)
 #   2. bench/generation.py    cached vs full recompute: the small config (fp32) and blt-1b (random weights, bf16)
 #   3. bench/train.py         the trainer's step on blt-1b: bytes/s, peak memory, MFU inputs, eager and compiled
 # Runs from a source checkout without installing (PYTHONPATH); needs torch (CUDA), pyyaml, safetensors, pytest.
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
     | tee -a "$OUT/gpu.txt"
 
 echo "== 1. GPU tests"
-timeout 300 "$PY" -m pytest -m gpu -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" \
+timeout 300 "$PY" -m pytest -m gpu -q tests/test_gpu.py tests/test_serve.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" \
     || status=1
 
 echo "== 2. generation benchmark"

@@ -579,3 +579,28 @@ def test_drain_finishes_running_requests_then_cancels_what_is_left(model):
                 text = conn.getresponse().read().decode()
                 assert "server_shutting_down" in text and text.endswith("data: [DONE]\n\n")
             wait_until(lambda s=srv: s.engine.n_rows == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_serving_on_cuda_equals_single_runs(model_dir):
+    """The server on a CUDA model (CUDA generators for seeded sampling): 8 concurrent clients, each output equal
+    to its own torchblt.generate run on the GPU."""
+    gpu = load_model(model_dir, device="cuda")
+    srv = BLTServer(gpu, ServeConfig(model_name=NAME))
+    jobs = [(TEXT[i * 7 : i * 7 + 10], {"temperature": 0.0} if i % 2 else {"temperature": 0.9, "seed": i})
+            for i in range(8)]
+    expected = [alone(gpu, p, 40, **kw) for p, kw in jobs]
+    results: dict[int, str] = {}
+    with ThreadedServer(srv) as url:
+        def run(i: int) -> None:
+            time.sleep(0.01 * i)
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            results[i] = c.completions.create(model=NAME, prompt=jobs[i][0], max_tokens=40, **jobs[i][1]).choices[0].text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [results.get(i) for i in range(8)] == expected

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -113,7 +114,7 @@ class BLTServer:
     cohort engine on ``model``)."""
 
     def __init__(self, model: BLT, config: ServeConfig | None = None, engine: DecodeEngine | None = None) -> None:
-        self.config = config or ServeConfig()
+        self.config = dataclasses.replace(config or ServeConfig())
         self.config.validate()
         self.engine = engine if engine is not None else CohortEngine(model)
         self.context = int(getattr(self.engine, "context", 0)) or None
@@ -135,7 +136,7 @@ class BLTServer:
                 Route("/detokenize", self.detokenize, methods=["POST"]),
                 Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
             ],
-            exception_handlers={HTTPException: self._http_error},
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
             lifespan=self._lifespan,
         )
 
@@ -168,6 +169,11 @@ class BLTServer:
         return self._error("other", APIError(exc.status_code, message, code="not_found" if exc.status_code == 404
                                              else "method_not_allowed"))
 
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return self._error("other", APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
+                                             code="internal_error"))
+
     def _check_auth(self, request: Request) -> None:
         key = self.config.api_key
         if key is None:
@@ -194,6 +200,8 @@ class BLTServer:
                            code="invalid_json") from None
         except UnicodeDecodeError:
             raise APIError(400, "the request body is not UTF-8 JSON", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
 
     # ------------------------------------------------------------------ completions
     async def completions(self, request: Request) -> Response:

@@ -294,7 +294,8 @@ class TokenLogprob:
 
 
 class LogprobsBuilder:
-    """Builds the OpenAI ``logprobs`` object of one choice, piece by piece (``text_offset`` in characters)."""
+    """Builds the OpenAI ``logprobs`` object of one choice, piece by piece: each :meth:`build` continues the
+    ``text_offset`` (in characters) where the previous one ended."""
 
     def __init__(self, start_chars: int = 0) -> None:
         import codecs
@@ -312,14 +313,6 @@ class LogprobsBuilder:
             if e.token >= OFFSET:
                 self._chars += len(self._decoder.decode(bytes([e.token - OFFSET])))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def extend(self, target: dict[str, Any] | None, entries: list[TokenLogprob]) -> dict[str, Any]:
-        part = self.build(entries)
-        if target is None:
-            return part
-        for k, v in part.items():
-            target[k].extend(v)
-        return target
 
 
 def completion_id() -> str:

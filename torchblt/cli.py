@@ -3,8 +3,8 @@
 Sub-commands live in :mod:`torchblt.commands`, one module each; a module exposes
 ``register(subparsers) -> None`` which adds its parser and sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code). Modules are discovered, so adding a command is
-adding a file. Errors a user can fix (``ValueError``, ``FileNotFoundError``, ``FileExistsError``) are
-printed as one line, without a traceback.
+adding a file. Errors a user can fix (``ValueError``, ``FileNotFoundError``, ``FileExistsError``, a full
+disk) are printed as one line, without a traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"blt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from torchblt.outputs import disk_full_error
+
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        print(f"blt {args.command}: error: {full}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blt {args.command}: interrupted", file=sys.stderr)

@@ -18,29 +18,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def export_checkpoint(checkpoint: str, out: str, overwrite: bool = False, entropy_model: bool = True):
-    """Write checkpoint ``checkpoint`` as a model folder ``out``; returns the output path."""
-    import json
+    """Write checkpoint ``checkpoint`` as a model folder ``out``; returns the output path.
+
+    Every file it would write (``OUT/*`` and ``OUT/entropy_model/*``) is checked before anything is read:
+    an existing one is refused unless ``overwrite``. The checkpoint is read safely (it cannot run code).
+    """
     from pathlib import Path
 
     from torchblt.formats import load_model
-    from torchblt.formats.common import build_model
+    from torchblt.formats.native import model_files
+    from torchblt.model.config import BLTConfig
+    from torchblt.outputs import refuse_existing
     from torchblt.train import checkpoint as ckpt
-    from torchblt.train.kinds import get_kind
     from torchblt.train.trainer import export_state
 
     path = ckpt.resolve_checkpoint(checkpoint)
+    config, record = ckpt.checkpoint_model_config(path)
+    em_path = record.get("entropy_model") if entropy_model and isinstance(config, BLTConfig) else None
     out_path = Path(out)
-    if (out_path / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{out_path / 'config.json'} exists; pass --overwrite to replace it")
-    record = ckpt.read_model_config(path)
-    config = get_kind(record["kind"]).make_config(record["arch"])
-    model = build_model(config, device="cpu")
-    ckpt.load_weights_only(path, model)
-    em = None
-    if entropy_model and record.get("entropy_model"):
-        em = load_model(record["entropy_model"])
-    step = json.loads((path / "complete.json").read_text(encoding="utf-8"))["step"]
-    export_state(model.state_dict(), config, out_path, em, extra={"trained_steps": step, "kind": record["kind"]})
+    refuse_existing(model_files(out_path, entropy_model=bool(em_path)), overwrite)
+    step = ckpt.checkpoint_step(path)
+    state = ckpt.read_weights(path, config)
+    em = load_model(em_path) if em_path else None
+    export_state(state, config, out_path, em, extra={"trained_steps": step, "kind": record["kind"]},
+                 overwrite=overwrite)
     return out_path
 
 

@@ -7,11 +7,15 @@ torchblt (ours)            ``config.json`` (``{"format": "torchblt", ...}``) + `
 reference Hugging Face     ``config.json`` (``{"args": {...}}``) + ``model.safetensors`` (+ ``train_args.json``)  :mod:`.reference`
 reference consolidated     ``params.json`` + ``consolidated.pth`` (``{"model": state_dict}``)          :mod:`.consolidated`
 transformers BltForCausalLM  ``config.json`` (``"model_type": "blt"``) + ``model.safetensors`` (entropy model as ``model.patcher``)  :mod:`.transformers`
+torchblt training checkpoint  ``RUN/checkpoints/step_N/`` (DCP) or the run folder ``RUN`` (newest checkpoint)  :mod:`.training`
 =========================  ===========================================================  =====================
 
 A path that does not exist locally and looks like ``org/name`` is fetched with ``huggingface_hub``.
 Weights are matched strictly: a missing or unexpected tensor, or a wrong shape, is an error that lists
-them. Pickled checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+them. A checkpoint cannot run code: safetensors and JSON hold no code, ``consolidated.pth`` is read with
+``torch.load(weights_only=True)``, training checkpoints through :mod:`torchblt.train.safe_dcp` (a
+restricted unpickler for DCP's ``.metadata``, ``weights_only`` for its pickled items), and a model kind
+named in a checkpoint never imports a module.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torchblt.formats.consolidated import is_consolidated_folder, read_consolida
 from torchblt.formats.native import is_native_folder, read_native, save_model
 from torchblt.formats.reference import config_from_reference_folder
 from torchblt.model.blt import BLT
+from torchblt.model.config import BLTConfig
 from torchblt.model.entropy_model import EntropyModel
 
 Model = BLT | EntropyModel
@@ -35,7 +40,7 @@ __all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "Mode
 
 
 def detect_format(folder: Path) -> str:
-    """``"torchblt"``, ``"reference-hf"``, ``"transformers"`` or ``"consolidated"`` for a local folder."""
+    """``"torchblt"``, ``"reference-hf"``, ``"transformers"``, ``"consolidated"`` or ``"training-checkpoint"``."""
     from torchblt.formats.transformers import is_transformers_folder
 
     if is_native_folder(folder):
@@ -50,6 +55,10 @@ def detect_format(folder: Path) -> str:
             return "reference-hf"
     if is_consolidated_folder(folder):
         return "consolidated"
+    from torchblt.formats.training import is_training_checkpoint
+
+    if is_training_checkpoint(folder):
+        return "training-checkpoint"
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise CheckpointError(
         f"{folder}: not a model folder we recognise (found {present[:12]}); expected config.json + "
@@ -101,6 +110,12 @@ def load_model(
 
         config = config_from_reference_folder(folder)
         state = read_safetensors(folder / "model.safetensors")
+    elif fmt == "training-checkpoint":
+        from torchblt.formats.training import read_training_checkpoint
+
+        config, state, trained_with = read_training_checkpoint(folder)
+        if trained_with and entropy_model is None and isinstance(config, BLTConfig) and Path(trained_with).exists():
+            entropy_model = trained_with
     else:
         config, state = read_consolidated(folder)
     model = build_model(config)

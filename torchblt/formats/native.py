@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from torchblt.formats.common import CheckpointError, read_config_json
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig, blt_config_from_dict, config_to_dict, entropy_config_from_dict
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+
+if TYPE_CHECKING:
+    from torchblt.outputs import Staged
 
 FORMAT_NAME = "torchblt"
 FORMAT_VERSION = 1
@@ -78,30 +81,45 @@ def read_native_config(folder: Path) -> BLTConfig | EntropyModelConfig:
     return config
 
 
+def model_files(folder: str | os.PathLike[str], entropy_model: bool = False) -> list[Path]:
+    """The files :func:`save_model` writes in ``folder`` (+ ``entropy_model/`` ones)."""
+    out = Path(folder)
+    files = [out / "config.json", out / "model.safetensors"]
+    return files + (model_files(out / "entropy_model") if entropy_model else [])
+
+
+def write_model(model: BLT | EntropyModel, folder: str | os.PathLike[str], out: Staged,
+                extra: dict[str, Any] | None = None) -> None:
+    """Stage ``model``'s files in ``folder`` as part of the write ``out`` (see :mod:`torchblt.outputs`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out.path(folder / "model.safetensors")), metadata={"format": "pt"})
+    out.write_text(folder / "config.json", json.dumps(config_dict(model, extra), indent=2) + "\n")
+
+
 def save_model(
     model: BLT | EntropyModel,
     folder: str | os.PathLike[str],
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    *,
+    entropy_model: EntropyModel | None = None,
 ) -> Path:
-    """Write ``model`` in our format. Refuses to replace existing files unless ``overwrite``.
+    """Write ``model`` in our format (and ``entropy_model`` in ``folder/entropy_model``, as the released
+    repositories lay it out). Refuses to replace any existing file unless ``overwrite``.
 
-    Files are written to temporary names and renamed, so an interrupted save never leaves a half file.
+    All files are written to temporary names and renamed at the end, so an interrupted or failed save
+    (a full disk: ``DiskFullError``) leaves no half file and no folder it created.
     ``extra`` adds top-level keys to ``config.json`` (e.g. training metadata).
     """
-    from safetensors.torch import save_file
+    from torchblt.outputs import refuse_existing, staged
 
     out = Path(folder)
-    targets = [out / "config.json", out / "model.safetensors"]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass overwrite=True / --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_weights = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp_weights), metadata={"format": "pt"})
-    tmp_cfg = out / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(config_dict(model, extra), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_weights, out / "model.safetensors")
-    os.replace(tmp_cfg, out / "config.json")
+    refuse_existing(model_files(out, entropy_model is not None), overwrite)
+    with staged(overwrite) as files:
+        write_model(model, out, files, extra)
+        if entropy_model is not None:
+            write_model(entropy_model, out / "entropy_model", files)
     return out

@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from torchblt.outputs import disk_full_error
+
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        print(f"train: error: {full}", file=sys.stderr)
+        return 2
     return 0
 
 

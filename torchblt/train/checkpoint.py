@@ -9,6 +9,10 @@ Atomicity: everything is written into ``.tmp-step_00001000``; only when every ra
 rank 0 write ``complete.json`` and rename the folder to its final name (a rename within a folder is
 atomic on POSIX). A save killed midway leaves a ``.tmp-*`` folder that is ignored (and removed by the
 next save), so the previous checkpoint stays the latest valid one. Only the last ``keep`` are kept.
+
+Reading never runs code from the files: the DCP parts go through :func:`torchblt.train.safe_dcp.dcp_load`
+(restricted unpickler for ``.metadata``, ``weights_only`` byte items), the rest is JSON, and the model kind
+named in ``model_config.json`` must be one torchblt knows (a checkpoint never makes us import a module).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torchblt.formats.common import CheckpointError
+from torchblt.outputs import refuse_existing
 from torchblt.train.distributed import DistInfo, barrier
+from torchblt.train.safe_dcp import dcp_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -66,6 +74,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no such checkpoint or run folder")
 
 
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "finished.json", "model")  # what a run (re)writes in RUN_DIR
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse a run folder holding files a run would overwrite that no torchblt run wrote.
+
+    A folder is a run's own when it has ``checkpoints/`` or its ``config.yaml`` is a resolved run config
+    (what the trainer writes); then re-running resumes or restarts there. Otherwise any of
+    :data:`RUN_OUTPUTS` that exists is the user's, and nothing is written.
+    """
+    import yaml
+
+    root = Path(run_dir)
+    if not root.is_dir() or checkpoint_dir(root).is_dir():
+        return
+    try:
+        written = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        written = None
+    if isinstance(written, dict) and {"run_dir", "model", "data", "train"} <= set(written):
+        return
+    refuse_existing([root / name for name in RUN_OUTPUTS], False,
+                    remedy=f"{root} is not a torchblt run folder: choose another run_dir or move it away")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], model_config: dict[str, Any], dist_info: DistInfo,
                     keep: int) -> Path:
@@ -97,10 +130,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step ``complete.json`` records."""
+    step = _read_json(path / "complete.json").get("step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / 'complete.json'}: no valid 'step' ({step!r})")
+    return step
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     dist_info: DistInfo) -> dict[str, Any]:
     """Load model (+ optimizer) tensors in place; return this rank's train state dict."""
-    meta = json.loads((path / "complete.json").read_text(encoding="utf-8"))
+    meta = _read_json(path / "complete.json")
     state_file = path / f"train_state_rank{dist_info.rank}.json"
     if meta.get("world_size", 1) != dist_info.world_size or not state_file.is_file():
         raise ValueError(
@@ -115,20 +156,75 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    return json.loads(state_file.read_text(encoding="utf-8"))
+    return _read_json(state_file)
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    with warnings.catch_warnings():  # one process without a process group is a supported case
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path))
+    dcp_load(state, path)
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
     f = path / "model_config.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (not a torchblt training checkpoint?)")
-    return json.loads(f.read_text(encoding="utf-8"))
+    record = _read_json(f)
+    if not isinstance(record.get("kind"), str) or not isinstance(record.get("arch"), dict):
+        raise CheckpointError(f"{f}: expected {{'kind': ..., 'arch': {{...}}}}")
+    return record
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{f}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return raw
+
+
+def checkpoint_kind(path: Path, record: dict[str, Any]) -> Any:
+    """The :class:`~torchblt.train.kinds.ModelKind` a checkpoint names, without importing anything new.
+
+    A config may name a plug-in kind ``package.module:name`` (the trainer imports it); a *checkpoint* only
+    gets kinds that are registered already, that live in torchblt, or whose module is already imported.
+    """
+    from torchblt.train.kinds import KINDS, get_kind
+
+    name = record["kind"]
+    module = name.partition(":")[0] if ":" in name else ""
+    if name not in KINDS and module and module != "torchblt" and not module.startswith("torchblt.") \
+            and module not in sys.modules:
+        raise CheckpointError(
+            f"{path / 'model_config.json'}: model kind {name!r} would import module {module!r}; a checkpoint never "
+            f"makes torchblt import code (import {module} yourself first)"
+        )
+    try:
+        return get_kind(name)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'model_config.json'}: {e}") from None
+
+
+def checkpoint_model_config(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(architecture config, ``model_config.json`` record) of a checkpoint."""
+    record = read_model_config(path)
+    kind = checkpoint_kind(path, record)
+    try:
+        return kind.make_config(record["arch"]), record
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'model_config.json'}: {e}") from None
+
+
+def read_weights(path: Path, config: Any) -> dict[str, torch.Tensor]:
+    """The model tensors of checkpoint ``path`` as a fresh CPU state dict (one copy; no optimizer state)."""
+    from torchblt.formats.common import build_model
+
+    shapes = build_model(config, device="meta").state_dict()
+    state = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}}
+    _dcp_load(state, path)
+    return state["model"]
 
 
 def load_weights_only(path: Path, model: nn.Module) -> None:

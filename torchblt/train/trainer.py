@@ -53,6 +53,7 @@ class Trainer:
         self.device = self.dist.device
         self.kind = get_kind(cfg.model.kind)
         self.run_dir = Path(cfg.run_dir)
+        ckpt.check_run_dir(self.run_dir)  # before anything is written there
         self.bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.state = TrainState()
         self.signal_received: int | None = None  # set by the handler, on this rank
@@ -367,14 +368,12 @@ class Trainer:
 
 
 def export_state(state: dict[str, torch.Tensor], config: Any, out: Path, entropy_model: nn.Module | None,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Build a plain model from ``config``, load ``state`` and write it with ``save_model`` (+ entropy model)."""
+                 extra: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Build a plain model from ``config``, load ``state`` and write it (+ entropy model) with ``save_model``."""
     from torchblt.formats import save_model
     from torchblt.formats.common import load_state_dict_strict
 
     model = build_model(config, device="meta")
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source="training state")
-    save_model(model, out, overwrite=True, extra=extra)
-    if entropy_model is not None and isinstance(model, BLT):
-        save_model(entropy_model, out / "entropy_model", overwrite=True)
-    return out
+    em = entropy_model if isinstance(model, BLT) else None
+    return save_model(model, out, overwrite=overwrite, extra=extra, entropy_model=em)  # type: ignore[arg-type]

@@ -108,9 +108,10 @@ def train_bpe_tokenizer(
     """Train a byte-level BPE tokenizer of ``vocab_size`` entries (specials included) and save it as JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from torchblt.outputs import refuse_existing, staged
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+    refuse_existing([out], overwrite)
     n_base = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIALS)
     if vocab_size < n_base:
         raise ValueError(f"vocab_size must be at least {n_base} (256 bytes + 3 specials), got {vocab_size}")
@@ -127,8 +128,8 @@ def train_bpe_tokenizer(
             yield doc if isinstance(doc, str) else bytes(doc).decode("utf-8", errors="replace")
 
     tok.train_from_iterator(texts(), trainer=trainer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out))
+    with staged(overwrite) as files:
+        tok.save(str(files.path(out)))
     _tokenizer.cache_clear()
     return BPETokenizer(out)
 
@@ -237,14 +238,19 @@ def save_bpe_model(model: EntropyModel, folder: str | os.PathLike[str], overwrit
     """Our format plus ``tokenizer.json`` (a copy), so the folder is self-contained."""
     import shutil
 
-    from torchblt.formats.native import save_model
+    from torchblt.formats.native import model_files, write_model
+    from torchblt.outputs import refuse_existing, staged
 
     if not isinstance(model.config, BPEConfig):
         raise ValueError("save_bpe_model: the model's config is not a BPEConfig")
-    out = save_model(model, folder, overwrite=overwrite, extra=extra)
+    out = Path(folder)
     src = Path(model.config.tokenizer)
-    if src.resolve() != (out / "tokenizer.json").resolve():
-        shutil.copyfile(src, out / "tokenizer.json")
+    copy_tokenizer = src.resolve() != (out / "tokenizer.json").resolve()
+    refuse_existing(model_files(out) + ([out / "tokenizer.json"] if copy_tokenizer else []), overwrite)
+    with staged(overwrite) as files:
+        write_model(model, out, files, extra)
+        if copy_tokenizer:
+            shutil.copyfile(src, files.path(out / "tokenizer.json"))
     return out
 
 

@@ -30,14 +30,19 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from torchblt.formats import _resolve_path, detect_format, load_model, save_model
+    from torchblt.formats.native import model_files
+    from torchblt.formats.transformers import transformers_files
     from torchblt.model.blt import BLT
+    from torchblt.outputs import refuse_existing
 
+    out = Path(args.out)
+    # what we will write, checked before the (slow) load; the entropy model's files once we know there is one
+    refuse_existing(transformers_files(out) if args.to == "transformers" else model_files(out), args.overwrite)
     src = _resolve_path(args.src)
     fmt = detect_format(src)
     if args.from_ == "transformers" and fmt != "transformers":
         raise ValueError(f"{args.src}: not a transformers BLT folder (detected format: {fmt})")
     model = load_model(src, dtype=args.dtype, entropy_model=args.entropy_model)
-    out = Path(args.out)
     if args.to == "transformers":
         from torchblt.formats.transformers import save_transformers
 
@@ -47,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
         em = model.patcher.entropy_model
         print(f"wrote transformers BltForCausalLM to {out}" + (" (entropy model bundled)" if em is not None else ""))
         return 0
-    save_model(model, out, overwrite=args.overwrite, extra={"converted_from": {"path": str(args.src), "format": fmt}})
     em = model.patcher.entropy_model if isinstance(model, BLT) else None
-    if em is not None:
-        save_model(em, out / "entropy_model", overwrite=args.overwrite)
+    save_model(model, out, overwrite=args.overwrite, extra={"converted_from": {"path": str(args.src), "format": fmt}},
+               entropy_model=em)
     print(f"wrote torchblt model to {out}" + (f" (entropy model in {out / 'entropy_model'})" if em is not None else ""))
     return 0

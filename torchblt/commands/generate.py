@@ -10,8 +10,10 @@ Examples::
     blt generate ./blt-1b --input prompts.jsonl --output out.jsonl --stop "\\n\\n"
 
 ``--input`` reads JSON lines, each ``{"prompt": "..."}`` (other fields are copied to the output) or a
-JSON string; ``--output`` writes one object per prompt with ``generation`` and ``finish_reason`` added
-(never over an existing file without ``--overwrite``).
+JSON string; every line is checked before anything is generated (the error names the line).
+``--output`` writes one object per prompt with ``generation`` and ``finish_reason`` added, all at once
+(a temporary file renamed at the end: a failed run leaves no partial file), never over an existing file
+without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -74,26 +76,56 @@ def register(subparsers: Any) -> None:
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """JSON lines -> records with a ``prompt`` string; raises ``ValueError`` naming the file and line."""
+    """JSON lines -> records with a ``prompt`` string; raises ``ValueError`` naming the file, line and problem.
+
+    Everything is checked before any generation: UTF-8, JSON, the record's shape, and that every string
+    can be written back as UTF-8 (JSON allows lone surrogates such as ``"\\ud800"``; UTF-8 does not).
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--input {path}: no such file")
     records = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if isinstance(value, str):
             value = {"prompt": value}
         if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
             raise ValueError(f'{path}:{n}: expected {{"prompt": "..."}} or a JSON string')
+        bad = _not_utf8(value)
+        if bad is not None:
+            field, text = bad
+            raise ValueError(f"{path}:{n}: {field} holds a lone surrogate ({text}), which is not valid UTF-8 text")
         records.append(value)
     if not records:
         raise ValueError(f"{path}: no prompts")
     return records
+
+
+def _not_utf8(value: Any, where: str = "") -> tuple[str, str] | None:
+    """(field, offending code point) of the first string in ``value`` that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where or "the value", ascii(value[e.start])[1:-1]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and _not_utf8(k) is not None:
+            return f"a key in {where or 'the record'}", ascii(k)[1:-1]
+        found = _not_utf8(v, f"{where}.{k}" if where else (f"field {k!r}" if isinstance(k, str) else f"[{k}]"))
+        if found is not None:
+            return found
+    return None
 
 
 def coloured(pieces: list[tuple[str, int]], style: str = "") -> str:
@@ -138,11 +170,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give prompts either as arguments or with --input, not both")
     if not args.input and not args.prompts:
         raise ValueError("no prompt: give PROMPT arguments or --input prompts.jsonl")
-    if args.output and Path(args.output).exists() and not args.overwrite:
-        raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
+    if args.output:
+        from torchblt.outputs import refuse_existing
+
+        refuse_existing([args.output], args.overwrite)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     records = read_prompts(args.input) if args.input else [{"prompt": p} for p in args.prompts]
+    for i, p in enumerate(args.prompts, start=1):
+        if _not_utf8(p) is not None:  # undecodable command-line bytes arrive as surrogates
+            raise ValueError(f"PROMPT {i} is not valid UTF-8 text ({_not_utf8(p)[1]})")  # type: ignore[index]
     cfg = GenerationConfig(
         max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=list(args.stop), stop_at_eos=not args.no_stop_at_eos, use_cache=not args.no_cache,
@@ -190,11 +227,12 @@ def run(args: argparse.Namespace) -> int:
                     else:
                         print(rec["prompt"] + gen.texts[j])
     if args.output is not None:
+        from torchblt.outputs import staged
+
         out_path = Path(args.output)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with out_path.open("w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        with staged(args.overwrite) as files:  # all or nothing: a failure leaves no file behind
+            files.write_text(out_path, text)
         print(f"wrote {len(results)} generations to {out_path}", file=sys.stderr)
     return 0
 

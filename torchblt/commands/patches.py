@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         text: str | bytes = path.read_bytes()
     else:
         text = args.text
-    for out in (args.plot, args.html):
-        if out is not None and Path(out).exists() and not args.overwrite:
-            raise FileExistsError(f"{out}: exists; pass --overwrite to replace it")
+    from torchblt.outputs import refuse_existing
+
+    refuse_existing([p for p in (args.plot, args.html) if p is not None], args.overwrite)
     patcher = _patcher(args)
     need_entropies = args.entropies or args.plot is not None
     view = compute_patches(text, patcher, with_entropies=need_entropies or patcher.entropy_model is not None)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from torchblt.outputs import staged
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         "total_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
         "model": str(blt_run / "model"),
     }
-    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with staged(overwrite=True) as files:  # the pipeline's own summary, rewritten by every run
+        files.write_text(out / "quickstart.json", json.dumps(summary, indent=2) + "\n")
     print("\n== summary", file=sys.stdout)
     print(json.dumps(summary, indent=2))
     print(f"\nTry: blt generate {blt_run / 'model'} 'JULIET:' --temperature 0.8 --show-patches")

@@ -98,21 +98,21 @@ def run(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
+    from torchblt.outputs import refuse_existing, staged
     from torchblt.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail here, not on the cluster, on a bad config
     run_dir = cfg.run_dir
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # SLURM opens the --output file there before the job runs
     out = Path(args.output) if args.output else Path(run_dir) / "train.sbatch"
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    refuse_existing([out], args.overwrite)
     text = sbatch_script(
         str(Path(args.config).resolve()), args.overrides, run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
         qos=args.qos, job_name=args.job_name or f"train-{Path(run_dir).name}", setup=args.setup,
         workdir=os.getcwd())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    with staged(args.overwrite) as files:
+        files.write_text(out, text)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # SLURM opens the --output file there before the job runs
     print(f"wrote {out}")
     if args.submit:
         try:

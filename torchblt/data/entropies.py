@@ -187,6 +187,11 @@ def write_entropy_shards(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [shard_name(i, f) for i, f in enumerate(files)]
+    if not (out_dir / MANIFEST).exists():  # a new job: files named like its shards are not ours to replace
+        from torchblt.outputs import refuse_existing
+
+        refuse_existing([out_dir / n for n in names], False,
+                        remedy=f"{out_dir} holds no {MANIFEST} (not a blt entropies folder): choose another --out")
     write_manifest(out_dir, {"shards": names, "sources": files, "entropy_model": model_name, "text_field": text_field})
     if len(set(names)) != len(names):  # pragma: no cover - indices make names unique
         raise ValueError("entropy shards: duplicate shard names")

@@ -49,9 +49,17 @@ def _hub_error(dataset: str, e: BaseException) -> ValueError:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    from torchblt.outputs import refuse_existing
+
+    refuse_existing([out], overwrite)  # a folder that is not empty
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    from torchblt.outputs import staged
+
+    with staged(overwrite=True) as files:  # our own record in the folder checked above
+        files.write_text(path, json.dumps(meta, indent=1))
 
 
 def fetch_hf_dataset(
@@ -158,7 +166,7 @@ def _write_stream(
         "dataset": dataset, "config": config, "split": split, "text_field": text_field, "max_docs": max_docs,
         "files": written, "documents": n_docs, "bytes": n_bytes, "skipped_rows": skipped,
     }  # fmt: skip
-    (out / "hf.json").write_text(json.dumps(meta, indent=1))
+    _write_json(out / "hf.json", meta)
     return HubFetchResult(out, written, n_docs, n_bytes, skipped)
 
 
@@ -181,5 +189,5 @@ def _fetch_files(dataset: str, out: Path, pattern: str, revision: str | None, ov
         raise ValueError(f"dataset {dataset!r}: no {'/'.join(SUPPORTED_SUFFIXES)} file matches --files {pattern!r}")
     size = sum((out / f).stat().st_size for f in found)
     meta = {"dataset": dataset, "files_pattern": pattern, "revision": revision, "files": found}
-    (out / "hf.json").write_text(json.dumps(meta, indent=1))
+    _write_json(out / "hf.json", meta)
     return HubFetchResult(out, found, 0, size, 0)

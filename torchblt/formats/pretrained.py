@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from torchblt.formats.native import save_model
+from torchblt.formats.native import model_files, write_model
 from torchblt.model.blt import BLT
 from torchblt.model.config import config_to_dict
 from torchblt.model.entropy_model import EntropyModel
@@ -104,18 +104,20 @@ def save_pretrained(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (+ its attached entropy model) and a model card to ``folder``."""
+    from torchblt.outputs import refuse_existing, staged
+
     out = Path(folder)
     readme = out / "README.md"
-    if readme.exists() and not overwrite:
-        raise FileExistsError(f"refusing to overwrite {readme} (pass overwrite=True / --overwrite)")
-    card = {"data": data, "metrics": _numeric_metrics(metrics), "eval_data": eval_data}
-    save_model(model, out, overwrite=overwrite, extra={"card": card})
     em = model.patcher.entropy_model if isinstance(model, BLT) else None
-    if em is not None:
-        save_model(em, out / "entropy_model", overwrite=overwrite)
+    refuse_existing([readme, *model_files(out, em is not None)], overwrite)
+    card = {"data": data, "metrics": _numeric_metrics(metrics), "eval_data": eval_data}
     text = make_model_card(model, data=data, metrics=metrics, eval_data=eval_data, description=description,
                            license=license, model_name=model_name)
-    readme.write_text(text, encoding="utf-8")
+    with staged(overwrite) as files:
+        write_model(model, out, files, extra={"card": card})
+        if em is not None:
+            write_model(em, out / "entropy_model", files)
+        files.write_text(readme, text)
     return out
 
 

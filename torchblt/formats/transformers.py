@@ -420,24 +420,27 @@ def save_transformers(
     ``BltForCausalLM`` folder: ``config.json``, ``model.safetensors``, ``generation_config.json``."""
     from safetensors.torch import save_file
 
+    from torchblt.outputs import refuse_existing, staged
+
     if entropy_model is None:
         entropy_model = model.patcher.entropy_model
     config = config_to_transformers(model.config, entropy_model.config if entropy_model is not None else None)
     out = Path(folder)
-    targets = [out / "config.json", out / "model.safetensors", out / "generation_config.json"]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_existing(transformers_files(out), overwrite)
     state = blt_to_transformers_state(model, entropy_model)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2) + "\n", encoding="utf-8")
     generation = {"bos_token_id": 1, "eos_token_id": model.config.eos_id, "pad_token_id": 0, "use_cache": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    with staged(overwrite) as files:
+        save_file(state, str(files.path(out / "model.safetensors")), metadata={"format": "pt"})
+        files.write_text(out / "config.json", json.dumps({**config, "dtype": dtype}, indent=2) + "\n")
+        files.write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out
+
+
+def transformers_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The files :func:`save_transformers` writes."""
+    out = Path(folder)
+    return [out / "config.json", out / "model.safetensors", out / "generation_config.json"]
 
 
 # --------------------------------------------------------------------------- live objects (needs transformers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,3 +143,114 @@ def test_checkpoint_kind_never_imports_a_module(run_copy, tmp_path, monkeypatch,
     err = one_line_error()
     assert "model_config.json" in err and "never makes torchblt import code" in err
     assert not (tmp_path / "pwned").exists() and "plugin_that_runs_code" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _last_item_offset(step_dir: Path) -> int:
+    from torchblt.train.safe_dcp import read_metadata
+
+    return max(info.offset for info in read_metadata(step_dir).storage_data.values())
+
+
+DAMAGE = {
+    "truncated shard": lambda d: (d / "__0_0.distcp").write_bytes((d / "__0_0.distcp").read_bytes()[:-100]),
+    "missing .metadata": lambda d: (d / ".metadata").unlink(),
+    "corrupt train_state_rank0.json": lambda d: (d / "train_state_rank0.json").write_text('{"step": 2, "da'),
+    "empty complete.json": lambda d: (d / "complete.json").write_text(""),
+    "corrupt model_config.json": lambda d: (d / "model_config.json").write_bytes(b"\xff\xfe"),
+    # the last tensor of the shard does not load: the ones before it were already copied into the model,
+    # so the fallback must overwrite them all (the losses below prove it)
+    "garbled tensor": lambda d: _garble(d / "__0_0.distcp", _last_item_offset(d)),
+}
+DAMAGED_FILE = {"truncated shard": "__0_0.distcp", "missing .metadata": ".metadata", "garbled tensor": "",
+                "corrupt train_state_rank0.json": "train_state_rank0.json", "empty complete.json": "complete.json",
+                "corrupt model_config.json": "model_config.json"}
+
+
+def _garble(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\0" * 64
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tiny_run, run_copy, capsys):
+    from tests.train_helpers import read_metrics
+
+    train, run = run_copy
+    latest = ckpt.latest_checkpoint(run)
+    DAMAGE[damage](latest)
+    assert blt_main(["train", *overrides(run, train, steps=2)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert f"{latest} is damaged (" in warnings[0] and DAMAGED_FILE[damage] in warnings[0]
+    assert "resuming from step_00000001" in warnings[0]
+    assert (latest.parent / "damaged-step_00000002").is_dir()  # kept for inspection, out of the way
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000001", "step_00000002"]
+    # resumed from step 1: step 2 is trained again, bitwise as in the uninterrupted run
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(tiny_run[1])]
+
+
+def test_no_intact_checkpoint_is_one_error_and_moves_nothing(run_copy, one_line_error):
+    train, run = run_copy
+    for step_dir in ckpt.list_checkpoints(run):
+        DAMAGE["missing .metadata"](step_dir)
+    assert blt_main(["train", *overrides(run, train, steps=3)]) == 2
+    err = one_line_error()
+    assert "no intact checkpoint to resume from" in err and "step_00000001/.metadata: missing" in err
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000001", "step_00000002"]
+
+
+def test_export_of_a_damaged_checkpoint_names_the_file(run_copy, tmp_path, one_line_error):
+    _, run = run_copy
+    DAMAGE["truncated shard"](ckpt.latest_checkpoint(run))
+    assert blt_main(["export", str(run), str(tmp_path / "out")]) == 2
+    assert "step_00000002/__0_0.distcp: truncated" in one_line_error()
+    assert not (tmp_path / "out").exists()
+
+
+def test_stale_temp_folder_never_blocks_a_save(run_copy, monkeypatch):
+    train, run = run_copy
+    stale = run / "checkpoints" / ".tmp-step_00000003"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "__0_0.distcp").write_bytes(b"half a save")
+    real_rmtree = shutil.rmtree
+
+    def cannot_remove(path, *args, **kwargs):  # e.g. files held open on NFS
+        if ".tmp-step_00000003" in str(path) and "step_00000003" != Path(path).name:
+            return None
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", cannot_remove)
+    assert blt_main(["train", *overrides(run, train, steps=3)]) == 0
+    assert ckpt.latest_checkpoint(run).name == "step_00000003"
+    assert [p for p in (run / "checkpoints").glob(".tmp-stale-*")]  # renamed aside, retried by the next save
+
+
+def test_full_disk_keeps_the_previous_checkpoint(run_copy, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    def no_space(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    train, run = run_copy
+    monkeypatch.setattr(FileSystemWriter, "write_data", no_space)
+    assert blt_main(["train", *overrides(run, train, steps=3)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        f"blt train: error: no space left on device: {run / 'checkpoints' / 'step_00000003'} (checkpoint not "
+        "saved; the previous checkpoint step_00000002 is intact)"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    # a first checkpoint that does not fit leaves no empty checkpoints/ folder
+    fresh = tmp_path / "fresh"
+    assert blt_main(["train", *overrides(fresh, train, steps=1)]) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert not (fresh / "checkpoints").exists()
+    monkeypatch.undo()
+    assert blt_main(["train", *overrides(run, train, steps=3)]) == 0  # resumes from the intact step 2
+    assert ckpt.latest_checkpoint(run).name == "step_00000003"

@@ -67,3 +67,19 @@ def test_two_processes_match_one(tmp_path, kind, data_parallel, signal_one_rank)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b["bytes_per_s"] > 0 and b["bytes_seen"] == a["bytes_seen"]  # metrics summed over ranks
+
+
+@pytest.mark.slow
+def test_damage_seen_by_one_rank_makes_both_fall_back(tmp_path):
+    """Only rank 1's train state of the latest checkpoint is damaged: both ranks agree to resume from the
+    previous one (a rank that decided alone would hang the other in the collective load)."""
+    train, _ = write_corpus(tmp_path / "data")
+    args = overrides(tmp_path / "two", train, "blt", steps=2) + ["data.batch_size=4", "checkpoint.every=1",
+                                                                "checkpoint.keep=5"]
+    launch(2, args)
+    latest = ckpt.latest_checkpoint(tmp_path / "two")
+    (latest / "train_state_rank1.json").write_text("{")
+    launch(2, args)
+    assert (latest.parent / "damaged-step_00000002").is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "two")] == ["step_00000001", "step_00000002"]
+    assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]

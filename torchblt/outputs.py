@@ -27,11 +27,12 @@ __all__ = ["DiskFullError", "Staged", "disk_full_error", "is_disk_full", "refuse
 class DiskFullError(OSError):
     """``no space left on device: PATH``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], note: str = "") -> None:
         super().__init__(errno.ENOSPC, "no space left on device", str(path))
+        self.note = note
 
     def __str__(self) -> str:
-        return f"no space left on device: {self.filename}"
+        return f"no space left on device: {self.filename}" + (f" ({self.note})" if self.note else "")
 
 
 def is_disk_full(e: BaseException) -> bool:

@@ -8,7 +8,12 @@ data-loader position, RNG), ``model_config.json`` (kind + architecture, what ``b
 Atomicity: everything is written into ``.tmp-step_00001000``; only when every rank has finished does
 rank 0 write ``complete.json`` and rename the folder to its final name (a rename within a folder is
 atomic on POSIX). A save killed midway leaves a ``.tmp-*`` folder that is ignored (and removed by the
-next save), so the previous checkpoint stays the latest valid one. Only the last ``keep`` are kept.
+next save, or renamed aside when it cannot be), so the previous checkpoint stays the latest valid one. A
+save that fails on any rank (a full disk) is cleaned up and raised on every rank. Only the last ``keep``
+are kept.
+
+Resume (:func:`resume_latest`) checks a checkpoint before loading it (:func:`verify_checkpoint`) and falls
+back to the newest intact one, moving damaged ones aside to ``damaged-step_N``.
 
 Reading never runs code from the files: the DCP parts go through :func:`torchblt.train.safe_dcp.dcp_load`
 (restricted unpickler for ``.metadata``, ``weights_only`` byte items), the rest is JSON, and the model kind
@@ -17,17 +22,21 @@ named in ``model_config.json`` must be one torchblt knows (a checkpoint never ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import secrets
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -36,9 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchblt.formats.common import CheckpointError
-from torchblt.outputs import refuse_existing
-from torchblt.train.distributed import DistInfo, barrier
-from torchblt.train.safe_dcp import dcp_load
+from torchblt.outputs import DiskFullError, is_disk_full, refuse_existing
+from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier
+from torchblt.train.safe_dcp import checkpoint_failure, dcp_load, read_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -102,32 +111,94 @@ def check_run_dir(run_dir: str | Path) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], model_config: dict[str, Any], dist_info: DistInfo,
                     keep: int) -> Path:
+    """Write checkpoint ``step`` atomically (see the module docstring); returns its folder.
+
+    A failure on any rank (a full disk: :class:`~torchblt.outputs.DiskFullError`) removes the
+    temporary folder (and ``checkpoints/`` if this save created it) on every rank's behalf and raises on
+    every rank; the previous checkpoints are untouched.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    made_root = not root.exists()
+    error: BaseException | None = None
     if dist_info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # saves that died midway
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():  # "no process group: saving in a single process" is what we want
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=str(tmp))
-    (tmp / f"train_state_rank{dist_info.rank}.json").write_text(json.dumps(train_state), encoding="utf-8")
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _clear_stale(root)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, dist_info, root, tmp, made_root, final)
+    try:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        with warnings.catch_warnings():  # "no process group: saving in a single process" is what we want
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=str(tmp))
+        (tmp / f"train_state_rank{dist_info.rank}.json").write_text(json.dumps(train_state), encoding="utf-8")
+    except (OSError, CheckpointException) as e:  # DCP raises CheckpointException on every rank alike
+        error = e
+    _raise_if_any_failed(error, dist_info, root, tmp, made_root, final)
     if dist_info.is_main:
-        (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2), encoding="utf-8")
-        (tmp / "complete.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}),
-                                           encoding="utf-8")
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        try:
+            (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2), encoding="utf-8")
+            (tmp / "complete.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}),
+                                               encoding="utf-8")
+            if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+                replaced = root / f".tmp-replaced-{final.name}"
+                shutil.rmtree(replaced, ignore_errors=True)
+                final.rename(replaced)  # out of the way first: the step is never missing on disk for long
+                tmp.rename(final)
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                tmp.rename(final)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, dist_info, root, tmp, made_root, final)
+    if dist_info.is_main:
+        # checkpoints after this step (a timeline we resumed away from) are not counted or pruned here
+        older = [p for p in list_checkpoints(run_dir) if _step_of(p) <= step]
+        for old in older[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _clear_stale(root: Path) -> None:
+    """Remove the ``.tmp-*`` folders of saves that died midway; one that cannot be removed is renamed
+    aside (retried by the next save), so it never blocks this save."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        if stale.exists() and not stale.name.startswith(".tmp-stale-"):
+            with contextlib.suppress(OSError):
+                stale.rename(root / f".tmp-stale-{secrets.token_hex(4)}")
+
+
+def _raise_if_any_failed(error: BaseException | None, dist_info: DistInfo, root: Path, tmp: Path, made_root: bool,
+                         final: Path) -> None:
+    """A collective: if any rank failed, rank 0 cleans up and every rank raises (none waits forever)."""
+    (n_failed,) = all_reduce_sum([0.0 if error is None else 1.0], dist_info.device)
+    if n_failed == 0:
+        return
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty: a checkpoints/ folder this save made and could not fill
+    previous = [p.name for p in list_checkpoints(root.parent) if p != final]
+    kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+    if error is not None and is_disk_full(error):
+        raise DiskFullError(final, note=f"checkpoint not saved{kept}") from None
+    if isinstance(error, OSError):
+        raise CheckpointError(f"{final}: checkpoint not saved ({error}){kept}") from None
+    if isinstance(error, CheckpointException):
+        raise checkpoint_failure(error, final, f"checkpoint not saved{kept}") from None
+    raise CheckpointError(f"{final}: checkpoint not saved (it failed on another rank){kept}")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -138,29 +209,99 @@ def checkpoint_step(path: Path) -> int:
     return step
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    dist_info: DistInfo) -> dict[str, Any]:
-    """Load model (+ optimizer) tensors in place; return this rank's train state dict."""
+def verify_checkpoint(path: Path, dist_info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """Cheap checks of everything a resume reads, before any tensor is touched: ``complete.json``,
+    ``model_config.json``, this rank's ``train_state_rank{R}.json``, the DCP index and the length of every
+    data file it lists. Returns (index, train state); a damaged file is a ``CheckpointError`` naming it.
+    A checkpoint written by another number of processes is a ``ValueError`` (not damage)."""
     meta = _read_json(path / "complete.json")
-    state_file = path / f"train_state_rank{dist_info.rank}.json"
-    if meta.get("world_size", 1) != dist_info.world_size or not state_file.is_file():
+    checkpoint_step(path)
+    if meta.get("world_size", 1) != dist_info.world_size:
         raise ValueError(
             f"{path}: written by {meta.get('world_size')} process(es), now {dist_info.world_size}; exact resume "
-            "needs the same number of processes (the data position is per rank). Use init_from to start a new "
-            "run from these weights (blt export first)"
+            "needs the same number of processes (the data position is per rank). Use model.init_from="
+            f"{path} to start a new run from these weights"
         )
+    read_model_config(path)
+    train_state = _read_json(path / f"train_state_rank{dist_info.rank}.json")
+    return read_metadata(path), train_state
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    dist_info: DistInfo, verified: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Load model (+ optimizer) tensors in place; return this rank's train state dict.
+
+    ``verified``: what :func:`verify_checkpoint` returned for ``path`` (read now when None); its index
+    is the one the load uses.
+    """
+    metadata, train_state = verified if verified is not None else verify_checkpoint(path, dist_info)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    _dcp_load(state, path)
+    dcp_load(state, path, metadata)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    return _read_json(state_file)
+    return train_state
 
 
-def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    dcp_load(state, path)
+def resume_latest(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                  dist_info: DistInfo, check: Callable[[Path], None] | None = None,
+                  ) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest checkpoint of ``run_dir`` that is intact; None when there is none at all.
+
+    A damaged checkpoint (unreadable JSON, missing or refused ``.metadata``, a missing or truncated data
+    file, a tensor that does not load) is skipped for the next older one; once one loads, the damaged ones
+    are moved aside to ``checkpoints/damaged-step_N`` (kept for inspection, no longer counted, so never
+    pruned in place of a good one) and one warning line names each and why. If none loads, nothing is
+    moved and the error lists them all.
+    ``check(path)`` runs before loading (e.g. the architecture comparison); what it raises propagates.
+    Every rank takes the same decision (the checks are agreed with an all-reduce; DCP's load fails on
+    all ranks alike).
+    """
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            try:
+                verified = verify_checkpoint(path, dist_info)
+                problem = None
+            except CheckpointError as e:
+                verified, problem = None, str(e)
+            (n_bad,) = all_reduce_sum([0.0 if problem is None else 1.0], dist_info.device)
+            if n_bad:
+                raise CheckpointError(problem or f"{path}: damaged (found by another rank)")
+            if check is not None:
+                check(path)
+            train_state = load_checkpoint(path, model, optimizer, dist_info, verified)
+        except CheckpointError as e:
+            damaged.append((path, str(e)))
+            continue
+        for bad, _ in damaged:
+            _set_aside(bad, dist_info)
+        if damaged:
+            _warn(dist_info, "; ".join(f"{p} is damaged ({why}), moved to damaged-{p.name}" for p, why in damaged)
+                  + f"; resuming from {path.name}, the newest intact checkpoint")
+        barrier()
+        return path, train_state
+    if damaged:
+        raise CheckpointError(f"{checkpoint_dir(run_dir)}: no intact checkpoint to resume from: "
+                              + "; ".join(why for _, why in damaged))
+    return None
+
+
+def _warn(dist_info: DistInfo, message: str) -> None:
+    if dist_info.is_main:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _set_aside(path: Path, dist_info: DistInfo) -> None:
+    if not dist_info.is_main:
+        return
+    target = path.with_name(f"damaged-{path.name}")
+    if target.exists():
+        target = path.with_name(f"damaged-{path.name}-{secrets.token_hex(4)}")
+    with contextlib.suppress(OSError):
+        path.rename(target)
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
@@ -223,12 +364,5 @@ def read_weights(path: Path, config: Any) -> dict[str, torch.Tensor]:
 
     shapes = build_model(config, device="meta").state_dict()
     state = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}}
-    _dcp_load(state, path)
+    dcp_load(state, path)
     return state["model"]
-
-
-def load_weights_only(path: Path, model: nn.Module) -> None:
-    """Model tensors of a checkpoint into a plain (unsharded) model, in one process."""
-    state = {"model": model.state_dict()}
-    _dcp_load(state, path)
-    model.load_state_dict(state["model"])

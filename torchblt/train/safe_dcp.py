@@ -174,14 +174,14 @@ def dcp_load(state: dict[str, Any], folder: str | os.PathLike[str], metadata: Me
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder))
     except CheckpointException as e:
-        raise checkpoint_failure(e, folder) from None
+        raise checkpoint_failure(e, folder, "cannot read the checkpoint") from None
 
 
-def checkpoint_failure(e: CheckpointException, folder: Path) -> Exception:
+def checkpoint_failure(e: CheckpointException, folder: Path, what: str) -> BaseException:
     """The first failing rank's exception: a CheckpointError as it is, anything else as one naming ``folder``."""
     for _, (exc, _trace) in sorted(e.failures.items()):
         if isinstance(exc, (CheckpointError, KeyboardInterrupt)):
             return exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return CheckpointError(f"{folder}: cannot read the checkpoint ({type(exc).__name__}: {first})")
-    return CheckpointError(f"{folder}: cannot read the checkpoint")
+        return CheckpointError(f"{folder}: {what} ({type(exc).__name__}: {first})")
+    return CheckpointError(f"{folder}: {what}")

@@ -143,16 +143,19 @@ class Trainer:
                 "entropy_model": self.cfg.model.entropy_model or self.cfg.data.entropy_model}
 
     def _maybe_resume(self) -> Path | None:
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
+        def same_architecture(path: Path) -> None:
+            saved, now = ckpt.read_model_config(path).get("arch", {}), config_to_dict(self.raw_config)
+            saved.pop("patching", None)
+            now.pop("patching", None)  # the patching threshold may be calibrated: compared by the loader
+            if saved != now and not self.cfg.model.init_from:
+                raise ValueError(f"{path}: checkpoint architecture differs from model.arch; use a new run_dir "
+                                 "(or init_from to fine-tune from exported weights)")
+
+        found = ckpt.resume_latest(self.run_dir, self.model, self.optimizer, self.dist, check=same_architecture)
+        if found is None:
             return None
-        saved, now = ckpt.read_model_config(latest).get("arch", {}), config_to_dict(self.raw_config)
-        saved.pop("patching", None)
-        now.pop("patching", None)  # the patching threshold may be calibrated: compared by the loader
-        if saved != now and not self.cfg.model.init_from:
-            raise ValueError(f"{latest}: checkpoint architecture differs from model.arch; use a new run_dir "
-                             "(or init_from to fine-tune from exported weights)")
-        self.state.load_state_dict(ckpt.load_checkpoint(latest, self.model, self.optimizer, self.dist))
+        latest, train_state = found
+        self.state.load_state_dict(train_state)
         if self.state.data:
             self.loader.load_state_dict(self.state.data)
             if isinstance(self.model, BLT):

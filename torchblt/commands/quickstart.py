@@ -8,7 +8,9 @@
 5. ``blt generate`` — a sample from the trained BLT.
 
 Each step is the documented command, so the printout doubles as a recipe. Re-running resumes: finished
-steps are skipped and an interrupted training run continues from its last checkpoint. A summary (time
+steps are skipped and an interrupted training run continues from its last checkpoint. A step stopped by
+a signal (SIGTERM/SIGINT: training saves a checkpoint) stops the pipeline with "re-run the same command
+to resume" and exit code 130. A summary (time
 per step, validation bits per byte) is printed and written to ``DIR/quickstart.json``.
 """
 
@@ -38,18 +40,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _step(title: str, argv: list[str], timings: dict[str, float], key: str) -> None:
+class Interrupted(Exception):
+    """A step was stopped by a signal (training saved a checkpoint): the pipeline stops, a re-run resumes."""
+
+
+def _step(title: str, argv: list[str], timings: dict[str, float], key: str, run_dir: Path | None = None) -> None:
+    """Run one ``blt`` command; a training step (``run_dir``) must have finished (``finished.json``)."""
     from torchblt.cli import main as blt_main
 
     print(f"\n== {title}\n$ blt {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     t0 = time.perf_counter()
     code = blt_main(argv)
     timings[key] = round(time.perf_counter() - t0, 1)
+    if code == 130 or (code == 0 and run_dir is not None and not (run_dir / "finished.json").is_file()):
+        saved = f"its checkpoint is in {run_dir}; " if run_dir is not None else ""
+        raise Interrupted(f"step '{title}' was interrupted; {saved}re-run the same command to resume")
     if code != 0:
         raise ValueError(f"step '{title}' failed (exit {code}); fix the error above and re-run blt quickstart")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _pipeline(args)
+    except Interrupted as e:
+        print(f"blt quickstart: {e}", file=sys.stderr)
+        return 130
+
+
+def _pipeline(args: argparse.Namespace) -> int:
     out = Path(args.out)
     configs = Path(args.configs)
     for name in ("quickstart-entropy.yaml", "quickstart-blt.yaml"):
@@ -66,13 +84,13 @@ def run(args: argparse.Namespace) -> int:
     if not (em_run / "finished.json").is_file():
         _step("2/5 train the entropy model", ["train", str(configs / "quickstart-entropy.yaml"), f"run_dir={em_run}",
               f"data.sources=[{data / 'train'}]", *common_data]
-              + ([f"train.steps={args.entropy_steps}"] if args.entropy_steps else []), timings, "entropy_model")
+              + ([f"train.steps={args.entropy_steps}"] if args.entropy_steps else []), timings, "entropy_model", em_run)
     _step("3/5 entropies of the training text", ["entropies", "--entropy-model", str(em_run / "model"),
           "--data", str(data / "train"), "--out", str(ent)], timings, "entropies")
     if not (blt_run / "finished.json").is_file():
         _step("4/5 train the BLT (entropy patching)", ["train", str(configs / "quickstart-blt.yaml"),
               f"run_dir={blt_run}", f"data.entropies={ent}", f"model.entropy_model={em_run / 'model'}", *common_data]
-              + ([f"train.steps={args.blt_steps}"] if args.blt_steps else []), timings, "blt")
+              + ([f"train.steps={args.blt_steps}"] if args.blt_steps else []), timings, "blt", blt_run)
     _step("5/5 sample from the trained BLT", ["generate", str(blt_run / "model"), args.prompt, "--max-new-bytes",
           "300", "--temperature", "0.8", "--top-k", "20", "--seed", "0"], timings, "generate")
 

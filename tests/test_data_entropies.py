@@ -233,3 +233,79 @@ def test_entropy_model_from_a_blt_folder(tmp_path: Path) -> None:
         load_entropy_model(str(blt))
     shutil.copytree(ENTROPY_MODEL, blt / "entropy_model")  # the released repos' layout
     assert isinstance(load_entropy_model(str(blt)), EntropyModel)
+
+
+# ------------------------------------------------------------------ concurrent writers, damaged shards
+
+
+def _hold_lock(folder: Path, byte: int):
+    """A separate process holding the lock on shard ``byte`` of ``folder`` (as a running job does)."""
+    import subprocess
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    code = (f"import fcntl, sys\nf = open({str(folder / '.lock')!r}, 'a+b')\n"
+            f"fcntl.lockf(f, fcntl.LOCK_EX, 1, {byte})\nprint('locked', flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_job_on_the_same_folder_is_refused(corpus: Path, em, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ent"
+    holder = _hold_lock(out, 2)  # another job is writing shard 2
+    try:
+        argv = ["entropies", "--entropy-model", str(ENTROPY_MODEL), "--data", str(corpus), "--out", str(out),
+                "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"blt entropies: error: another process is writing {out} (shard 00002-part1.parquet is "
+                       "locked); wait for it to finish, or use another --out"]
+        assert not list(out.glob("*.parquet"))  # nothing computed before the refusal
+        # the ranks of one job lock disjoint shards: rank 1 of 2 works while shard 2 (rank 0's) is held
+        res = write_entropy_shards(em, [str(corpus)], out, rank=1, world_size=2, progress=False,
+                                   model_name=str(ENTROPY_MODEL))
+        assert res.written == ["00001-part0.parquet", "00003-part2.parquet"]
+    finally:
+        holder.communicate("")
+    assert main(argv) == 0  # the lock went with the process
+
+
+def test_damaged_shards_are_verified_and_redone(corpus: Path, em, tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+
+    from torchblt.data.entropies import check_entropy_folder, verify_shard
+
+    out = tmp_path / "ent"
+    kw = dict(progress=False, model_name=str(ENTROPY_MODEL))
+    write_entropy_shards(em, [str(corpus)], out, **kw)
+    good = {p.name: pq.read_table(p) for p in out.glob("*.parquet")}
+    assert all(verify_shard(out / n) is None for n in good)
+    # a shard cut short, one with other columns, one whose source grew, and a killed run's temporary file
+    cut = out / "00001-part0.parquet"
+    cut.write_bytes(cut.read_bytes()[:-200])
+    meta = pq.read_schema(out / "00002-part1.parquet").metadata
+    pq.write_table(pa.table({"text": [b"x"]}).replace_schema_metadata(meta), out / "00002-part1.parquet")
+    with pytest.raises(ValueError, match=r"00001-part0.parquet: not a readable Parquet file.*again"):
+        check_entropy_folder(out)
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    for p in corpus.iterdir():
+        (grown / p.name).write_bytes(p.read_bytes())
+    stale = out / ".00000-bin.parquet.999-dead.tmp"
+    stale.write_bytes(b"half")
+    res = write_entropy_shards(em, [str(grown)], out, **kw)
+    assert res.written == ["00001-part0.parquet", "00002-part1.parquet"] and not stale.exists()
+    err = capsys.readouterr().err
+    assert "00001-part0.parquet: not a readable Parquet file" in err and "computing it again" in err
+    assert "00002-part1.parquet: unexpected columns ['text']" in err
+    for name, table in good.items():  # (the copies' "source" column names the copy)
+        assert pq.read_table(out / name).select(["text", "entropies", "row"]).equals(
+            table.select(["text", "entropies", "row"])), name
+    with open(grown / "part2.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    res = write_entropy_shards(em, [str(grown)], out, **kw)
+    assert res.written == ["00003-part2.parquet"] and "its source file changed size" in capsys.readouterr().err
+    assert pq.read_metadata(out / "00003-part2.parquet").num_rows == 6
+    assert check_entropy_folder(out)
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []

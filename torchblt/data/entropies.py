@@ -17,16 +17,23 @@ Shard format (Parquet, one file per input file, ``<out>/<NNNNN>-<input name>.par
 ``row``        ``int64``                    the record in that file (pieces of a split document share it)
 =============  ===========================  ================================================
 
-The file's key-value metadata records the entropy model, the dtype and the torchblt version. A shard
-is written to ``<name>.tmp`` and renamed when complete, so a finished shard is never half written and a
-rerun skips it. Under ``torchrun`` each rank writes the shards ``i`` with ``i % WORLD_SIZE == RANK``.
+The file's key-value metadata records the entropy model, the dtype and the format, and, written when the
+shard is closed, its row count and the size of its source file. A shard is written under a unique
+temporary name and renamed when complete, so a finished shard is never half written. Each process holds a
+lock on the shards it writes (byte ``i`` of ``<out>/.lock``), so two jobs on one folder never write the
+same shard: the second stops with "another process is writing DIR". A rerun skips a shard only after
+checking its footer (:func:`verify_shard`: readable, our schema, the row count written at close, the
+same source size), and computes a damaged one again. Under ``torchrun`` each rank writes the shards ``i``
+with ``i % WORLD_SIZE == RANK``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -176,12 +183,18 @@ def write_entropy_shards(
     model_name: str = "",
     progress: bool = True,
 ) -> EntropyJobResult:
-    """Write one entropy shard per input file (this rank's share), skipping finished shards."""
+    """Write one entropy shard per input file (this rank's share), skipping finished shards.
+
+    This rank's shards are locked for the whole job (another process on them: "another process is writing
+    DIR"); a shard already there is verified (:func:`verify_shard`) before it is skipped, and computed again
+    (with a warning) when it is damaged or its source file changed size.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
     from torchblt.data.sources import DocumentReader, new_stats, resolve_sources
+    from torchblt.outputs import staged
 
     files = resolve_sources(sources)
     out_dir = Path(out)
@@ -196,13 +209,83 @@ def write_entropy_shards(
     if len(set(names)) != len(names):  # pragma: no cover - indices make names unique
         raise ValueError("entropy shards: duplicate shard names")
     mine = [i for i in range(len(files)) if i % world_size == rank]
-    todo = [i for i in mine if not (out_dir / names[i]).exists()]
-    skipped = [names[i] for i in mine if i not in todo]
-    total_bytes = sum(os.path.getsize(files[i]) for i in todo)
-    stats = new_stats()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    meta = {"torchblt.entropy_model": model_name, "torchblt.dtype": dtype, "torchblt.format": "entropies-v1"}
-    schema = pa.schema(
+    schema = shard_schema({"torchblt.entropy_model": model_name, "torchblt.dtype": dtype})
+    stats = new_stats()
+    written = []
+    n_docs = n_bytes = 0
+    t0 = time.perf_counter()
+    with _locked(out_dir, mine, names):
+        todo, skipped = [], []
+        for i in mine:
+            _remove_stale_temporaries(out_dir, names[i])
+            problem = verify_shard(out_dir / names[i], os.path.getsize(files[i]))
+            if problem is None:
+                skipped.append(names[i])
+                continue
+            if (out_dir / names[i]).exists():
+                print(f"warning: {out_dir / names[i]}: {problem}; computing it again", file=sys.stderr, flush=True)
+            todo.append(i)
+        total_bytes = sum(os.path.getsize(files[i]) for i in todo)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"entropies rank {rank}", disable=not progress)
+        try:
+            for i in todo:
+                final = out_dir / names[i]
+                reader = DocumentReader(
+                    [files[i]],
+                    text_field,
+                    shuffle_files=False,
+                    loop=False,
+                    max_doc_bytes=max_doc_bytes,
+                    on_bad_record=on_bad_record,
+                    stats=stats,
+                )
+                source_bytes = file_left = os.path.getsize(files[i])
+                n_rows = 0
+                with staged(overwrite=True) as staging:  # a unique temporary name, renamed when complete
+                    writer = pq.ParquetWriter(str(staging.path(final)), schema)
+                    try:
+                        for docs in _chunks(reader, max_docs=256):
+                            toks = [document_tokens(d.data) for d in docs]
+                            ents = document_entropies(model, toks, batch_tokens)
+                            table = pa.table(
+                                {
+                                    "text": pa.array([d.data for d in docs], pa.binary()),
+                                    ENTROPIES_FIELD: pa.array([e.astype(np.float16) for e in ents], pa.list_(pa.float16())),
+                                    "source": pa.array([d.source for d in docs], pa.string()),
+                                    "row": pa.array([d.row for d in docs], pa.int64()),
+                                },
+                                schema=schema,
+                            )
+                            writer.write_table(table)
+                            nb = sum(len(d.data) for d in docs)
+                            n_rows += len(docs)
+                            n_docs += len(docs)
+                            n_bytes += nb
+                            step = min(nb, file_left)  # the bar counts input-file bytes (JSON overhead included)
+                            bar.update(step)
+                            file_left -= step
+                        # the proof of a finished shard, checked before a rerun skips it
+                        writer.add_key_value_metadata({ROWS_KEY: str(n_rows), SOURCE_BYTES_KEY: str(source_bytes)})
+                    finally:
+                        writer.close()
+                bar.update(file_left)
+                written.append(names[i])
+        finally:
+            bar.close()
+    return EntropyJobResult(written, skipped, n_docs, n_bytes, time.perf_counter() - t0, stats)
+
+
+FORMAT = "entropies-v1"
+ROWS_KEY, SOURCE_BYTES_KEY = "torchblt.rows", "torchblt.source_bytes"
+
+
+def shard_schema(metadata: dict[str, str] | None = None) -> Any:
+    """The Arrow schema of an entropy shard (see the module docstring); ``metadata`` values are JSON-encoded."""
+    import pyarrow as pa
+
+    meta = {**(metadata or {}), "torchblt.format": FORMAT}
+    return pa.schema(
         [
             ("text", pa.binary()),
             (ENTROPIES_FIELD, pa.list_(pa.float16())),
@@ -211,53 +294,64 @@ def write_entropy_shards(
         ],
         metadata={k: json.dumps(v) for k, v in meta.items()},
     )
-    written = []
-    n_docs = n_bytes = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"entropies rank {rank}", disable=not progress)
+
+
+def verify_shard(path: Path, source_bytes: int | None = None) -> str | None:
+    """None when ``path`` is a finished entropy shard, else what is wrong with it.
+
+    Reads only the Parquet footer: it must be there (a cut file has none), carry our format, the schema
+    and the row count written when the shard was closed (equal to the footer's), and, when given, the
+    size of the source file it was computed from.
+    """
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return "missing"
     try:
-        for i in todo:
-            final = out_dir / names[i]
-            tmp = out_dir / (names[i] + ".tmp")
-            reader = DocumentReader(
-                [files[i]],
-                text_field,
-                shuffle_files=False,
-                loop=False,
-                max_doc_bytes=max_doc_bytes,
-                on_bad_record=on_bad_record,
-                stats=stats,
-            )
-            writer = pq.ParquetWriter(str(tmp), schema)
-            file_left = os.path.getsize(files[i])
+        md = pq.read_metadata(path)
+        schema = md.schema.to_arrow_schema()
+    except Exception as e:  # noqa: BLE001 - any unreadable footer is a damaged shard
+        return f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    kv = md.metadata or {}
+    if kv.get(b"torchblt.format") != json.dumps(FORMAT).encode():
+        return "not an entropy shard written by blt entropies"
+    if not schema.remove_metadata().equals(shard_schema().remove_metadata()):
+        return f"unexpected columns {schema.names} ({', '.join(str(t) for t in schema.types)})"
+    rows = kv.get(ROWS_KEY.encode())
+    if rows is not None and int(rows) != md.num_rows:
+        return f"holds {md.num_rows} rows, {int(rows)} were written"
+    recorded = kv.get(SOURCE_BYTES_KEY.encode())
+    if source_bytes is not None and recorded is not None and int(recorded) != source_bytes:
+        return f"its source file changed size ({int(recorded)} -> {source_bytes} bytes) since it was written"
+    return None
+
+
+def _remove_stale_temporaries(out_dir: Path, name: str) -> None:
+    """Temporary files of ``name`` left by a killed run (safe: we hold the shard's lock)."""
+    for stale in [out_dir / f"{name}.tmp", *out_dir.glob(f".{name}.*.tmp")]:
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path, indices: list[int], names: list[str]) -> Iterator[None]:
+    """Hold an exclusive lock on shards ``indices`` of ``out_dir`` (one byte each of ``out_dir/.lock``:
+    POSIX record locks, released by the kernel when the process ends, however it ends)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    with open(out_dir / ".lock", "a+b") as f:
+        for i in indices:
             try:
-                for docs in _chunks(reader, max_docs=256):
-                    toks = [document_tokens(d.data) for d in docs]
-                    ents = document_entropies(model, toks, batch_tokens)
-                    table = pa.table(
-                        {
-                            "text": pa.array([d.data for d in docs], pa.binary()),
-                            ENTROPIES_FIELD: pa.array([e.astype(np.float16) for e in ents], pa.list_(pa.float16())),
-                            "source": pa.array([d.source for d in docs], pa.string()),
-                            "row": pa.array([d.row for d in docs], pa.int64()),
-                        },
-                        schema=schema,
-                    )
-                    writer.write_table(table)
-                    nb = sum(len(d.data) for d in docs)
-                    n_docs += len(docs)
-                    n_bytes += nb
-                    step = min(nb, file_left)  # the bar counts input-file bytes (JSON overhead included)
-                    bar.update(step)
-                    file_left -= step
-            finally:
-                writer.close()
-            bar.update(file_left)
-            os.replace(tmp, final)
-            written.append(names[i])
-    finally:
-        bar.close()
-    return EntropyJobResult(written, skipped, n_docs, n_bytes, time.perf_counter() - t0, stats)
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, i)
+            except OSError:
+                raise FileExistsError(
+                    f"another process is writing {out_dir} (shard {names[i]} is locked); wait for it to finish, "
+                    "or use another --out"
+                ) from None
+        yield  # closing the file releases the locks
 
 
 MANIFEST = "entropies.json"
@@ -265,17 +359,21 @@ MANIFEST = "entropies.json"
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     """Record which shards make the complete set (written first, atomically, by every rank alike)."""
+    from torchblt.outputs import staged
+
     path = out_dir / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"{path}: not readable JSON; use a new --out folder") from None
         if old.get("shards") != manifest["shards"] or old.get("entropy_model") != manifest["entropy_model"]:
             raise FileExistsError(
                 f"{out_dir}: holds entropies of other sources or another entropy model ({path}); use a new --out folder"
             )
         return
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    with staged(overwrite=True) as files:  # every rank writes the same content: the last rename wins
+        files.write_text(path, json.dumps(manifest, indent=1))
 
 
 def check_entropy_folder(folder: str | os.PathLike[str]) -> list[str]:
@@ -293,6 +391,11 @@ def check_entropy_folder(folder: str | os.PathLike[str]) -> list[str]:
             f"data.entropies: {folder}: {len(missing)} of {len(shards)} shards missing (first: {missing[0]}); "
             "finish them by running the same `blt entropies` command again"
         )
+    for s in shards:
+        problem = verify_shard(d / s)
+        if problem is not None:
+            raise ValueError(f"data.entropies: {d / s}: {problem}; run the same `blt entropies` command again "
+                             "to compute it again")
     return [str(d / s) for s in shards]
 
 

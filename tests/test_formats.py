@@ -156,3 +156,81 @@ def test_corrupted_consolidated_pth(tmp_path):
     (folder / "consolidated.pth").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="consolidated.pth: not a readable torch checkpoint"):
         load_model(folder)
+
+
+# ---------------------------------------------------------------------------------------------- storage contract
+
+
+def _storages(model: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
+
+
+def test_models_loaded_from_one_state_dict_never_share_storage():
+    from torchblt.formats.common import build_model, load_state_dict_strict
+
+    state = load_file(str(ENT_HF / "model.safetensors"))
+    before = {k: v.clone() for k, v in state.items()}
+    config = load_model(ENT_HF).config
+    a, b = build_model(config), build_model(config)
+    load_state_dict_strict(a, state, "a")
+    load_state_dict_strict(b, state, "b")
+    assert not _storages(a) & _storages(b) and not _storages(a) & {v.untyped_storage().data_ptr() for v in
+                                                                   state.values()}
+    with torch.no_grad():
+        for p in a.parameters():  # "training" a changes neither b nor the caller's dict
+            p.add_(1.0)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]) and torch.equal(state[k], before[k]), k
+
+
+def test_take_installs_the_tensors_without_a_copy_and_consumes_the_dict():
+    from torchblt.formats.common import build_model, load_state_dict_strict
+
+    config = load_model(ENT_HF).config
+    state = load_file(str(ENT_HF / "model.safetensors"))
+    key = "tok_embeddings.weight"
+    state["output.weight"] = state[key]  # tied in the file (same shape): must not stay tied in the model
+    ptrs = {k: v.data_ptr() for k, v in state.items()}
+    model = build_model(config)
+    load_state_dict_strict(model, state, "file", take=True)
+    assert state == {}  # handed over: a second load from it fails instead of sharing
+    loaded = model.state_dict()
+    untied = [k for k in ptrs if k not in (key, "output.weight")]
+    assert all(loaded[k].data_ptr() == ptrs[k] for k in untied)  # no copy: one copy of the weights in memory
+    assert loaded["output.weight"].data_ptr() != loaded[key].data_ptr()  # one of the tied pair was copied
+    assert ptrs[key] in (loaded[key].data_ptr(), loaded["output.weight"].data_ptr())
+    assert torch.equal(loaded["output.weight"], loaded[key])
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_state_dict_strict(build_model(config), state, "again", take=True)
+
+
+def test_load_model_keeps_one_copy_and_never_shares(tmp_path, monkeypatch):
+    import torchblt.formats.native as native
+
+    folder = save_model(load_model(ENT_HF), tmp_path / "m")
+    read, seen = native.read_safetensors, {}
+
+    def spy(path):
+        state = read(path)
+        seen.update({k: v.data_ptr() for k, v in state.items()})
+        return state
+
+    monkeypatch.setattr(native, "read_safetensors", spy)
+    a = load_model(folder)
+    assert {k: v.data_ptr() for k, v in a.state_dict().items() if k in seen} == seen  # the tensors read, as is
+    b = load_model(folder)
+    assert not _storages(a) & _storages(b)
+
+
+def test_from_a_live_transformers_model_copies():
+    pytest.importorskip("transformers")
+    from torchblt.formats.transformers import from_transformers_model, to_transformers_model
+
+    hf = to_transformers_model(load_model(BLT_HF))
+    ours = from_transformers_model(hf)
+    hf_before = {k: v.clone() for k, v in hf.state_dict().items()}
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(2.0)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, hf_before[k]), k

@@ -229,7 +229,7 @@ def load_bpe_model(folder: str | os.PathLike[str], device: str = "cpu", dtype: s
     cfg = read_bpe_config(folder)
     cfg.bpe  # noqa: B018  (fail now, with the path, if the tokenizer is missing)
     model = build_model(cfg)
-    load_state_dict_strict(model, read_safetensors(folder / "model.safetensors"), source=str(folder))
+    load_state_dict_strict(model, read_safetensors(folder / "model.safetensors"), source=str(folder), take=True)
     return model.to(device=device, dtype=resolve_dtype(dtype)).eval()
 
 

@@ -103,7 +103,7 @@ def load_model(
         config, state, em_config, em_state = read_transformers(folder)
         if em_config is not None:
             bundled = build_model(em_config)  # type: ignore[assignment]
-            load_state_dict_strict(bundled, em_state, source=f"{folder} (model.patcher)")
+            load_state_dict_strict(bundled, em_state, source=f"{folder} (model.patcher)", take=True)
             bundled = bundled.to(device=device, dtype=resolve_dtype(dtype)).eval()
     elif fmt == "reference-hf":
         from torchblt.formats.native import read_safetensors
@@ -119,7 +119,7 @@ def load_model(
     else:
         config, state = read_consolidated(folder)
     model = build_model(config)
-    load_state_dict_strict(model, state, source=str(folder))
+    load_state_dict_strict(model, state, source=str(folder), take=True)  # just read: nobody else holds it
     model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
     if isinstance(model, BLT):
         em = entropy_model if entropy_model is not None else bundled

@@ -377,6 +377,7 @@ def export_state(state: dict[str, torch.Tensor], config: Any, out: Path, entropy
     from torchblt.formats.common import load_state_dict_strict
 
     model = build_model(config, device="meta")
-    load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source="training state")
+    # take: no second copy of the weights; the model only lives to be written (it may alias the trainer's)
+    load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source="training state", take=True)
     em = entropy_model if isinstance(model, BLT) else None
     return save_model(model, out, overwrite=overwrite, extra=extra, entropy_model=em)  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need one CUDA GPU, in one run (sized for a 10-minute slot on an H100/H200):
 #   1. tests/test_gpu.py      compiled FlexAttention == SDPA == CPU; cached generation == full recompute on
-#                             the GPU (fp32, bf16); the decode-layout step on the GPU
+#                             the GPU (fp32, bf16); the decode-layout step on the GPU; a tiny
+#                             training run on the GPU: safe checkpoint reading, damaged-checkpoint fallback,
+#                             run folder -> model
 #      tests/test_serve.py    blt serve on a CUDA model: concurrent clients == their single runs (needs the
 #                             serve extra and openai; skipped without them)
 #   2. bench/generation.py    cached vs full recompute: the small config (fp32) and blt-1b (random weights, bf16)

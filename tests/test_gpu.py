@@ -70,3 +70,26 @@ def test_bf16_generation_on_cuda():
             for c in (False, True)]
     assert outs[0].tokens == outs[1].tokens
     assert (outs[0].logits[0] - outs[1].logits[0]).abs().max() < 0.25
+
+
+def test_checkpoint_fallback_and_safe_loading_on_cuda(tmp_path):
+    """A run on the GPU: its checkpoints go through the safe DCP reader, a damaged latest one falls back to
+    the previous one, and the run folder loads as a model on the GPU (bf16)."""
+    from tests.train_helpers import overrides, read_metrics, write_corpus
+
+    from torchblt import load_model
+    from torchblt.cli import main as blt_main
+    from torchblt.train import checkpoint as ckpt
+
+    train, _ = write_corpus(tmp_path / "data")
+    args = overrides(tmp_path / "run", train, steps=2) + ["train.device=cuda", "train.dtype=fp32",
+                                                         "checkpoint.every=1", "checkpoint.keep=5"]
+    assert blt_main(["train", *args]) == 0
+    full = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    (latest / "__0_0.distcp").write_bytes((latest / "__0_0.distcp").read_bytes()[:-64])
+    assert blt_main(["train", *args]) == 0
+    assert (latest.parent / "damaged-step_00000002").is_dir()
+    assert [r["loss"] for r in read_metrics(tmp_path / "run")] == pytest.approx(full, rel=1e-5)
+    model = load_model(tmp_path / "run", device="cuda", dtype="bf16")
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from collections.abc import Callable
 
 import torchblt.commands
 
@@ -35,28 +36,42 @@ def _version() -> str:
     return __version__
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one line to print for an error a user can fix (bad input, missing file, existing output, full
+    disk), or None for anything else (a bug: let the traceback show)."""
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)):
+        return str(e)
+    if isinstance(e, OSError):
+        from torchblt.outputs import disk_full_error
+
+        full = disk_full_error(e)
+        return None if full is None else str(full)
+    return None
+
+
+def run_reporting_errors(prog: str, fn: Callable[[], int | None]) -> int:
+    """``fn()``'s exit code; a user error is printed as ``PROG: error: ...`` (exit 2), Ctrl-C as ``PROG:
+    interrupted`` (exit 130); anything else propagates with its traceback."""
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"blt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from torchblt.outputs import disk_full_error
-
-        full = disk_full_error(e)
-        if full is None:
-            raise
-        print(f"blt {args.command}: error: {full}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"blt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(f"blt {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -41,20 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torchblt.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run_training(args.config, args.overrides, args.run_dir, args.print_config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from torchblt.outputs import disk_full_error
+    from torchblt.cli import run_reporting_errors
 
-        full = disk_full_error(e)
-        if full is None:
-            raise
-        print(f"train: error: {full}", file=sys.stderr)
-        return 2
-    return 0
+    def train() -> int:
+        run_training(args.config, args.overrides, args.run_dir, args.print_config)
+        return 0
+
+    return run_reporting_errors("train", train)
 
 
 if __name__ == "__main__":

@@ -254,3 +254,28 @@ def test_full_disk_keeps_the_previous_checkpoint(run_copy, tmp_path, monkeypatch
     monkeypatch.undo()
     assert blt_main(["train", *overrides(run, train, steps=3)]) == 0  # resumes from the intact step 2
     assert ckpt.latest_checkpoint(run).name == "step_00000003"
+
+
+def test_no_code_path_deserialises_around_the_safe_readers():
+    """A guard for later changes: DCP is read only through safe_dcp, torch.load only with weights_only=True,
+    and nothing else unpickles."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "torchblt"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else (
+                f.id if isinstance(f, ast.Name) else "")
+            safe_dcp = rel == "torchblt/train/safe_dcp.py"
+            if name == "torch.load":
+                flag = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                if not (isinstance(flag, ast.Constant) and flag.value is True):
+                    offenders.append(f"{rel}:{node.lineno}: torch.load without weights_only=True")
+            elif name in ("dcp.load", "pickle.load", "pickle.loads", "FileSystemReader") and not safe_dcp:
+                offenders.append(f"{rel}:{node.lineno}: {name}")
+    assert offenders == []

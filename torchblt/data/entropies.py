@@ -6,7 +6,8 @@ model here is causal, so padding on the right never changes a row's entropies, a
 :meth:`~torchblt.model.entropy_model.EntropyModel.entropies` keeps rows apart (the reference concatenates
 them). A long document is cut into overlapping rows, each with the model's full receptive field
 (``n_layers * (window - 1)``) of left context, so the result equals one forward over the whole document
-(RoPE depends only on distances, so each row may start at position 0).
+(RoPE depends only on distances, so each row may start at position 0). Memory is bounded by the rows of
+one batch (the sliding windows run banded), however long the document.
 
 Shard format (Parquet, one file per input file, ``<out>/<NNNNN>-<input name>.parquet``):
 
@@ -105,16 +106,20 @@ def _rows(n: int, receptive_field: int | None, max_seqlen: int = 8192) -> list[t
     """Cut a document of ``n`` tokens into rows ``(left, start, end)``: the row holds tokens
     ``[left, end)`` and yields the entropies of ``[start, end)``; ``start - left`` is at least the model's
     receptive field (or ``left = 0``), so each value equals that of one forward over the whole document.
+    Rows hold :data:`~torchblt.model.entropy_model.ENTROPY_CHUNK` new tokens (banded attention makes a row
+    linear in its length, so long rows only save the repeated context).
 
     A model without a sliding window (unbounded receptive field) gets ``max_seqlen // 2`` tokens of
     context and rows of at most ``max_seqlen`` (the length it was trained on) instead of one quadratic
     forward over a whole long document: an approximation, exact for documents up to ``max_seqlen``."""
+    from torchblt.model.entropy_model import ENTROPY_CHUNK
+
     if receptive_field is None:
         if n <= max_seqlen:
             return [(0, 0, n)]
         receptive_field = chunk = max(1, max_seqlen // 2)
     else:
-        chunk = min(8192, max(512, 2 * receptive_field))  # rows of chunk + field tokens (512: fastest measured on CPU)
+        chunk = ENTROPY_CHUNK
     if n <= chunk + receptive_field:
         return [(0, 0, n)]
     return [(max(0, s - receptive_field), s, min(n, s + chunk)) for s in range(0, n, chunk)]

@@ -18,7 +18,7 @@ from torchblt.model.config import BLTConfig
 from torchblt.model.entropy_model import EntropyModel
 from torchblt.model.hash_embedding import HashNgramEmbedding
 from torchblt.model.local import GlobalTransformer, LocalDecoder, LocalEncoder, concat_patches, pool_patches
-from torchblt.model.masks import cross_attention_mask, patch_ids_from_lengths
+from torchblt.model.masks import patch_cross_mask, patch_ids_from_lengths
 from torchblt.model.transformer import trunc_normal_
 from torchblt.tokenizer import BOE_ID
 
@@ -125,7 +125,7 @@ class BLT(nn.Module):
 
         # embed + encode: bytes -> byte states and K slots per patch
         patch_ids = patch_ids_from_lengths(patch_lengths, T)  # (B, T)
-        enc_mask = cross_attention_mask(patch_ids, P, ca.k, True, ca.window_encoder) if ca.encoder else None
+        enc_mask = patch_cross_mask(patch_ids, P, ca.k, True, ca.window_encoder) if ca.encoder else None
         h_enc, slots = self.local_encoder(tokens, self.embed(tokens), patch_ids, P, enc_mask)
 
         # pool into patches + global transformer over patches
@@ -134,7 +134,7 @@ class BLT(nn.Module):
 
         # decode: byte i reads the patch before the one holding byte i+1
         dec_patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], T)  # (B, T)
-        dec_mask = cross_attention_mask(dec_patch_ids, P, ca.k, False, ca.window_decoder) if ca.decoder else None
+        dec_mask = patch_cross_mask(dec_patch_ids, P, ca.k, False, ca.window_decoder) if ca.decoder else None
         return self.local_decoder(tokens, h_enc, h, dec_patch_ids, dec_mask)
 
     # ------------------------------------------------------------------ init

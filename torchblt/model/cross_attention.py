@@ -4,6 +4,11 @@ Shape legend: B batch, Tq queries, Tk keys, H heads, Dh = D // H head width.
 
 No RoPE, no biases; queries and keys/values are RMS-normalised first. Queries that may see no key
 (zero-length padding patches) get an output of exactly 0, as the reference's FlexAttention does.
+
+Three forms of the same visibility rule: a dense boolean mask (SDPA), a FlexAttention ``BlockMask``, or
+a :class:`~torchblt.model.masks.PatchCrossMask` (the full forward's default on SDPA): every byte is paired
+with the ``window * k`` slots of the patches it may meet (:func:`gathered_cross_attention`), so the work
+is ``O(T * k * window)`` however many patches there are, instead of ``O(T * P * k)``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,53 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchblt.model.masks import PatchCrossMask
 from torchblt.model.transformer import RMSNorm, flex_attention, scaled_dot_product, trunc_normal_
+
+
+def gathered_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PatchCrossMask) -> torch.Tensor:
+    """Softmax attention under a :class:`PatchCrossMask`, linear in the bytes: ``(B, Tq, H, Dh)`` out.
+
+    Bytes as queries (``q (B, T, H, Dh)``, slots ``k, v (B, P*K, H, Dh)``): each byte gathers the keys of
+    its ``window * K`` slots and takes a softmax over them. Slots as queries (``q (B, P*K, H, Dh)``, bytes
+    ``k, v (B, T, H, Dh)``): each byte meets its slots' queries, and the softmax over the bytes of each
+    slot is a segment softmax (per-slot max, ``exp``, sums by ``scatter_add``; the max is a constant
+    shift, so it carries no gradient). Scores and sums are fp32; queries with no visible key give 0."""
+    index, valid = mask.slot_index()  # (B, T, J): J = window * K slots per byte
+    B, T, J = index.shape
+    H, Dh = q.shape[2], q.shape[3]
+    slots = k if not mask.patches_as_queries else q
+    flat = (index + torch.arange(B, device=index.device)[:, None, None] * slots.shape[1]).reshape(-1)
+
+    def per_byte(x: torch.Tensor) -> torch.Tensor:  # (B, P*K, H, Dh) -> (B, T, J, H, Dh)
+        return x.reshape(-1, H, Dh).index_select(0, flat).view(B, T, J, H, Dh)
+
+    scale = Dh**-0.5
+    ct = torch.promote_types(q.dtype, torch.float32)  # fp32 scores and sums (fp64 stays fp64)
+    if not mask.patches_as_queries:
+        scores = torch.einsum("bthd,btjhd->btjh", q.to(ct), per_byte(k).to(ct)) * scale
+        scores = scores.masked_fill(~valid[..., None], float("-inf"))
+        seen = valid.any(-1)  # (B, T)
+        weights = torch.softmax(scores.masked_fill(~seen[:, :, None, None], 0.0), dim=2)
+        out = torch.einsum("btjh,btjhd->bthd", weights, per_byte(v).to(ct))
+        return (out * seen[:, :, None, None]).to(q.dtype)
+    # slots read bytes: scores of every (byte, slot) pair, then a softmax over each slot's bytes
+    PK = q.shape[1]
+    scores = torch.einsum("btjhd,bthd->btjh", per_byte(q).to(ct), k.to(ct)) * scale
+    scores = scores.masked_fill(~valid[..., None], float("-inf"))
+    target = torch.where(valid, index, PK)[..., None].expand(B, T, J, H).reshape(B, T * J, H)  # PK: a spare row
+    s = scores.reshape(B, T * J, H)
+    with torch.no_grad():
+        top = torch.full((B, PK + 1, H), float("-inf"), dtype=ct, device=q.device).scatter_reduce(1, target, s, "amax")
+        top = torch.nan_to_num(top, neginf=0.0)  # slots with no byte
+    e = torch.exp(s - top.gather(1, target))  # (B, T*J, H); 0 for pairs the rule forbids
+    denom = torch.zeros(B, PK + 1, H, dtype=ct, device=q.device).scatter_add(1, target, e)
+    vb = v.to(ct)[:, :, None].expand(B, T, J, H, Dh).reshape(B, T * J, H, Dh)
+    num = torch.zeros(B, PK + 1, H, Dh, dtype=ct, device=q.device).scatter_add(
+        1, target[..., None].expand(B, T * J, H, Dh), e[..., None] * vb
+    )
+    out = num[:, :PK] / denom[:, :PK, :, None].clamp(min=torch.finfo(ct).tiny)
+    return out.to(q.dtype)
 
 
 class CrossAttention(nn.Module):
@@ -47,11 +98,13 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """The attention update ``wo(attn(norm(x), norm(kv)))`` for ``x (B, Tq, D)``; ``mask (B, 1, Tq, Tk)``.
 
-        ``mask`` may also be a FlexAttention ``BlockMask``. The caller adds the residual (see :func:`double_residual`).
+        ``mask`` may also be a FlexAttention ``BlockMask`` or a :class:`PatchCrossMask`. The caller adds the residual (see :func:`double_residual`).
         """
         B, Tq, _ = x.shape
         q = self.wq(self.cross_attn_norm_q(x)).view(B, Tq, self.n_heads, self.head_dim)
         k, v = projected_kv if projected_kv is not None else self.project_kv(kv)  # type: ignore[arg-type]
+        if isinstance(mask, PatchCrossMask):
+            return self.wo(gathered_cross_attention(q, k, v, mask).reshape(B, Tq, -1))
         if not isinstance(mask, torch.Tensor):
             return self.wo(flex_attention(q, k, v, mask).reshape(B, Tq, -1))
         has_key = mask.any(-1, keepdim=True)  # (B, 1, Tq, 1)

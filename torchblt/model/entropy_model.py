@@ -8,9 +8,13 @@ next-byte distribution. :meth:`EntropyModel.entropies` computes it **per row**: 
 exactly the entropies it would get alone (the reference concatenates a batch's rows into one stream,
 so rows leak into each other). Sequences longer than ``chunk_size`` are processed in chunks that carry
 enough left context (``n_layers * (window - 1)`` keys, the model's full receptive field under a sliding
-window) for the result to equal one forward over the whole sequence; positions keep counting (RoPE is
-relative, so only the distance between positions matters). The reference instead cuts its input into
+window) for the result to equal one forward over the whole sequence. Each chunk numbers its positions
+from 0 (RoPE is relative: only distances matter, and fp32 angles of large positions would drift), so the
+entropies of a window are the same at position 10^6 as at 0. The reference instead cuts its input into
 independent 8192-byte chunks with no context across them: below position 8192 both agree.
+
+Memory is bounded by the chunk: the sliding window runs banded (:mod:`torchblt.model.masks`), so one
+chunk costs ``O((chunk_size + context) * window)``, and only the ``(B, T)`` entropies are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from torch import nn
 from torchblt.model.masks import build_self_attention_mask, uses_window
 from torchblt.model.transformer import RMSNorm, StackConfig, Transformer, trunc_normal_
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
+
+
+# Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
+# the fastest measured on CPU with the banded attention (bench/patching.py, docs/long-inputs.md)
+ENTROPY_CHUNK = 16384
 
 
 def _default_entropy_stack() -> StackConfig:
@@ -82,8 +91,13 @@ class EntropyModel(Transformer):
         return t.n_layers * (t.window - 1)  # type: ignore[operator]
 
     @torch.no_grad()
-    def entropies(self, tokens: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
-        """Per-row next-byte entropies ``(B, T) -> (B, T)`` float32 (see the module docstring)."""
+    def entropies(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Per-row next-byte entropies ``(B, T) -> (B, T)`` float32 (see the module docstring).
+
+        ``chunk_size``: new positions per forward (default :data:`ENTROPY_CHUNK`)."""
+        chunk_size = chunk_size or ENTROPY_CHUNK
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         B, T = tokens.shape
         context = self.receptive_field
         if T <= chunk_size or context is None:
@@ -92,8 +106,7 @@ class EntropyModel(Transformer):
         for start in range(0, T, chunk_size):
             end = min(start + chunk_size, T)
             left = max(0, start - context)
-            positions = torch.arange(left, end, device=tokens.device)[None]
-            ent = entropy(self(tokens[:, left:end], positions=positions))
+            ent = entropy(self(tokens[:, left:end]))  # positions from 0: RoPE is relative
             out[:, start:end] = ent[:, start - left :]
         return out
 

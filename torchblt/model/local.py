@@ -14,6 +14,8 @@ final norm and the 260-way head (fp32 logits).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -90,7 +92,7 @@ class LocalEncoder(Transformer):
         embeds: torch.Tensor,
         patch_ids: torch.Tensor | None = None,
         n_patches: int = 0,
-        cross_mask: torch.Tensor | None = None,
+        cross_mask: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns byte states ``(B, T, E)`` and, with cross-attention, patch slots ``(B, P*K, E)``."""
         mask = self.self_attention_mask(tokens)
@@ -198,7 +200,7 @@ class LocalDecoder(Transformer):
         embeds: torch.Tensor,
         h_global: torch.Tensor,
         decoder_patch_ids: torch.Tensor,
-        cross_mask: torch.Tensor | None,
+        cross_mask: Any,
     ) -> torch.Tensor:
         """``embeds (B, T, D)`` (the encoder's byte states) and global outputs ``(B, P, G)`` -> logits (fp32)."""
         mask = self.self_attention_mask(tokens)

@@ -13,14 +13,24 @@ decoding step (a few queries against many cached keys):
 Documents (the xformers ``BlockDiagonalCausalMask.from_seqlens`` + ``make_local_attention`` semantics the
 released models were trained with): a document ends *with* an EOS token; the token after an EOS starts a
 new one. Each batch row is independent. RoPE positions are not reset at document starts.
+
+Linear-time forms (the SDPA back-end's default for full sequences; see docs/long-inputs.md):
+
+* :class:`BandedMask`, a sliding window over a long sequence: queries in blocks of ``block`` positions,
+  each block attending to the ``block + window - 1`` keys that can be visible to it (the keys gathered as
+  overlapping windows), with the rule above evaluated per block: ``(B|1, n_blocks, block, block + window - 1)``
+  booleans instead of ``(B, T, T)``, so time and memory are ``O(T * window)``.
+* :class:`PatchCrossMask`, cross-attention: each byte meets only the slots of the (``window``) patches it
+  may see, so the work is ``O(T * K * window)`` instead of a dense ``(P*K, T)`` mask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 MaskKind = Literal["causal", "block_causal", "local_block_causal", "local_causal"]
 MASK_KINDS: tuple[str, ...] = ("causal", "block_causal", "local_block_causal", "local_causal")
@@ -59,17 +69,90 @@ def _create_block_mask(mask_mod: Any, B: int, Tq: int, Tk: int, device: torch.de
 
 
 @dataclass
+class BandedMask:
+    """A sliding window (optionally document-masked) over ``T`` positions, block by block.
+
+    Block ``i`` holds queries ``i*block .. i*block + block - 1`` and keys
+    ``i*block - (window - 1) .. i*block + block - 1`` (positions before 0 and from ``T`` on are padding);
+    ``allowed (B|1, n_blocks, block, block + window - 1)`` is the visibility rule evaluated on them.
+    Padding queries see padding keys only (never a fully masked row); real queries never see padding.
+    """
+
+    T: int
+    block: int
+    window: int
+    allowed: torch.Tensor
+    _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.allowed.shape[1]
+
+    @property
+    def n_keys(self) -> int:
+        """Keys per block: ``block + window - 1``."""
+        return self.allowed.shape[-1]
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(B|1 * n_blocks, 1, block, n_keys)``: 0 where allowed, -inf elsewhere (built once per dtype and
+        shared by every layer: SDPA would otherwise convert the boolean mask in each call). Without
+        documents one mask serves every row."""
+        if dtype not in self._additive:
+            a = self.allowed
+            neg = torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill_(~a, float("-inf"))
+            self._additive[dtype] = neg.reshape(-1, 1, self.block, self.n_keys)
+        return self._additive[dtype]
+
+
+# Query block of the banded path: measured on CPU (bench/attention_cpu.py, docs/long-inputs.md)
+BAND_BLOCK = 128
+
+
+def banded_mask(T: int, window: int, doc: torch.Tensor | None, device: torch.device,
+                block: int | None = None) -> BandedMask:
+    """The :class:`BandedMask` of a full forward over ``T`` positions (document ids ``doc (B, T)`` or None;
+    ``block`` default :data:`BAND_BLOCK`). Rows that are one document each (no EOS before the last
+    position: a long one-line text) share one mask without the document rule."""
+    block = block or BAND_BLOCK
+    if doc is not None and not bool(doc[:, -1].any()):
+        doc = None  # every row is a single document: the rule is the window alone
+    n = -(-T // block)
+    L = block + window - 1
+    a = torch.arange(block, device=device)[:, None]  # query offset in its block
+    c = torch.arange(L, device=device)[None, :]  # key offset in the block's keys
+    # key position - query position = c - (window - 1) - a
+    band = (c >= a) & (c <= a + window - 1)  # (block, L): causal and inside the window
+    kpos = torch.arange(n, device=device)[:, None] * block - (window - 1) + c  # (n, L)
+    allowed = band[None] & (kpos >= 0)[:, None, :]  # (n, block, L)
+    if doc is None:
+        return BandedMask(T, block, window, allowed[None])
+    B = doc.shape[0]
+    pad_right = n * block - T
+    dq = F.pad(doc, (0, pad_right), value=-1)  # padding: a document of its own
+    dk = F.pad(doc, (window - 1, pad_right), value=-1).unfold(1, L, block)  # (B, n, L)
+    same = dq.view(B, n, block, 1) == dk[:, :, None, :]
+    return BandedMask(T, block, window, allowed[None] & same)
+
+
+def band_pays(T: int, window: int) -> bool:
+    """Is the banded form less work than a dense ``(T, T)`` mask?"""
+    return T > 2 * (BAND_BLOCK + window)
+
+
+@dataclass
 class SelfAttentionMask:
     """What a self-attention layer needs to know about visibility.
 
     ``dense`` is a ``(B, 1, Tq, Tk)`` boolean mask, or ``None`` with ``is_causal`` for plain causal
     attention over equal query and key lengths (lets SDPA skip materialising the mask);
-    ``block_mask`` is a FlexAttention ``BlockMask`` (flex back-end).
+    ``block_mask`` is a FlexAttention ``BlockMask`` (flex back-end); ``banded`` a :class:`BandedMask`
+    (sliding windows over long full sequences on the SDPA back-end).
     """
 
     dense: torch.Tensor | None
     is_causal: bool = False
     block_mask: Any = None
+    banded: BandedMask | None = None
 
 
 def uses_documents(kind: str) -> bool:
@@ -111,7 +194,9 @@ def build_self_attention_mask(
 ) -> SelfAttentionMask:
     """The mask of a full forward over ``tokens (B, T)`` for a stack configured with ``kind``/``window``.
 
-    ``dense=True``: always an explicit boolean tensor (SDPA), whatever the back-end."""
+    ``dense=True``: always an explicit boolean tensor (SDPA), whatever the back-end. Otherwise, on the
+    SDPA back-end a sliding window over a sequence much longer than the window is a :class:`BandedMask`
+    (linear in ``T``), and a window at least as long as the sequence without documents is plain causal."""
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown attention mask kind {kind!r}; expected one of {MASK_KINDS}")
     docs = uses_documents(kind)
@@ -126,6 +211,11 @@ def build_self_attention_mask(
             return _self_visible(q, k, None if doc is None else (doc[b, q], doc[b, k]), win)
 
         return SelfAttentionMask(dense=None, block_mask=_create_block_mask(mask_mod, B, T, T, tokens.device))
+    if not dense and win is not None:
+        if band_pays(T, win):
+            return SelfAttentionMask(dense=None, banded=banded_mask(T, win, doc, tokens.device))
+        if win >= T and doc is None:  # the window hides nothing
+            return SelfAttentionMask(dense=None, is_causal=True)
     pos = torch.arange(T, device=tokens.device).expand(B, T)
     return SelfAttentionMask(dense=self_attention_mask_dense(pos, pos, doc, doc, win))
 
@@ -168,6 +258,49 @@ def cross_attention_mask(
     else:  # (B, T, 1) bytes x (1, 1, PK) slots
         allowed = _cross_visible(slot_patch[None, None, :], byte_patch_ids[:, :, None], False, window)
     return allowed[:, None]
+
+
+@dataclass
+class PatchCrossMask:
+    """Cross-attention visibility kept as patch ids (the SDPA back-end's linear form).
+
+    ``byte_patch_ids (B, T)``: the patch each byte is matched with (``>= n_patches``: none). With
+    ``patches_as_queries`` the ``n_patches * k`` slots are the queries and slot ``s`` of patch ``p`` sees
+    the bytes whose patch is in ``[p - window + 1, p]``; otherwise the bytes are the queries and a byte of
+    patch ``d`` sees the slots of patches ``[d - window + 1, d]`` (``window=None``: 1, the patch itself),
+    exactly :func:`cross_attention_mask`'s rule.
+    """
+
+    byte_patch_ids: torch.Tensor
+    n_patches: int
+    k: int
+    patches_as_queries: bool
+    window: int | None = None
+
+    def slot_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every byte, the ``window * k`` slots it meets: indices ``(B, T, window*k)`` into the
+        ``n_patches * k`` slots (clamped) and whether each is a real slot that the rule allows."""
+        w = self.window or 1
+        ids = self.byte_patch_ids
+        step = 1 if self.patches_as_queries else -1  # slots of patches d .. d+w-1 read byte d; byte d reads d-w+1 .. d
+        offsets = torch.arange(w, device=ids.device) * step
+        patch = ids[:, :, None] + offsets  # (B, T, w)
+        valid = (patch >= 0) & (patch < self.n_patches)
+        slots = patch[:, :, :, None] * self.k + torch.arange(self.k, device=ids.device)  # (B, T, w, k)
+        valid = valid[:, :, :, None].expand_as(slots)
+        index = slots.clamp(0, max(self.n_patches * self.k - 1, 0))
+        B, T = ids.shape
+        return index.reshape(B, T, w * self.k), valid.reshape(B, T, w * self.k)
+
+
+def patch_cross_mask(
+    byte_patch_ids: torch.Tensor, n_patches: int, k: int, patches_as_queries: bool, window: int | None = None
+) -> Any:
+    """The cross-attention mask of a full forward: a FlexAttention ``BlockMask`` on the flex back-end,
+    else a :class:`PatchCrossMask` (linear in ``T``; :func:`cross_attention_mask` is the dense form)."""
+    if attention_backend(byte_patch_ids.device) == "flex":
+        return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
+    return PatchCrossMask(byte_patch_ids, n_patches, k, patches_as_queries, window)
 
 
 def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:

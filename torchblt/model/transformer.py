@@ -10,8 +10,10 @@ Dh head width, F feed-forward width.
   ``pos * theta^(-2i/Dh)``; angles and the rotation are computed in fp32.
 * :class:`FeedForward` is SwiGLU with the reference's hidden-size rounding.
 * :class:`Attention` supports grouped-query attention (each key/value head serves ``H/Hkv`` consecutive
-  query heads), an optional KV cache, and two back-ends: SDPA with an explicit boolean mask (always
-  available) or FlexAttention (GPU, chosen at run time).
+  query heads), an optional KV cache, and two back-ends: SDPA (always available) or FlexAttention (GPU,
+  chosen at run time). On SDPA a sliding window over a long sequence runs banded
+  (:func:`banded_attention`: one batched call over blocks of queries and the keys each block can see,
+  ``O(T * window)``); otherwise SDPA takes an explicit boolean mask or ``is_causal``.
 * :class:`Transformer` is a backbone: embeddings in, hidden states out; embeddings and heads live with
   the models that own them.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchblt.model.masks import SelfAttentionMask
+from torchblt.model.masks import BandedMask, SelfAttentionMask
 
 
 @dataclass
@@ -198,6 +200,43 @@ def scaled_dot_product(
     return out.transpose(1, 2)
 
 
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: BandedMask) -> torch.Tensor:
+    """Sliding-window attention in ``O(T * window)``: ``q (B, T, H, Dh)``, ``k, v (B, T, Hkv, Dh)`` ->
+    ``(B, T, H, Dh)``.
+
+    Queries in blocks of ``band.block`` attend to the ``block + window - 1`` keys that can be visible to
+    the block (gathered as overlapping windows of the left-padded keys), with ``band``'s per-block mask;
+    one SDPA call over all blocks. Masked keys get exactly zero weight, so every query sees the same keys
+    with the same weights as under the dense ``(T, T)`` mask."""
+    B, T, H, Dh = q.shape
+    if k.shape[1] != T or band.T != T:
+        raise ValueError(f"banded attention needs keys for exactly the {T} queries (got {k.shape[1]}, mask {band.T})")
+    Bq, W, n, L = band.block, band.window, band.n_blocks, band.n_keys
+    pad = n * Bq - T
+    n_rep = H // k.shape[2]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=2)
+        v = v.repeat_interleave(n_rep, dim=2)
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, n, Bq, H, Dh)
+    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded by W-1 on the left
+    kb = F.pad(k, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
+    vb = F.pad(v, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
+    mask = band.additive(q.dtype)
+    if band.allowed.shape[0] == 1:  # one mask for every row: batch rows and heads share it, blocks lead
+        qb = qb.permute(1, 0, 3, 2, 4).reshape(n, B * H, Bq, Dh)
+        kb = kb.permute(1, 0, 2, 4, 3).reshape(n, B * H, L, Dh)
+        vb = vb.permute(1, 0, 2, 4, 3).reshape(n, B * H, L, Dh)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (n, B*H, Bq, Dh)
+        out = out.view(n, B, H, Bq, Dh).permute(1, 0, 3, 2, 4)  # (B, n, Bq, H, Dh)
+    else:  # a mask per row (documents): rows and blocks lead, heads share it
+        qb = qb.transpose(2, 3).reshape(B * n, H, Bq, Dh)
+        kb = kb.permute(0, 1, 2, 4, 3).reshape(B * n, H, L, Dh)
+        vb = vb.permute(0, 1, 2, 4, 3).reshape(B * n, H, L, Dh)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B*n, H, Bq, Dh)
+        out = out.view(B, n, H, Bq, Dh).transpose(2, 3)  # (B, n, Bq, H, Dh)
+    return out.reshape(B, n * Bq, H, Dh)[:, :T]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE and GQA, no biases."""
 
@@ -226,6 +265,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         if mask.block_mask is not None:
             out = flex_attention(q, k, v, mask.block_mask)
+        elif mask.banded is not None:
+            out = banded_attention(q, k, v, mask.banded)
         else:
             out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
         return self.wo(out.reshape(B, T, -1))

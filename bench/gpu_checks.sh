@@ -8,6 +8,7 @@
 #                             serve extra and openai; skipped without them)
 #   2. bench/generation.py    cached vs full recompute: the small config (fp32) and blt-1b (random weights, bf16)
 #   3. bench/train.py         the trainer's step on blt-1b: bytes/s, peak memory, MFU inputs, eager and compiled
+#   4. bench/patching.py      entropy-100m (bf16) patching 4 MB: bytes/s vs the reference's 163 K on an H200
 # Runs from a source checkout without installing (PYTHONPATH); needs torch (CUDA), pyyaml, safetensors, pytest.
 # Results go to $OUT (default: gpu_results/): one log and one JSON per check; the last lines summarise.
 #
@@ -40,7 +41,12 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
         | tee "$OUT/train_gpu.txt" || status=1
 fi
 
+echo "== 4. entropy patching of 4 MB (entropy-100m, bf16)"
+timeout 240 "$PY" bench/patching.py --gpu --gpu-bytes ${PATCH_BYTES:-4000000} --json "$OUT/patching_gpu.json" 2>&1 \
+    | tee "$OUT/patching_gpu.txt" || status=1
+
 echo "== summary (exit $status)"
 tail -n 2 "$OUT/pytest_gpu.txt"
 grep -E "^(small|blt-1b) " "$OUT/generation_gpu.txt" || true
+grep -E "^torchblt cuda" "$OUT/patching_gpu.txt" || true
 exit $status

@@ -26,6 +26,10 @@ memory is that process's max RSS.
 GFLOP/s: bytes/s times :func:`torchblt.flops.entropy_flops_per_byte` (forward, attention over the window)
 of the model; ``ratio``: bytes/s over the reference's at 1 MB with its default chunks, same run.
 Prints a table and writes JSON.
+
+``--gpu`` (bench/gpu_checks.sh): the released entropy model's shape (entropy-100m, random weights, bf16)
+patching 4 MB of the same text on CUDA, FlexAttention (CUDA's default) and the banded SDPA path, against
+the reference's 163 K bytes/s on an H200.
 """
 
 from __future__ import annotations
@@ -51,16 +55,22 @@ SIZES = (65_536, 262_144, 1_000_000)
 # --------------------------------------------------------------------------- one implementation per process
 
 
-def _torchblt_patcher(weights: str, chunk: int | None):
-    import torch
-
-    from torchblt import Patcher
-    from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+def tiny_config():
+    from torchblt.model.entropy_model import EntropyModelConfig
     from torchblt.model.transformer import StackConfig
 
     stack = StackConfig(dim=SHAPE["dim"], n_layers=SHAPE["n_layers"], n_heads=SHAPE["n_heads"],
                         attention="local_block_causal", window=SHAPE["window"], max_seqlen=SHAPE["max_seqlen"])
-    em = EntropyModel(EntropyModelConfig(transformer=stack, vocab_size=SHAPE["vocab_size"]))
+    return EntropyModelConfig(transformer=stack, vocab_size=SHAPE["vocab_size"])
+
+
+def _torchblt_patcher(weights: str, chunk: int | None):
+    import torch
+
+    from torchblt import Patcher
+    from torchblt.model.entropy_model import EntropyModel
+
+    em = EntropyModel(tiny_config())
     saved = torch.load(weights)
     em.load_state_dict(saved["state_dict"])
     patcher = Patcher(mode="entropy", threshold=saved["threshold"], entropy_model=em.eval())
@@ -157,6 +167,46 @@ def run_one(python: str, pythonpath: list[str], impl: str, weights: Path, text: 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def gpu_rows(text: Path, n_bytes: int) -> list[dict]:
+    """entropy-100m (random weights, bf16) patching ``n_bytes`` on CUDA: FlexAttention (the CUDA default)
+    and the banded SDPA path, against the reference's 163 K bytes/s on an H200 (the issue's measurement)."""
+    import torch
+
+    from torchblt import Patcher
+    from torchblt.flops import entropy_flops_per_byte
+    from torchblt.formats.common import build_model
+    from torchblt.model.config import entropy_100m
+    from torchblt.model.masks import set_attention_backend
+
+    cfg = entropy_100m()
+    torch.manual_seed(0)
+    em = build_model(cfg, "cuda")
+    em.init_weights()
+    em = em.to(torch.bfloat16).eval()
+    data = text.read_bytes()[:n_bytes]
+    tokens = torch.tensor([[1, *(b + 4 for b in data)]], dtype=torch.int64)
+    fpb = entropy_flops_per_byte(cfg, context=cfg.transformer.window)["forward"]
+    rows = []
+    for backend in ("flex", "sdpa"):
+        set_attention_backend(backend)
+        patcher = Patcher(mode="entropy", entropy_model=em)
+        with torch.no_grad():
+            patcher.patch(tokens[:, :65536].cuda())  # warm-up (compilation)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            lengths, _ = patcher.patch(tokens.cuda())
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        rate = len(data) / dt
+        rows.append({"impl": f"torchblt cuda bf16 {backend}", "bytes": len(data), "seconds": dt, "bytes_per_s": rate,
+                     "gflop_per_s": rate * fpb / 1e9, "vs_reference_h200_163k": rate / 163e3,
+                     "n_patches": int((lengths > 0).sum()), "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30,
+                     "device": torch.cuda.get_device_name()})
+    set_attention_backend("auto")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=str(ROOT / "bench" / "patching.json"))
@@ -166,23 +216,32 @@ def main() -> None:
     ap.add_argument("--reference-python", default="/work/ref/venv/bin/python", help="a Python with its imports")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--work", default=None, help="folder for the text and weights (default: a temporary one)")
+    ap.add_argument("--gpu", action="store_true", help="only the CUDA rows: entropy-100m, bf16, 4 MB")
+    ap.add_argument("--gpu-bytes", type=int, default=4_000_000)
     ap.add_argument("--_one", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
         impl, weights, text, sizes, chunk = args._one
         print(json.dumps(one(impl, weights, text, [int(s) for s in sizes.split(",")], int(chunk) or None)))
         return
+    if args.gpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = gpu_rows(shakespeare_text(Path(args.work or tmp), args.gpu_bytes), args.gpu_bytes)
+        for r in rows:
+            print(f"{r['impl']:<28} {r['bytes']:>9} bytes {r['bytes_per_s']:>11.0f} bytes/s {r['gflop_per_s']:>8.1f} "
+                  f"GFLOP/s {r['vs_reference_h200_163k']:>6.2f}x the reference (163 K bytes/s, H200)  "
+                  f"peak {r['peak_cuda_gb']:.2f} GB")
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+        return
 
     import torch
 
     from torchblt.flops import entropy_flops_per_byte
-    from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
-    from torchblt.model.transformer import StackConfig
+    from torchblt.model.entropy_model import EntropyModel
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    stack = StackConfig(dim=SHAPE["dim"], n_layers=SHAPE["n_layers"], n_heads=SHAPE["n_heads"],
-                        attention="local_block_causal", window=SHAPE["window"], max_seqlen=SHAPE["max_seqlen"])
-    cfg = EntropyModelConfig(transformer=stack, vocab_size=SHAPE["vocab_size"])
+    cfg = tiny_config()
     flops_per_byte = entropy_flops_per_byte(cfg, context=SHAPE["window"])["forward"]
     rows: list[dict] = []
     skipped: list[str] = []

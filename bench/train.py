@@ -1,7 +1,10 @@
 """Training throughput: bytes/s, peak memory and FLOPs per byte of the trainer's step, with and without
-``torch.compile``, for the quickstart configs (CPU) and blt-1b (GPU only: skipped without CUDA).
+``torch.compile``, for the quickstart configs (CPU) and blt-1b (GPU only: skipped without CUDA), and the
+quickstart BLT with long rows (1024, 4096, 16384 bytes per row, same bytes per step: time per byte against
+the 1024-byte rows).
 
     python bench/train.py [--steps 10] [--warmup 3] [--json bench/train.json] [--only quickstart-blt]
+    python bench/train.py --only quickstart-blt-1024 quickstart-blt-4096 quickstart-blt-16384 --no-compile
 
 Each (config, compile) case runs in its own subprocess (so peak memory is per case: max RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU) through the real :class:`~torchblt.train.trainer.Trainer` on a
@@ -34,6 +37,14 @@ CASES = {
     "blt-1b": ("blt-1b.yaml", ["data.patching=space", "data.threshold=null", "train.grad_accum=1",
                                "data.batch_size=2"], True),
 }
+# long rows: the quickstart BLT with rows of N bytes, 16384 bytes per step (16 x 1024, 4 x 4096, 1 x 16384);
+# its local windows (128) run banded, so time per byte should not grow with N (it grew with N^2 at e265e29)
+for _n in (1024, 4096, 16384):
+    CASES[f"quickstart-blt-{_n}"] = ("quickstart-blt.yaml", [
+        "data.patching=space", "data.target_patch_size=null", f"data.max_bytes={_n}", f"data.seq_len={_n}",
+        f"data.batch_size={16384 // _n}", f"model.arch.encoder.max_seqlen={_n}", f"model.arch.decoder.max_seqlen={_n}",
+        f"model.arch.global.max_seqlen={_n}"], False)
+LONG_ROWS = [f"quickstart-blt-{n}" for n in (1024, 4096, 16384)]
 
 
 def write_corpus(folder: Path, n_docs: int = 40, seed: int = 0) -> None:
@@ -121,6 +132,9 @@ def main() -> None:
     base = {r["case"]: r["bytes_per_s"] for r in results if not r["compile"]}
     for r in results:
         r["ratio_vs_eager"] = r["bytes_per_s"] / base[r["case"]] if r["case"] in base else None
+        if r["case"] in LONG_ROWS and LONG_ROWS[0] in base and not r["compile"]:
+            # time per byte relative to the 1024-byte rows (the goal: <= 1.5)
+            r["time_per_byte_vs_1024"] = base[LONG_ROWS[0]] / r["bytes_per_s"]
 
     head = f"{'case':<20} {'compile':>7} {'bytes/s':>10} {'ratio':>6} {'peak GB':>8} {'GFLOP/byte':>10} {'patch':>6} {'MFU':>6}"
     print(head)
@@ -131,6 +145,9 @@ def main() -> None:
         ratio = f"{r['ratio_vs_eager']:.2f}" if r["ratio_vs_eager"] else "-"
         print(f"{r['case']:<20} {str(r['compile']):>7} {r['bytes_per_s']:>10.0f} {ratio:>6} "
               f"{r['peak_memory_gb']:>8.2f} {r['flops_per_byte'] / 1e9:>10.4f} {pl:>6} {mfu:>6}")
+    for r in results:
+        if "time_per_byte_vs_1024" in r:
+            print(f"{r['case']}: time per byte {r['time_per_byte_vs_1024']:.2f}x that of 1024-byte rows")
     for s in skipped:
         print(f"skipped: {s}")
     out = {"results": results, "skipped": skipped, "torch": torch.__version__, "python": platform.python_version(),

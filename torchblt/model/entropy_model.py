@@ -29,7 +29,6 @@ from torchblt.model.masks import build_self_attention_mask, uses_window
 from torchblt.model.transformer import RMSNorm, StackConfig, Transformer, trunc_normal_
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
-
 # Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
 # the fastest measured on CPU with the banded attention (bench/patching.py, docs/long-inputs.md)
 ENTROPY_CHUNK = 16384

@@ -149,7 +149,8 @@ def document_entropies(
         for r, g in enumerate(group):
             i, left, _, end = rows[g]
             batch[r, : end - left] = torch.from_numpy(tokens[i][left:end])
-        ent = model.entropies(batch.to(device)).float().cpu()  # type: ignore[operator]
+        # rows already carry their context: one forward per batch (no second chunking inside)
+        ent = model.entropies(batch.to(device), chunk_size=S).float().cpu()  # type: ignore[operator]
         for r, g in enumerate(group):
             i, left, start, end = rows[g]
             out[i][start:end] = ent[r, start - left : end - left].numpy()

@@ -26,6 +26,7 @@ Linear-time forms (the SDPA back-end's default for full sequences; see docs/long
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,24 +115,32 @@ def banded_mask(T: int, window: int, doc: torch.Tensor | None, device: torch.dev
     ``block`` default :data:`BAND_BLOCK`). Rows that are one document each (no EOS before the last
     position: a long one-line text) share one mask without the document rule."""
     block = block or BAND_BLOCK
-    if doc is not None and not bool(doc[:, -1].any()):
-        doc = None  # every row is a single document: the rule is the window alone
-    n = -(-T // block)
-    L = block + window - 1
-    a = torch.arange(block, device=device)[:, None]  # query offset in its block
-    c = torch.arange(L, device=device)[None, :]  # key offset in the block's keys
-    # key position - query position = c - (window - 1) - a
-    band = (c >= a) & (c <= a + window - 1)  # (block, L): causal and inside the window
-    kpos = torch.arange(n, device=device)[:, None] * block - (window - 1) + c  # (n, L)
-    allowed = band[None] & (kpos >= 0)[:, None, :]  # (n, block, L)
-    if doc is None:
-        return BandedMask(T, block, window, allowed[None])
-    B = doc.shape[0]
+    if doc is None or not bool(doc[:, -1].any()):  # every row is one document: the window alone
+        return _window_band(T, window, block, torch.device(device))
+    allowed = _band(T, window, block, torch.device(device))  # (n, block, L)
+    B, (n, _, L) = doc.shape[0], allowed.shape
     pad_right = n * block - T
     dq = F.pad(doc, (0, pad_right), value=-1)  # padding: a document of its own
     dk = F.pad(doc, (window - 1, pad_right), value=-1).unfold(1, L, block)  # (B, n, L)
     same = dq.view(B, n, block, 1) == dk[:, :, None, :]
     return BandedMask(T, block, window, allowed[None] & same)
+
+
+def _band(T: int, window: int, block: int, device: torch.device) -> torch.Tensor:
+    """``(n_blocks, block, block + window - 1)``: causal, inside the window, and no key before position 0."""
+    n, L = -(-T // block), block + window - 1
+    a = torch.arange(block, device=device)[:, None]  # query offset in its block
+    c = torch.arange(L, device=device)[None, :]  # key offset in the block's keys
+    band = (c >= a) & (c <= a + window - 1)  # key position - query position = c - (window - 1) - a
+    kpos = torch.arange(n, device=device)[:, None] * block - (window - 1) + c  # (n, L)
+    return band[None] & (kpos >= 0)[:, None, :]
+
+
+@functools.lru_cache(maxsize=2)
+def _window_band(T: int, window: int, block: int, device: torch.device) -> BandedMask:
+    """The document-free mask: the same for every row and for every chunk of one length, so it is kept
+    (with its additive form) for the next forward (entropies of a long text run many equal chunks)."""
+    return BandedMask(T, block, window, _band(T, window, block, device)[None])
 
 
 def band_pays(T: int, window: int) -> bool:

@@ -217,7 +217,7 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
-    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, n, Bq, H, Dh)
+    qb = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).reshape(B, n, Bq, H, Dh)
     # overlapping key windows: (B, n, H, Dh, L) views of the keys padded by W-1 on the left
     kb = F.pad(k, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
     vb = F.pad(v, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)

@@ -31,7 +31,7 @@ from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
 # Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
 # the fastest measured on CPU with the banded attention (bench/patching.py, docs/long-inputs.md)
-ENTROPY_CHUNK = 16384
+ENTROPY_CHUNK = 8192
 
 
 def _default_entropy_stack() -> StackConfig:

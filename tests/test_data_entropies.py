@@ -15,6 +15,7 @@ from torchblt.cli import main
 from torchblt.data import DataConfig, build_loader, iter_documents
 from torchblt.data.calibrate import _groups, _mean, calibrate_threshold, mean_patch_size
 from torchblt.data.entropies import document_entropies, document_tokens, write_entropy_shards
+from torchblt.patching import PatchingConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 ENTROPY_MODEL = FIXTURES / "05_blt_forward" / "entropy_model"
@@ -138,7 +139,8 @@ def test_ranks_split_the_shards(corpus: Path, em, tmp_path: Path, monkeypatch, c
 def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ent"
     write_entropy_shards(em, [str(corpus)], out, progress=False)
-    cfg = DataConfig(entropies=str(out), threshold=1.2, seq_len=6, batch_size=1, shuffle_buffer=0, max_bytes=512)
+    cfg = DataConfig(entropies=str(out), patching=PatchingConfig("entropy", threshold=1.2), seq_len=6, batch_size=1,
+                     shuffle_buffer=0, max_bytes=512)
     dl = build_loader(cfg)
     b = next(iter(dl))
     # the first sequence is the start of the first document of the epoch, patched from its stored entropies

@@ -11,6 +11,7 @@ import torch
 from torchblt import load_model
 from torchblt.data import DataConfig, build_loader, iter_documents
 from torchblt.data.packing import Batch
+from torchblt.patching import PatchingConfig
 from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
@@ -73,11 +74,13 @@ def _check_batch(b: Batch, kind: str, seq_len: int, max_bytes: int | None) -> No
 
 
 CONFIGS = {
-    "space": dict(kind="blt", patching="space", seq_len=12, batch_size=3, shuffle_buffer=5),
-    "static_capped": dict(kind="blt", patching="static", patch_size=4.5, seq_len=12, max_bytes=30, batch_size=2),
-    "byte": dict(kind="blt", patching="byte", seq_len=48, batch_size=3, shuffle_buffer=3),
-    "bytes": dict(kind="bytes", patching="byte", seq_len=32, batch_size=4, shuffle_buffer=7),
-    "entropy_fly": dict(kind="blt", patching="entropy", threshold=1.5, seq_len=10, max_bytes=48, batch_size=2),
+    "space": dict(kind="blt", patching=PatchingConfig("space"), seq_len=12, batch_size=3, shuffle_buffer=5),
+    "static_capped": dict(kind="blt", patching=PatchingConfig("static", patch_size=4.5), seq_len=12, max_bytes=30,
+                          batch_size=2),
+    "byte": dict(kind="blt", patching=PatchingConfig("byte"), seq_len=48, batch_size=3, shuffle_buffer=3),
+    "bytes": dict(kind="bytes", patching=PatchingConfig("byte"), seq_len=32, batch_size=4, shuffle_buffer=7),
+    "entropy_fly": dict(kind="blt", patching=PatchingConfig("entropy", threshold=1.5), seq_len=10, max_bytes=48,
+                        batch_size=2),
 }
 
 
@@ -85,7 +88,7 @@ CONFIGS = {
 def test_batches_follow_the_conventions(corpus: Path, entropy_model, name: str) -> None:
     kw = CONFIGS[name]
     cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], **kw)
-    dl = build_loader(cfg, entropy_model=entropy_model if kw["patching"] == "entropy" else None)
+    dl = build_loader(cfg, entropy_model=entropy_model if kw["patching"].mode == "entropy" else None)
     for b in _take(iter(dl), 12):
         _check_batch(b, cfg.kind, cfg.seq_len, cfg.max_bytes)
 
@@ -96,7 +99,7 @@ def test_exact_resume_across_epochs(corpus: Path, entropy_model, name: str) -> N
     uninterrupted run's. The corpus is small, so this crosses epochs with a full shuffle buffer."""
     kw = CONFIGS[name]
     cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], seed=3, **kw)
-    em = entropy_model if kw["patching"] == "entropy" else None
+    em = entropy_model if kw["patching"].mode == "entropy" else None
     full = build_loader(cfg, entropy_model=em)
     reference = _take(iter(full), 30)
     assert full.state_dict()["pipelines"][0]["reader"]["position"]["epoch"] >= 1, "the test must cross epochs"
@@ -131,7 +134,7 @@ def test_every_next_byte_pair_is_trained_once(corpus: Path) -> None:
         cfg = DataConfig(
             sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
             kind=kind,
-            patching=patching,
+            patching=PatchingConfig(patching),
             seq_len=9,
             batch_size=1,
             shuffle_buffer=0,
@@ -207,7 +210,7 @@ def test_workers_resume_exactly(corpus: Path) -> None:
     cfg = DataConfig(
         sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
         kind="blt",
-        patching="space",
+        patching=PatchingConfig("space"),
         seq_len=8,
         batch_size=2,
         shuffle_buffer=3,
@@ -235,7 +238,8 @@ def test_resume_rejects_a_different_layout(corpus: Path) -> None:
 
 
 def test_batch_to_and_counts(corpus: Path) -> None:
-    cfg = DataConfig(sources=[str(corpus / "txt")], kind="blt", patching="space", seq_len=8, batch_size=2)
+    cfg = DataConfig(sources=[str(corpus / "txt")], kind="blt", patching=PatchingConfig("space"), seq_len=8,
+                     batch_size=2)
     dl = build_loader(cfg)
     b = next(iter(dl)).to("cpu")
     assert b.n_bytes == int(b.mask.sum())
@@ -248,9 +252,10 @@ def test_batch_to_and_counts(corpus: Path) -> None:
     [
         (dict(kind="tokens"), "kind"),
         (dict(seq_len=0), "seq_len"),
-        (dict(patching="bpe"), "patching"),
-        (dict(patching="entropy"), "threshold"),
-        (dict(patching="entropy", threshold=1.0, target_patch_size=4.0), "target_patch_size"),
+        (dict(patching=PatchingConfig("bpe")), "patching.mode"),
+        (dict(patching=PatchingConfig("entropy", threshold=None)), "patching.threshold"),
+        (dict(patching=PatchingConfig("entropy", threshold=1.0), target_patch_size=4.0), "target_patch_size"),
+        (dict(patching=PatchingConfig("space", max_patch_length=0)), "patching.max_patch_length"),
         (dict(max_bytes=1), "max_bytes"),
         (dict(on_bad_record="ignore"), "on_bad_record"),
         (dict(batch_size="8"), "batch_size"),
@@ -259,7 +264,7 @@ def test_batch_to_and_counts(corpus: Path) -> None:
     ],
 )
 def test_config_errors_name_the_field(corpus: Path, kw: dict, field: str) -> None:
-    base = dict(sources=[str(corpus / "txt")], patching="space")
+    base = dict(sources=[str(corpus / "txt")], patching=PatchingConfig("space"))
     base.update(kw)
     with pytest.raises(ValueError, match=f"data.{field}"):
         build_loader(DataConfig(**base))
@@ -267,7 +272,7 @@ def test_config_errors_name_the_field(corpus: Path, kw: dict, field: str) -> Non
 
 def test_entropy_patching_needs_entropies(corpus: Path) -> None:
     with pytest.raises(ValueError, match="entropy_model"):
-        build_loader(DataConfig(sources=[str(corpus / "txt")], threshold=1.0))
+        build_loader(DataConfig(sources=[str(corpus / "txt")], patching=PatchingConfig("entropy", threshold=1.0)))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -277,10 +282,9 @@ def test_random_configs_resume_exactly(corpus: Path, seed: int) -> None:
     import random
 
     r = random.Random(seed)
-    cfg = DataConfig(
-        sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
+    kw = dict(
         kind=r.choice(["blt", "bytes"]),
-        patching=r.choice(["space", "static", "byte"]),
+        mode=r.choice(["space", "static", "byte"]),
         seq_len=r.randint(2, 40),
         batch_size=r.randint(1, 5),
         shuffle_buffer=r.choice([0, 1, 2, 7, 30]),
@@ -291,6 +295,9 @@ def test_random_configs_resume_exactly(corpus: Path, seed: int) -> None:
         patch_size=r.choice([1.0, 2.5, 4.5, 7.0]),
         max_doc_bytes=r.choice([16, 50, 1000, 64 * 2**20]),
     )
+    patching = PatchingConfig(kw.pop("mode"), max_patch_length=kw.pop("max_patch_length"),
+                              patch_size=kw.pop("patch_size"))
+    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], patching=patching, **kw)
     n, m = r.randint(1, 20), r.randint(1, 15)
     reference = _take(iter(build_loader(cfg)), n + m)
     for b in reference:
@@ -303,3 +310,18 @@ def test_random_configs_resume_exactly(corpus: Path, seed: int) -> None:
         assert torch.equal(a.x, b.x) and torch.equal(a.mask, b.mask)
         if a.patch_lengths is not None:
             assert torch.equal(a.patch_lengths, b.patch_lengths)
+
+
+def test_flat_patching_keywords_of_the_first_release_still_work(corpus: Path) -> None:
+    sources = [str(corpus / "txt")]
+    with pytest.warns(FutureWarning, match=r"DataConfig\(patching='static', patch_size=3\).*"
+                                           r"patching=PatchingConfig\(mode='static', patch_size=3\)"):
+        old = DataConfig(sources=sources, patching="static", patch_size=3, seq_len=8, batch_size=2)
+    new = DataConfig(sources=sources, patching=PatchingConfig("static", threshold=None, patch_size=3), seq_len=8,
+                     batch_size=2)
+    assert old == new
+    assert all(torch.equal(a.patch_lengths, b.patch_lengths)
+               for a, b in zip(_take(iter(build_loader(old)), 3), _take(iter(build_loader(new)), 3)))
+    with pytest.warns(FutureWarning, match="threshold=1.5"):
+        entropy = DataConfig(sources=sources, threshold=1.5, max_patch_length=4)
+    assert entropy.patching == PatchingConfig("entropy", threshold=1.5, max_patch_length=4)

@@ -63,7 +63,7 @@ def test_config_unknown_key_and_wrong_type_are_one_clear_line(tmp_path, corpus, 
         cfg = load_config(None, base + ["model.arch.encoder.dimm=3"])
         Trainer(cfg)
     with pytest.raises(ValueError, match=r"^model\.entropy_model: validating an entropy-patched BLT needs"):
-        load_config(None, base + ["data.patching=entropy", "data.threshold=1.3", "data.entropies=x",
+        load_config(None, base + ["data.patching.mode=entropy", "data.patching.threshold=1.3", "data.entropies=x",
                                   f"data.validation=[{train}]"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\n  sgd: true\n")
@@ -200,7 +200,7 @@ def test_metrics_config_and_export(tmp_path, corpus):
         assert r["bpb"] == pytest.approx(r["loss"] / math.log(2))  # byte-level: one target per byte
     assert [r["step"] for r in rows if "val_bpb" in r] == [2, 4]
     saved = load_config(tmp_path / "r" / "config.yaml")
-    assert saved.train.steps == 4 and saved.data.patching == "space"
+    assert saved.train.steps == 4 and saved.data.patching.mode == "space"
     assert list((tmp_path / "r" / "tensorboard").iterdir())
     assert list((tmp_path / "r" / "profile").glob("*.json"))  # torch.profiler trace of step 2
 
@@ -299,3 +299,41 @@ def test_wandb_logging_with_a_stand_in_module(tmp_path, corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: a clear error
     with pytest.raises(ValueError, match="log.wandb: true but the wandb package is not installed"):
         run(tmp_path, train, "r2", steps=1, **{"log.wandb": "true"})
+
+
+def test_old_run_configs_with_flat_data_keys_still_load(tmp_path, corpus):
+    """The first release's ``data.patching: MODE`` + flat ``data.threshold`` ... load as ``data.patching``."""
+    train, _ = corpus
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(f"data:\n  sources: [{train}]\n  patching: entropy\n  threshold: 1.2\n  max_patch_length: 6\n"
+                   "  entropy_model: em\n")
+    new.write_text(f"data:\n  sources: [{train}]\n  patching: {{mode: entropy, threshold: 1.2, max_patch_length: 6}}\n"
+                   "  entropy_model: em\n")
+    with pytest.warns(FutureWarning, match=r"data\.patching: entropy, data\.threshold: 1\.2, data\.max_patch_length: "
+                                           r"6: .* write data\.patching: \{mode: entropy, threshold: 1\.2"):
+        from_old = load_config(old)
+    assert from_old == load_config(new)
+    assert from_old.data.patching.threshold == 1.2 and from_old.data.target_patch_size is None
+    # the old dotted overrides too, over a new-style file
+    with pytest.warns(FutureWarning) as warned:
+        cfg = load_config(new, ["data.patching=static", "data.patch_size=3"])
+    assert [str(w.message).split(":")[:2] for w in warned] == [["data.patching", " static"], ["data.patch_size", " 3"]]
+    assert (cfg.data.patching.mode, cfg.data.patching.patch_size, cfg.data.patching.max_patch_length) == ("static", 3, 6)
+    # a nested section keeps the data section's defaults: no threshold, so target_patch_size may calibrate
+    cfg = load_config(None, [f"data.sources=[{train}]", "data.patching.mode=entropy", "data.target_patch_size=4",
+                             "data.entropy_model=em"])
+    assert cfg.data.patching.threshold is None and cfg.data.target_patch_size == 4
+    with pytest.raises(ValueError, match=r"^data\.target_patch_size: give a patching\.threshold or"):
+        load_config(None, [f"data.sources=[{train}]", "data.patching.threshold=1.0", "data.target_patch_size=4",
+                           "data.entropy_model=em"])
+
+
+def test_shipped_configs_use_the_nested_patching_section(tmp_path, corpus):
+    import warnings
+
+    train, _ = corpus
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for name in ("blt-1b", "blt-7b", "quickstart-blt"):
+            cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.sources=[{train}]", "data.entropy_model=x"])
+            assert cfg.data.patching.mode == "entropy"

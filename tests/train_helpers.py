@@ -25,7 +25,7 @@ def overrides(run_dir: Path, train: Path, kind: str = "blt", steps: int = 6, **e
     """Dotted overrides for a tiny CPU run (a few seconds)."""
     out = [
         f"run_dir={run_dir}", f"model.kind={kind}", f"model.arch={'tiny-blt' if kind == 'blt' else 'tiny-entropy'}",
-        f"data.sources=[{train}]", "data.patching=space", "data.seq_len=12" if kind == "blt" else "data.seq_len=48",
+        f"data.sources=[{train}]", "data.patching.mode=space", "data.seq_len=12" if kind == "blt" else "data.seq_len=48",
         "data.max_bytes=48", "data.batch_size=3", "data.shuffle_buffer=8", f"train.steps={steps}",
         "optim.lr=3e-3", "optim.warmup_steps=2", "log.every=1", "log.progress=false", "log.tensorboard=false",
         "checkpoint.every=1000", "checkpoint.export=false",

@@ -12,7 +12,7 @@ from torchblt.model import (
     named_config,
     ngram_hash_ids,
 )
-from torchblt.patching import Patcher
+from torchblt.patching import Patcher, PatchingConfig
 from torchblt.tokenizer import BPEDelimitedTokenizer, ByteTokenizer
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "EntropyModel",
     "EntropyModelConfig",
     "Patcher",
+    "PatchingConfig",
     "StackConfig",
     "entropy",
     "generate",

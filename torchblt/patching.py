@@ -26,6 +26,10 @@ Entropies are computed per row (no leakage between the rows of a batch), see
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,13 +37,94 @@ import torch
 from torchblt.tokenizer import BPE_ID, OFFSET
 
 if TYPE_CHECKING:
-    from torchblt.model.config import PatchingConfig
+    from torch import nn
+
     from torchblt.model.entropy_model import EntropyModel
 
 PATCHING_MODES = ("entropy", "space", "static", "byte", "bpe")
 DEFAULT_THRESHOLD = 1.335442066192627
 
-__all__ = ["Patcher", "PATCHING_MODES", "lengths_from_start_mask", "split_first_patch", "space_like"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "PATCHING_MODES",
+    "Patcher",
+    "PatchingConfig",
+    "attach_entropy_model",
+    "attached_entropy_model",
+    "lengths_from_start_mask",
+    "space_like",
+    "split_first_patch",
+]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class PatchingConfig:
+    """How a BLT is patched: the patching section of a model's config (how it was trained, used when its
+    forward is called without patch lengths, by generation and by evaluation) and ``data.patching`` of a
+    run config (how the training data is patched; the trainer copies it into the model it trains).
+
+    ``threshold=None`` in entropy mode: top-k patching for a model (needs ``patch_size``); in a run
+    config, "calibrate it from ``data.target_patch_size``". ``patch_size``: static mode, top-k and the
+    concat downsampling of encoders without cross-attention.
+    """
+
+    mode: str = "entropy"
+    threshold: float | None = DEFAULT_THRESHOLD
+    threshold_add: float | None = None
+    monotonicity: bool = False
+    max_patch_length: int | None = None
+    patch_size: float | None = 4.5
+
+    def validate(self, where: str = "patching") -> None:
+        """Raise ``ValueError`` naming ``where.field``, the value and what is allowed."""
+
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"{where}.{name}: got {getattr(self, name)!r}, expected {expected}")
+
+        if self.mode not in PATCHING_MODES:
+            raise bad("mode", f"one of {', '.join(PATCHING_MODES)}")
+        for name in ("threshold", "threshold_add", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise bad(name, "a number or null")
+        if not isinstance(self.monotonicity, bool):
+            raise bad("monotonicity", "true or false")
+        m = self.max_patch_length
+        if m is not None and (not _is_number(m) or int(m) != m or m < 1):
+            raise bad("max_patch_length", "a positive integer or null")
+        if self.patch_size is not None and not self.patch_size > 0:
+            raise bad("patch_size", "a positive number")
+        if self.mode == "static" and self.patch_size is None:
+            raise bad("patch_size", "a positive number (static patching)")
+        if self.mode == "entropy" and self.threshold is None and self.patch_size is None:
+            raise bad("patch_size", "a positive number (threshold null: top-k entropy patching)")
+
+
+# Which entropy model patches a BLT's inputs when nobody passes a Patcher: filled by ``load_model`` for
+# folders that bundle one. A weak table beside the model, so the model itself stays a plain nn.Module
+# (nothing extra in its attributes, state_dict, parameters, deepcopy or pickle).
+_ATTACHED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def attach_entropy_model(model: nn.Module, entropy_model: EntropyModel | None) -> None:
+    """Pair ``model`` (a BLT) with the entropy model that patches its inputs (``None``: unpair).
+
+    :meth:`Patcher.for_model` (and so ``generate``, ``evaluate_bpb`` and ``blt(tokens)`` without patch
+    lengths) uses it; the entropy model stays out of ``model``'s parameters and state dict."""
+    if entropy_model is None:
+        _ATTACHED.pop(getattr(model, "_orig_mod", model), None)
+    else:
+        _ATTACHED[getattr(model, "_orig_mod", model)] = entropy_model
+
+
+def attached_entropy_model(model: nn.Module) -> EntropyModel | None:
+    """The entropy model paired with ``model`` by :func:`attach_entropy_model` (or ``load_model``), or None."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    return _ATTACHED.get(model)
 
 
 def space_like(tokens: torch.Tensor) -> torch.Tensor:
@@ -101,65 +186,95 @@ def split_first_patch(patch_lengths: torch.Tensor) -> torch.Tensor:
     return out[:, :last]
 
 
+def _fields_signature(
+    mode: str = "entropy",
+    threshold: float | None = DEFAULT_THRESHOLD,
+    threshold_add: float | None = None,
+    monotonicity: bool = False,
+    max_patch_length: int | None = None,
+    patch_size: float | None = None,
+    entropy_model: EntropyModel | None = None,
+    entropy_chunk_size: int | None = None,
+) -> None:
+    """The field-by-field form of :class:`Patcher` (its defaults: no patch size unless given)."""
+
+
+def _config_signature(config: PatchingConfig, entropy_model: EntropyModel | None = None, *,
+                      entropy_chunk_size: int | None = None) -> None:
+    """The config form of :class:`Patcher`."""
+
+
+_FIELDS_SIGNATURE = inspect.signature(_fields_signature)
+_CONFIG_SIGNATURE = inspect.signature(_config_signature)
+FIELDS = tuple(f.name for f in dataclasses.fields(PatchingConfig))
+
+
 class Patcher:
     """Computes patch lengths for a batch of token rows.
 
+    ``Patcher(config, entropy_model=None)`` with a :class:`PatchingConfig`; or field by field,
     ``Patcher(mode="entropy", threshold=..., threshold_add=None, monotonicity=False, max_patch_length=None,
-    patch_size=None, entropy_model=None, entropy_chunk_size=None)``; :meth:`patch` returns
-    ``(patch_lengths (B, P) int64, scores (B, S) float32 or None)``. Entropies of long inputs are computed
-    in chunks of ``entropy_chunk_size`` positions (default: the measured fastest,
-    :data:`torchblt.model.entropy_model.ENTROPY_CHUNK`), each with the model's full receptive field of context.
+    patch_size=None, entropy_model=None)``, which builds that config. :meth:`for_model` is the patcher a
+    BLT was trained with. :meth:`patch` returns ``(patch_lengths (B, P) int64, scores (B, S) float32 or None)``.
+    Entropies of long inputs are computed in chunks of ``entropy_chunk_size`` positions (keyword, either form;
+    default: the measured fastest, :data:`torchblt.model.entropy_model.ENTROPY_CHUNK`), each with the model's
+    full receptive field of context.
     """
 
-    def __init__(
-        self,
-        mode: str = "entropy",
-        threshold: float | None = DEFAULT_THRESHOLD,
-        threshold_add: float | None = None,
-        monotonicity: bool = False,
-        max_patch_length: int | None = None,
-        patch_size: float | None = None,
-        entropy_model: EntropyModel | None = None,
-        entropy_chunk_size: int | None = None,
-    ) -> None:
-        if mode not in PATCHING_MODES:
-            raise ValueError(f"patching mode must be one of {PATCHING_MODES}, got {mode!r}")
-        if mode == "static":
-            if patch_size is None or float(patch_size) <= 0:
-                raise ValueError(f"static patching needs a positive patch_size, got {patch_size!r}")
-        if max_patch_length is not None and (int(max_patch_length) != max_patch_length or max_patch_length < 1):
-            raise ValueError(f"max_patch_length must be a positive integer, got {max_patch_length!r}")
-        if threshold is None and (mode != "entropy" or patch_size is None):
-            raise ValueError("threshold=None (top-k entropy patching) needs mode='entropy' and a patch_size")
-        self.mode = mode
-        self.threshold = None if threshold is None else float(threshold)
-        self.threshold_add = threshold_add
-        self.monotonicity = monotonicity
-        self.max_patch_length = None if max_patch_length is None else int(max_patch_length)
-        self.patch_size = patch_size
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if (args and isinstance(args[0], PatchingConfig)) or "config" in kwargs:
+            bound = _CONFIG_SIGNATURE.bind(*args, **kwargs).arguments
+            config, entropy_model = bound["config"], bound.get("entropy_model")
+            entropy_chunk_size = bound.get("entropy_chunk_size")
+            if not isinstance(config, PatchingConfig):
+                raise TypeError(f"Patcher(config): expected a PatchingConfig, got {type(config).__name__}")
+            config = dataclasses.replace(config)  # the patcher owns its settings
+        else:
+            bound = _FIELDS_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            fields = dict(bound.arguments)
+            entropy_model = fields.pop("entropy_model")
+            entropy_chunk_size = fields.pop("entropy_chunk_size")
+            config = PatchingConfig(**fields)
+        if entropy_model is not None and not callable(getattr(entropy_model, "entropies", None)):
+            raise TypeError(f"Patcher: entropy_model must be an EntropyModel, got {type(entropy_model).__name__}")
+        config.validate("patching")
+        self.mode = config.mode
+        self.threshold = None if config.threshold is None else float(config.threshold)
+        self.threshold_add = config.threshold_add
+        self.monotonicity = config.monotonicity
+        self.max_patch_length = None if config.max_patch_length is None else int(config.max_patch_length)
+        self.patch_size = config.patch_size
         self.entropy_model = entropy_model
         if entropy_chunk_size is not None and (int(entropy_chunk_size) != entropy_chunk_size or entropy_chunk_size < 1):
             raise ValueError(f"entropy_chunk_size must be a positive integer, got {entropy_chunk_size!r}")
         # positions per entropy-model forward on long inputs (None: the measured default, ENTROPY_CHUNK)
         self.entropy_chunk_size = entropy_chunk_size
 
+    @property
+    def config(self) -> PatchingConfig:
+        """The settings as a :class:`PatchingConfig` (a copy: changing it does not change the patcher)."""
+        return PatchingConfig(**{name: getattr(self, name) for name in FIELDS})
+
     @classmethod
     def from_config(cls, cfg: PatchingConfig, entropy_model: EntropyModel | None = None) -> Patcher:
-        return cls(
-            mode=cfg.mode,
-            threshold=cfg.threshold,
-            threshold_add=cfg.threshold_add,
-            monotonicity=cfg.monotonicity,
-            max_patch_length=cfg.max_patch_length,
-            patch_size=cfg.patch_size,
-            entropy_model=entropy_model,
-        )
+        """The same as ``Patcher(cfg, entropy_model)``."""
+        return cls(cfg, entropy_model)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, entropy_model: EntropyModel | None = None, **changes: Any) -> Patcher:
+        """The patcher a BLT was trained with: ``model.config.patching`` (with ``changes`` to its fields), and
+        ``entropy_model`` or the one attached to the model (:func:`attached_entropy_model`)."""
+        config = getattr(model, "config", None)
+        if not isinstance(getattr(config, "patching", None), PatchingConfig):
+            raise ValueError(f"Patcher.for_model: a {type(model).__name__} has no patching config (not a BLT)")
+        em = entropy_model if entropy_model is not None else attached_entropy_model(model)
+        chunk = changes.pop("entropy_chunk_size", None)  # how entropies are computed, not a patching setting
+        return cls(dataclasses.replace(config.patching, **changes), em,  # type: ignore[union-attr]
+                   entropy_chunk_size=chunk)
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{k}={getattr(self, k)!r}"
-            for k in ("mode", "threshold", "threshold_add", "monotonicity", "max_patch_length", "patch_size")
-        )
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in FIELDS)
         return f"Patcher({fields})"
 
     # ------------------------------------------------------------------ scores

@@ -4,7 +4,7 @@
 the first ``--sample-bytes`` of the data once, then bisects on the global threshold
 (:func:`torchblt.data.calibrate.calibrate_threshold`) and prints the threshold with the mean patch size
 it gives. ``--entropies DIR`` uses shards written by ``blt entropies`` instead of running the model.
-Training configs may give ``data.target_patch_size`` instead of ``data.threshold``: the loader runs the
+Training configs may give ``data.target_patch_size`` instead of ``data.patching.threshold``: the loader runs the
 same function at start.
 """
 

@@ -6,6 +6,7 @@ See :mod:`torchblt.eval.bpb` for exactly what is counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -47,18 +48,10 @@ def build_patcher(model, args: argparse.Namespace):
             if getattr(args, flag, None) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} only applies to BLT models")
         return None
+    changes = {k: v for k, v in (("mode", args.patching), ("threshold", args.threshold),
+                                  ("patch_size", args.patch_size)) if v is not None}
     base = model.patcher
-    if args.patching is None and args.threshold is None and args.patch_size is None:
-        return base
-    return Patcher(
-        mode=args.patching or base.mode,
-        threshold=base.threshold if args.threshold is None else args.threshold,
-        threshold_add=base.threshold_add,
-        monotonicity=base.monotonicity,
-        max_patch_length=base.max_patch_length,
-        patch_size=base.patch_size if args.patch_size is None else args.patch_size,
-        entropy_model=base.entropy_model,
-    )
+    return Patcher(dataclasses.replace(base.config, **changes), base.entropy_model) if changes else base
 
 
 def load_any_model(path: str, device: str, dtype: str, entropy_model: str | None = None):

@@ -23,6 +23,7 @@ state after the last batch *consumed* (batches prefetched but not consumed are m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,34 +34,17 @@ from torchblt.data.config import DataConfig
 from torchblt.data.entropies import ENTROPIES_FIELD, check_entropy_folder, document_entropies, document_tokens
 from torchblt.data.packing import Batch, Sequence, SequencePacker, collate
 from torchblt.data.sources import DocumentReader, new_stats
-from torchblt.patching import Patcher
+from torchblt.patching import Patcher, PatchingConfig
 
-__all__ = ["DataLoader", "Pipeline", "build_loader", "make_patcher"]
+__all__ = ["DataLoader", "Pipeline", "build_loader"]
 
 STATE_VERSION = 1
 _ONTHEFLY_DOCS = 32  # documents (at most) patched together by an on-the-fly entropy model
 _ONTHEFLY_TOKENS = 1 << 15  # ... or fewer once they hold this many tokens
 
 
-def make_patcher(
-    cfg: DataConfig, threshold: float | None, entropy_model: torch.nn.Module | None = None
-) -> Patcher | None:
-    if cfg.kind == "bytes":
-        return None
-    if cfg.patching == "entropy":
-        return Patcher(
-            "entropy",
-            threshold=threshold,  # type: ignore[arg-type]
-            threshold_add=cfg.threshold_add,
-            monotonicity=cfg.monotonicity,
-            max_patch_length=cfg.max_patch_length,
-            entropy_model=entropy_model,  # type: ignore[arg-type]
-        )
-    return Patcher(cfg.patching, max_patch_length=cfg.max_patch_length, patch_size=cfg.patch_size)
-
-
 def uses_stored_entropies(cfg: DataConfig) -> bool:
-    return cfg.kind == "blt" and cfg.patching == "entropy" and cfg.entropies is not None
+    return cfg.kind == "blt" and cfg.patching.mode == "entropy" and cfg.entropies is not None
 
 
 def document_sources(cfg: DataConfig) -> list[str]:
@@ -76,7 +60,7 @@ class Pipeline:
         cfg: DataConfig,
         shard: int,
         n_shards: int,
-        threshold: float | None,
+        patching: PatchingConfig | None,
         entropy_model: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
@@ -95,7 +79,7 @@ class Pipeline:
         )
         self.stored = stored
         self.entropy_model = entropy_model
-        self.patcher = make_patcher(cfg, threshold, entropy_model)
+        self.patcher = None if patching is None else Patcher(patching, entropy_model)  # type: ignore[arg-type]
         self.pending: list[Sequence] = []  # documents patched, not yet handed to the packer
         max_bytes = cfg.max_bytes if cfg.kind == "blt" else None
         self.packers = [SequencePacker(cfg.kind, cfg.seq_len, max_bytes, self._pull) for _ in range(cfg.interleave)]
@@ -126,7 +110,7 @@ class Pipeline:
         cfg = self.cfg
         if cfg.kind == "bytes":
             self.pending.append(Sequence(document_tokens(self._next_doc().data), None))
-        elif cfg.patching == "entropy" and not self.stored:
+        elif cfg.patching.mode == "entropy" and not self.stored:
             assert self.entropy_model is not None
             docs: list[np.ndarray] = []
             while len(docs) < _ONTHEFLY_DOCS and sum(len(d) for d in docs) < _ONTHEFLY_TOKENS:
@@ -193,7 +177,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
     def __init__(self, loader: DataLoader) -> None:
         self.cfg = loader.cfg
         self.rank, self.world_size = loader.rank, loader.world_size
-        self.threshold = loader.threshold
+        self.patching = loader.patching
         self.entropy_model = loader.entropy_model
         self.states = list(loader._states)
         self.first = loader._next_worker
@@ -203,7 +187,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         W = self.cfg.num_workers
         w = (self.first + (info.id if info is not None else 0)) % W
         torch.set_num_threads(1)
-        p = Pipeline(self.cfg, self.rank * W + w, self.world_size * W, self.threshold, self.entropy_model)
+        p = Pipeline(self.cfg, self.rank * W + w, self.world_size * W, self.patching, self.entropy_model)
         if self.states[w] is not None:
             p.load_state_dict(self.states[w])
         while True:
@@ -219,8 +203,10 @@ class DataLoader:
     """Infinite iterator of :class:`~torchblt.data.packing.Batch` with exact ``state_dict`` resume.
 
     Iterating again continues where the last consumed batch left off. ``stats`` counts documents, bytes
-    and bad records (summed over workers); ``threshold`` is the entropy threshold in use (calibrated when
-    the config gives a ``target_patch_size``).
+    and bad records (summed over workers). ``patching`` is how the batches are patched (None for byte
+    batches): ``cfg.patching`` with the entropy threshold in use, calibrated when the config gives a
+    ``target_patch_size`` — the one place that threshold is kept (in the state too, so a resumed run keeps
+    it), and what the trainer copies into the model's ``config.patching``.
     """
 
     def __init__(
@@ -229,12 +215,12 @@ class DataLoader:
         rank: int = 0,
         world_size: int = 1,
         entropy_model: torch.nn.Module | None = None,
-        threshold: float | None = None,
+        patching: PatchingConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.entropy_model = entropy_model
-        self.threshold = threshold
+        self.patching = patching
         self.n_batches = 0
         W = max(1, cfg.num_workers)
         self._states: list[dict[str, Any] | None] = [None] * W
@@ -242,7 +228,12 @@ class DataLoader:
         self._next_worker = 0
         self._pipeline: Pipeline | None = None
         if cfg.num_workers == 0:
-            self._pipeline = Pipeline(cfg, rank, world_size, threshold, entropy_model)
+            self._pipeline = Pipeline(cfg, rank, world_size, patching, entropy_model)
+
+    @property
+    def threshold(self) -> float | None:
+        """The entropy threshold in use (None without entropy patching)."""
+        return self.patching.threshold if self.patching is not None and self.patching.mode == "entropy" else None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -293,11 +284,11 @@ class DataLoader:
         for key, mine in (("rank", self.rank), ("world_size", self.world_size), ("num_workers", self.cfg.num_workers)):
             if state[key] != mine:
                 raise ValueError(f"data loader state: saved with {key}={state[key]}, resuming with {key}={mine}")
-        if state["threshold"] != self.threshold:
+        if state["threshold"] != self.threshold and self.patching is not None and state["threshold"] is not None:
             # keep the threshold the run started with (calibration is not re-done on resume)
-            self.threshold = state["threshold"]
-            if self._pipeline is not None and self._pipeline.patcher is not None and self.threshold is not None:
-                self._pipeline.patcher.threshold = float(self.threshold)
+            self.patching = dataclasses.replace(self.patching, threshold=float(state["threshold"]))
+            if self._pipeline is not None:
+                self._pipeline = Pipeline(self.cfg, self.rank, self.world_size, self.patching, self.entropy_model)
         self.n_batches = int(state["n_batches"])
         self._next_worker = int(state["next_worker"])
         if self._pipeline is not None:
@@ -352,15 +343,15 @@ def build_loader(
     """The training loader of ``rank`` among ``world_size`` (see the module docstring).
 
     ``entropy_model``: a frozen model for on-the-fly entropy patching (else ``cfg.entropy_model`` is
-    loaded, on CPU). With ``cfg.threshold=None`` the threshold is calibrated to ``cfg.target_patch_size`` on
-    the first ``calibration_bytes`` of the data.
+    loaded, on CPU). With ``cfg.patching.threshold=None`` the threshold is calibrated to
+    ``cfg.target_patch_size`` on the first ``calibration_bytes`` of the data (``loader.patching`` holds it).
     """
     cfg.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    threshold = cfg.threshold
+    patching = None if cfg.kind == "bytes" else cfg.patching
     em = None
-    if cfg.kind == "blt" and cfg.patching == "entropy":
+    if cfg.kind == "blt" and cfg.patching.mode == "entropy":
         if uses_stored_entropies(cfg):
             check_entropy_folder(cfg.entropies)  # type: ignore[arg-type]
         else:
@@ -369,7 +360,7 @@ def build_loader(
                 em = _load_entropy_model(cfg.entropy_model)
             if em is None:
                 raise ValueError(
-                    "data.patching: 'entropy' needs data.entropies (shards from `blt entropies`) or data.entropy_model"
+                    "data.patching.mode: 'entropy' needs data.entropies (shards from `blt entropies`) or data.entropy_model"
                 )
             em.eval()
             if cfg.num_workers > 0 and next(em.parameters()).device.type != "cpu":
@@ -377,15 +368,16 @@ def build_loader(
                     "data.num_workers: on-the-fly entropy patching in worker processes needs the entropy model on CPU; "
                     "preprocess with `blt entropies` or use num_workers=0"
                 )
-        if threshold is None:
+        if cfg.patching.threshold is None:
             from torchblt.data.calibrate import calibrate_threshold
 
+            p = cfg.patching
             res = calibrate_threshold(
                 _sample_entropies(cfg, em, calibration_bytes),
                 cfg.target_patch_size,  # type: ignore[arg-type]
-                cfg.threshold_add,
-                cfg.monotonicity,
-                cfg.max_patch_length,
+                p.threshold_add,
+                p.monotonicity,
+                p.max_patch_length,
             )
-            threshold = res.threshold
-    return DataLoader(cfg, rank, world_size, em, threshold)
+            patching = dataclasses.replace(p, threshold=res.threshold)
+    return DataLoader(cfg, rank, world_size, em, patching)

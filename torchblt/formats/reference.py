@@ -25,11 +25,10 @@ from torchblt.model.config import (
     BLTConfig,
     CrossAttentionConfig,
     HashConfig,
-    PatchingConfig,
 )
 from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
-from torchblt.patching import DEFAULT_THRESHOLD
+from torchblt.patching import DEFAULT_THRESHOLD, PatchingConfig
 
 
 class UnsupportedConfigError(ValueError):

@@ -46,11 +46,11 @@ import torch
 
 from torchblt.formats.common import CheckpointError
 from torchblt.model.blt import BLT
-from torchblt.model.config import BLTConfig, CrossAttentionConfig, HashConfig, PatchingConfig
+from torchblt.model.config import BLTConfig, CrossAttentionConfig, HashConfig
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
 from torchblt.model.masks import uses_window
 from torchblt.model.transformer import StackConfig, ffn_hidden_dim
-from torchblt.patching import DEFAULT_THRESHOLD
+from torchblt.patching import DEFAULT_THRESHOLD, PatchingConfig
 
 __all__ = [
     "blt_to_transformers_state",

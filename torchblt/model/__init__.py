@@ -5,12 +5,12 @@ from torchblt.model.config import (
     BLTConfig,
     CrossAttentionConfig,
     HashConfig,
-    PatchingConfig,
     named_config,
 )
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig, entropy
 from torchblt.model.hash_embedding import ngram_hash_ids
 from torchblt.model.transformer import StackConfig
+from torchblt.patching import PatchingConfig
 
 __all__ = [
     "BLT",

@@ -1,6 +1,7 @@
 """Architecture configurations: small nested dataclasses, JSON round-trip, named presets.
 
-``BLTConfig`` = ``encoder`` / ``global_`` / ``decoder`` stacks + ``cross_attn`` + ``hash`` + ``patching``.
+``BLTConfig`` = ``encoder`` / ``global_`` / ``decoder`` stacks + ``cross_attn`` + ``hash`` + ``patching``
+(a :class:`~torchblt.patching.PatchingConfig`, which lives with the patcher it configures).
 The reference's flat 101-field argument bag is mapped onto these by :mod:`torchblt.formats.reference`;
 its dead options are dropped there.
 """
@@ -13,8 +14,20 @@ from typing import Any
 
 from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
-from torchblt.patching import DEFAULT_THRESHOLD, PATCHING_MODES
+from torchblt.patching import PatchingConfig
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
+
+__all__ = [
+    "BLTConfig",
+    "CrossAttentionConfig",
+    "HashConfig",
+    "NAMED_CONFIGS",
+    "PatchingConfig",
+    "blt_config_from_dict",
+    "config_to_dict",
+    "entropy_config_from_dict",
+    "named_config",
+]
 
 POOLING_MODES = ("avg", "mean", "min", "max")
 
@@ -45,19 +58,6 @@ class HashConfig:
     @property
     def n_tables(self) -> int:
         return self.n_functions * len(self.group_sizes)
-
-
-@dataclass
-class PatchingConfig:
-    """How the model was trained to be patched (used when ``forward`` is called without patch lengths,
-    by generation and by evaluation)."""
-
-    mode: str = "entropy"
-    threshold: float = DEFAULT_THRESHOLD
-    threshold_add: float | None = None
-    monotonicity: bool = False
-    max_patch_length: int | None = None
-    patch_size: float = 4.5  # static mode (and concat downsampling)
 
 
 def _local(dim: int, n_layers: int, n_heads: int, window: int | None = 512) -> StackConfig:
@@ -116,7 +116,7 @@ class BLTConfig:
     @property
     def _concat_patch_size(self) -> int:
         ps = self.patching.patch_size
-        if float(ps) != int(ps):
+        if ps is None or float(ps) != int(ps):
             raise ValueError(f"concat downsampling needs an integer patching.patch_size, got {ps}")
         return int(ps)
 
@@ -144,8 +144,7 @@ class BLTConfig:
                 raise ValueError(f"pooling must name some of {POOLING_MODES} (or be '' for concat), got {self.pooling!r}")
             if not self.pooling:
                 _ = self._concat_patch_size
-        if self.patching.mode not in PATCHING_MODES:
-            raise ValueError(f"patching.mode must be one of {PATCHING_MODES}, got {self.patching.mode!r}")
+        self.patching.validate("patching")
         if self.hash is not None and (self.hash.vocab_size < 1 or not self.hash.group_sizes):
             raise ValueError(f"hash: invalid {self.hash}")
 

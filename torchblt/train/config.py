@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-from torchblt.data.config import DataConfig
+from torchblt.data.config import LEGACY_PATCHING_KEYS, DataConfig, upgrade_legacy_keys
 
 
 @dataclass
@@ -119,7 +119,7 @@ class TrainConfig:
         for key, value, ok in checks:
             if not ok:
                 raise ValueError(f"{key}: invalid value {value!r}")
-        if (kind.data_kind == "blt" and self.data.patching == "entropy" and self.data.validation
+        if (kind.data_kind == "blt" and self.data.patching.mode == "entropy" and self.data.validation
                 and not (self.model.entropy_model or self.data.entropy_model)):
             raise ValueError("model.entropy_model: validating an entropy-patched BLT needs the (frozen) entropy model "
                              "that patches the held-out text; set model.entropy_model=PATH (or drop data.validation)")
@@ -155,6 +155,15 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _upgrade_override(key: str, value: Any) -> list[tuple[str, Any]]:
+    """``data.threshold=X`` / ``data.patching=MODE`` (the first release's keys) -> ``data.patching.*``."""
+    section, _, name = key.partition(".")
+    if section != "data" or not (name in LEGACY_PATCHING_KEYS or (name == "patching" and isinstance(value, str))):
+        return [(key, value)]
+    upgraded = upgrade_legacy_keys({name: value})
+    return [(f"data.patching.{k}", v) for k, v in upgraded["patching"].items()]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> TrainConfig:
     """Read ``path`` (YAML), apply dotted overrides, and build a checked :class:`TrainConfig`."""
@@ -170,8 +179,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
         data.update(loaded or {})
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+    if isinstance(data.get("data"), dict):
+        data["data"] = upgrade_legacy_keys(data["data"])
+    for item in parse_overrides(overrides or []):
+        for key, value in _upgrade_override(*item):
+            _set_dotted(data, key, value)
     cfg = from_dict(TrainConfig, data, "")
     cfg.validate()
     return cfg
@@ -181,8 +193,12 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise one clear line."""
+def from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise one clear line.
+
+    Fields ``data`` does not give keep their value in ``base`` (default: the field defaults); a nested
+    section applies over the parent's default of that section (so ``data.patching: {mode: entropy}``
+    keeps ``data``'s own patching defaults)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -191,21 +207,33 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ValueError(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
-    kwargs = {}
+    defaults = base if base is not None else _Defaults(cls)
+    kwargs = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)} if base is not None else {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, key)
+        kwargs[name] = _coerce(hints[name], value, key, getattr(defaults, name, None))
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"{where or 'config'}: {e}") from None
 
 
+class _Defaults:
+    """The default value of every field of a dataclass (without building one: required fields may exist)."""
+
+    def __init__(self, cls: type) -> None:
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                setattr(self, f.name, f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -218,12 +246,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key)
+                return _coerce(arg, value, key, default)
             except ValueError as e:
                 errors.append(e)
         raise ValueError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
+        return from_dict(tp, value, key, default if isinstance(default, tp) else None)
     if origin is list:
         if isinstance(value, (str, int, float)) and typing.get_args(tp) and typing.get_args(tp)[0] is str:
             value = [value]  # a single source is a list of one

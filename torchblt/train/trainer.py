@@ -126,14 +126,14 @@ class Trainer:
         return model
 
     def _sync_patching(self, model: BLT) -> None:
-        """The exported model patches as it was trained: copy the data's patching into ``config.patching``."""
-        d, p = self.data_cfg, model.config.patching
-        p.mode = d.patching
-        threshold = getattr(self.loader, "threshold", None) or d.threshold
-        if threshold is not None:
-            p.threshold = float(threshold)
-        p.threshold_add, p.monotonicity, p.max_patch_length = d.threshold_add, d.monotonicity, d.max_patch_length
-        p.patch_size = d.patch_size
+        """The exported model patches as it was trained: its ``config.patching`` is the loader's patching
+        (``loader.patching``: ``data.patching`` with the threshold in use, calibrated or restored on resume;
+        an injected loader that does not say uses ``data.patching``). A threshold the data leaves to
+        calibration that never ran (no entropy patching) keeps the model's."""
+        patching = getattr(self.loader, "patching", None) or self.data_cfg.patching
+        if patching.threshold is None:
+            patching = dataclasses.replace(patching, threshold=model.config.patching.threshold)
+        model.config.patching = dataclasses.replace(patching)
         model._patcher = None
         if self.entropy_model is not None:
             model.attach_entropy_model(self.entropy_model)

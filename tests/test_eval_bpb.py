@@ -116,7 +116,7 @@ def test_blt_matches_direct_forward_and_batching(fixture_blt):
     nats = 0.0
     for d in DOCS:
         toks = torch.tensor([document_tokens(d)[0]])
-        lengths, _ = blt.patcher.patch(toks, include_next_token=True)
+        lengths, _ = Patcher.for_model(blt).patch(toks, include_next_token=True)
         nats += _direct_nats(blt(toks, split_first_patch(lengths)), toks)
     assert r1.nats == pytest.approx(nats, rel=1e-5)
 

@@ -15,7 +15,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from torchblt import generate, load_model  # noqa: E402
 from torchblt.eval.bpb import evaluate_bpb, make_windows  # noqa: E402
 from torchblt.eval.harness import BLTLM  # noqa: E402
-from torchblt.patching import split_first_patch  # noqa: E402
+from torchblt.patching import Patcher, split_first_patch  # noqa: E402
 from torchblt.tokenizer import ByteTokenizer  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "reference" / "05_blt_forward"
@@ -40,7 +40,7 @@ def _direct_loglikelihood(model, context: str, continuation: str) -> tuple[float
     ctx = tok.encode(context, add_bos=True, add_eos=False)
     full = ctx + tok.encode(continuation, add_bos=False, add_eos=False)
     tokens = torch.tensor([full])
-    lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+    lengths = split_first_patch(Patcher.for_model(model).patch(tokens, include_next_token=True)[0])
     logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
     targets = torch.tensor(full[len(ctx):])
     pred = logp[len(ctx) - 1 : len(full) - 1]
@@ -149,7 +149,7 @@ def test_loglikelihood_windows_and_registration(blt):
 @torch.no_grad()
 def _direct_ll_tokens(model, window: list[int], target: int) -> tuple[float, bool]:
     tokens = torch.tensor([window])
-    lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+    lengths = split_first_patch(Patcher.for_model(model).patch(tokens, include_next_token=True)[0])
     logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
     return float(logp[target - 1, window[target]]), bool(logp[target - 1].argmax() == window[target])
 
@@ -159,7 +159,7 @@ def test_cli_string_arguments(tmp_path):
         f"pretrained={FIX / 'blt_model'},entropy_model={FIX / 'entropy_model'},context_bytes=64,max_gen_bytes=4",
         {"batch_size": "auto", "max_batch_size": None, "device": "cpu"},
     )
-    assert lm.context_bytes == 64 and lm.batch_size == 8 and lm.model.patcher.entropy_model is not None
+    assert lm.context_bytes == 64 and lm.batch_size == 8 and Patcher.for_model(lm.model).entropy_model is not None
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from conftest import FIXTURES
 from safetensors.torch import load_file, save_file
 
-from torchblt import BLT, EntropyModel, load_model, save_model
+from torchblt import BLT, EntropyModel, Patcher, load_model, save_model
 from torchblt.formats import CheckpointError, detect_format
 
 BLT_HF = FIXTURES / "05_blt_forward" / "blt_model"
@@ -57,7 +57,7 @@ def test_load_dtype_and_entropy_subfolder(tmp_path):
     shutil.copytree(ENT_HF, folder / "entropy_model")
     model = load_model(folder, dtype="bf16")
     assert isinstance(model, BLT) and model.local_decoder.output.weight.dtype == torch.bfloat16
-    assert model.patcher.entropy_model is not None and not model.training
+    assert Patcher.for_model(model).entropy_model is not None and not model.training
     with pytest.raises(ValueError, match="dtype"):
         load_model(folder, dtype="fp8")
 

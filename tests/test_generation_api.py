@@ -12,6 +12,7 @@ from torchblt.cli import main
 from torchblt.generation import GenerationConfig, generate_tokens
 from torchblt.generation.sampling import filter_logits, row_generators, sample
 from torchblt.generation.stream import StopCondition, TextStream
+from torchblt.patching import attach_entropy_model
 from torchblt.tokenizer import EOS_ID
 
 FIX = "tests/fixtures/reference/06_generation/"
@@ -42,16 +43,25 @@ def test_generate_texts_match_reference(models, cases):
     assert generate(model, cases[0]["prompt"], entropy_model=em, max_new_bytes=40, stop_at_eos=False) == [
         cases[0]["generated_text"]
     ]
-    assert model.patcher.entropy_model is None
+    assert Patcher.for_model(model).entropy_model is None
 
 
 def test_model_patcher_with_attached_entropy_model(models, cases):
     model, em = models
-    model.attach_entropy_model(em)
+    attach_entropy_model(model, em)
     try:
         assert generate(model, cases[1]["prompt"], max_new_bytes=40, stop_at_eos=False) == [cases[1]["generated_text"]]
     finally:
-        model.attach_entropy_model(None)
+        attach_entropy_model(model, None)
+    # the first release's methods on the model still work, with a deprecation warning
+    with pytest.warns(DeprecationWarning, match="attach_entropy_model"):
+        model.attach_entropy_model(em)
+    try:
+        with pytest.warns(DeprecationWarning, match="Patcher.for_model"):
+            assert model.patcher.entropy_model is em
+        assert generate(model, cases[1]["prompt"], max_new_bytes=40, stop_at_eos=False) == [cases[1]["generated_text"]]
+    finally:
+        attach_entropy_model(model, None)
 
 
 def test_clear_errors(models):

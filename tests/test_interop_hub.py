@@ -13,6 +13,7 @@ from torchblt.eval.bpb import evaluate_bpb
 from torchblt.formats.common import build_model
 from torchblt.formats.pretrained import from_pretrained, push_to_hub, save_pretrained
 from torchblt.model.config import tiny_blt, tiny_entropy
+from torchblt.patching import Patcher, attach_entropy_model
 
 
 def _blt():
@@ -21,7 +22,7 @@ def _blt():
     blt.init_weights()
     em = build_model(tiny_entropy(), "cpu")
     em.init_weights()
-    blt.attach_entropy_model(em.eval())
+    attach_entropy_model(blt, em.eval())
     return blt.eval()
 
 
@@ -34,7 +35,7 @@ def test_save_and_load_with_card(tmp_path):
                           eval_data="shakespeare-val.txt", license="mit")
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md", "entropy_model"}
     loaded = from_pretrained(out)
-    assert loaded.patcher.entropy_model is not None
+    assert Patcher.for_model(loaded).entropy_model is not None
     toks = torch.tensor([[1, 72, 105, 33, 40]])
     with torch.no_grad():
         assert torch.equal(loaded(toks), blt(toks))

@@ -21,7 +21,7 @@ from torchblt.formats.transformers import (
     to_transformers_model,
 )
 from torchblt.model.config import tiny_blt, tiny_entropy
-from torchblt.patching import Patcher, split_first_patch
+from torchblt.patching import Patcher, attach_entropy_model, split_first_patch
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -38,7 +38,7 @@ def _models(cfg=None, with_entropy=True, seed=0):
     if with_entropy:
         em = build_model(tiny_entropy(), "cpu")
         em.init_weights()
-        blt.attach_entropy_model(em.eval())
+        attach_entropy_model(blt, em.eval())
     return blt
 
 
@@ -58,7 +58,7 @@ def test_equal_logits_explicit_and_in_forward_patching():
     blt = _models()
     hf = to_transformers_model(blt)
     toks = _tokens(48)  # shorter than the local windows (64)
-    lengths, _ = blt.patcher.patch(toks, include_next_token=True)
+    lengths, _ = Patcher.for_model(blt).patch(toks, include_next_token=True)
     lengths = split_first_patch(lengths)
     assert lengths.shape[1] > 5 and len(set(lengths[lengths > 0].tolist())) > 1
     assert _max_diff(blt(toks, lengths), hf(toks, patch_lengths=lengths).logits) < TOL
@@ -94,7 +94,7 @@ def test_beyond_the_windows_and_where_they_differ():
     blt = _models()
     hf = to_transformers_model(blt)
     toks = _tokens(150, batch=1)  # longer than the 64-byte local windows
-    lengths = split_first_patch(blt.patcher.patch(toks, include_next_token=True)[0])
+    lengths = split_first_patch(Patcher.for_model(blt).patch(toks, include_next_token=True)[0])
     beyond = _max_diff(blt(toks, lengths), hf(toks, patch_lengths=lengths).logits)
     if hasattr(transformers.BltConfig(), "local_attention_window_len"):
         assert beyond < TOL  # ports with sliding-window local masks agree beyond the windows
@@ -102,7 +102,7 @@ def test_beyond_the_windows_and_where_they_differ():
         assert beyond > 1e-3
     # an EOS inside the input: ours are block-causal (documents do not see each other), the port's are not
     toks[0, 30] = 2
-    lengths = split_first_patch(blt.patcher.patch(toks, include_next_token=True)[0])
+    lengths = split_first_patch(Patcher.for_model(blt).patch(toks, include_next_token=True)[0])
     ours, theirs = blt(toks, lengths), hf(toks, patch_lengths=lengths).logits
     assert _max_diff(ours[:, :30], theirs[:, :30]) < TOL
     assert _max_diff(ours[:, 31:], theirs[:, 31:]) > 1e-2
@@ -120,10 +120,10 @@ def test_folder_round_trip_and_load_model(tmp_path):
     assert _max_diff(blt(toks), hf(toks).logits) < TOL
     # load_model reads the folder directly (entropy model from model.patcher attached)
     ours = load_model(out)
-    assert ours.patcher.entropy_model is not None
+    assert Patcher.for_model(ours).entropy_model is not None
     assert _max_diff(ours(toks), blt(toks)) < TOL
     cfg, ecfg = config_from_transformers(raw)
-    assert cfg == blt.config and ecfg == blt.patcher.entropy_model.config
+    assert cfg == blt.config and ecfg == Patcher.for_model(blt).entropy_model.config
     with pytest.raises(FileExistsError, match="overwrite"):
         save_transformers(blt, out)
 
@@ -148,13 +148,13 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     blt = _models()
     src = tmp_path / "ours"
     save_model(blt, src)
-    save_model(blt.patcher.entropy_model, src / "entropy_model")
+    save_model(Patcher.for_model(blt).entropy_model, src / "entropy_model")
     hf_dir, back_dir = tmp_path / "hf", tmp_path / "back"
     assert blt_main(["convert", str(src), str(hf_dir), "--to", "transformers"]) == 0
     assert "entropy model bundled" in capsys.readouterr().out
     assert blt_main(["convert", str(hf_dir), str(back_dir), "--from", "transformers"]) == 0
     back = load_model(back_dir)
-    assert (back_dir / "entropy_model" / "config.json").is_file() and back.patcher.entropy_model is not None
+    assert (back_dir / "entropy_model" / "config.json").is_file() and Patcher.for_model(back).entropy_model is not None
     for (k, a), (k2, b) in zip(sorted(blt.state_dict().items()), sorted(back.state_dict().items())):
         assert k == k2 and torch.equal(a, b)
     assert blt_main(["convert", str(src), str(hf_dir), "--to", "transformers"]) == 2  # exists

@@ -148,6 +148,35 @@ def test_forward_without_patch_lengths_uses_model_patcher():
         entropy_cfg(tokens)
 
 
+def test_blt_is_a_plain_module_and_the_patcher_belongs_to_the_caller():
+    """No patcher or entropy model inside the BLT: ``patcher=`` patches a forward without patch lengths;
+    an attached entropy model lives beside the model (not in its attributes, parameters or state dict)."""
+    import copy
+
+    from torchblt.formats.common import build_model
+    from torchblt.model.config import tiny_entropy
+    from torchblt.patching import attach_entropy_model, attached_entropy_model
+
+    model = make(tiny_blt())
+    em = build_model(tiny_entropy(), "cpu")
+    em.init_weights()
+    tokens = torch.tensor([ByteTokenizer().encode("patched by the caller", add_eos=False)])
+    patcher = Patcher(model.config.patching, em.eval())
+    lengths, _ = patcher.patch(tokens, include_next_token=True)
+    names = set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, patcher=patcher), model(tokens, lengths))
+        attach_entropy_model(model, em)
+        torch.testing.assert_close(model(tokens), model(tokens, lengths))
+    assert attached_entropy_model(model) is em and Patcher.for_model(model).entropy_model is em
+    assert set(model.state_dict()) == names and not any(v is em for v in vars(model).values())
+    assert attached_entropy_model(copy.deepcopy(model)) is None  # a copy is a new, unpaired module
+    attach_entropy_model(model, None)
+    assert attached_entropy_model(model) is None
+    with pytest.raises(ValueError, match="not a BLT"):
+        Patcher.for_model(em)
+
+
 def test_patch_length_contract_errors():
     tokens = torch.zeros(1, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="sum to T \\+ 1"):

@@ -178,7 +178,7 @@ def test_blt_patcher_in_the_loop(case):
     """``patch_lengths=None``: the model patches with its attached entropy model (broken in the reference)."""
     model = load_model(FIXTURES / "05_blt_forward" / "blt_model", entropy_model=FIXTURES / "05_blt_forward" / "entropy_model")
     tokens = FWD[f"tokens.{case}"]
-    lengths, scores = model.patcher.patch(tokens, include_next_token=True)
+    lengths, scores = Patcher.for_model(model).patch(tokens, include_next_token=True)
     assert torch.equal(lengths, FWD[f"patch_lengths.{case}"])
     torch.testing.assert_close(scores, FWD[f"entropies.{case}"], atol=ATOL, rtol=0)
     with torch.no_grad():

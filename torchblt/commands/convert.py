@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from torchblt.formats.transformers import transformers_files
     from torchblt.model.blt import BLT
     from torchblt.outputs import refuse_existing
+    from torchblt.patching import attached_entropy_model
 
     out = Path(args.out)
     # what we will write, checked before the (slow) load; the entropy model's files once we know there is one
@@ -49,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(model, BLT):
             raise ValueError(f"{args.src}: transformers' BltForCausalLM holds a BLT; this is an entropy model")
         save_transformers(model, out, overwrite=args.overwrite)
-        em = model.patcher.entropy_model
+        em = attached_entropy_model(model)
         print(f"wrote transformers BltForCausalLM to {out}" + (" (entropy model bundled)" if em is not None else ""))
         return 0
-    em = model.patcher.entropy_model if isinstance(model, BLT) else None
+    em = attached_entropy_model(model) if isinstance(model, BLT) else None
     save_model(model, out, overwrite=args.overwrite, extra={"converted_from": {"path": str(args.src), "format": fmt}},
                entropy_model=em)
     print(f"wrote torchblt model to {out}" + (f" (entropy model in {out / 'entropy_model'})" if em is not None else ""))

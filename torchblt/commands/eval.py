@@ -6,7 +6,6 @@ See :mod:`torchblt.eval.bpb` for exactly what is counted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -50,8 +49,7 @@ def build_patcher(model, args: argparse.Namespace):
         return None
     changes = {k: v for k, v in (("mode", args.patching), ("threshold", args.threshold),
                                   ("patch_size", args.patch_size)) if v is not None}
-    base = model.patcher
-    return Patcher(dataclasses.replace(base.config, **changes), base.entropy_model) if changes else base
+    return Patcher.for_model(model, **changes)
 
 
 def load_any_model(path: str, device: str, dtype: str, entropy_model: str | None = None):

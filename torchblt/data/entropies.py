@@ -65,10 +65,11 @@ def load_entropy_model(path: str, device: str | torch.device = "cpu", dtype: str
     from torchblt.formats import load_model
     from torchblt.model.blt import BLT
     from torchblt.model.entropy_model import EntropyModel
+    from torchblt.patching import attached_entropy_model
 
     model = load_model(path, device=device, dtype=dtype)
-    if isinstance(model, BLT) and isinstance(model.patcher.entropy_model, EntropyModel):
-        model = model.patcher.entropy_model
+    if isinstance(model, BLT) and isinstance(attached_entropy_model(model), EntropyModel):
+        model = attached_entropy_model(model)
     if not isinstance(model, EntropyModel):
         raise ValueError(f"{path}: not an entropy model (nor a BLT that comes with one)")
     return model.eval()

@@ -262,7 +262,7 @@ def _resolve(
     if not isinstance(model, (BLT, EntropyModel)) and not hasattr(model, "config"):
         raise ValueError(f"model must be a BLT or a byte/BPE language model, got {type(model).__name__}")
     if isinstance(model, BLT):
-        patcher = patcher if patcher is not None else model.patcher
+        patcher = patcher if patcher is not None else Patcher.for_model(model)
         if patcher.mode == "entropy" and patcher.entropy_model is None:
             raise ValueError(
                 "this BLT uses entropy patching but has no entropy model: pass --entropy-model DIR "
@@ -336,7 +336,7 @@ def evaluate_bpb(
 ) -> BPBResult:
     """Bits per byte of ``model`` on ``documents`` (see the module docstring for the exact definition).
 
-    ``model``: a :class:`BLT` (patched per window by ``patcher``, default ``model.patcher``), a byte LM
+    ``model``: a :class:`BLT` (patched per window by ``patcher``, default ``Patcher.for_model(model)``), a byte LM
     (:class:`EntropyModel`) or a BPE LM (an :class:`EntropyModel` whose config is a
     :class:`torchblt.baselines.bpe.BPEConfig`, which brings its tokenizer). ``context_bytes``: window length in tokens (default: what the model was built for, see
     :func:`default_context`). ``progress(n_bytes)`` is called as documents are read.

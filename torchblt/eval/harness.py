@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - optional extra
 
 from torchblt.eval.bpb import score_sequences
 from torchblt.model.blt import BLT
+from torchblt.patching import Patcher
 from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
 
 __all__ = ["BLTLM"]
@@ -75,6 +76,7 @@ class BLTLM(LM):
             warnings.warn(f"blt: device {device!r} is not available, using cpu", stacklevel=2)
             device = "cpu"
         self._device = torch.device(device or "cpu")
+        em = None  # an entropy model for a live BLT (a loaded one comes with its own)
         if model is None:
             if not pretrained:
                 raise ValueError("blt model_args: pretrained=DIR is required")
@@ -84,8 +86,9 @@ class BLTLM(LM):
         elif entropy_model is not None and isinstance(model, BLT):
             from torchblt import load_model
 
-            model.attach_entropy_model(load_model(entropy_model, device=str(self._device), dtype=dtype))
+            em = load_model(entropy_model, device=str(self._device), dtype=dtype)
         self.model = model.eval()
+        self.patcher = Patcher.for_model(model, entropy_model=em) if isinstance(model, BLT) else None
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
             batch_size = 8
         self.batch_size = int(batch_size)
@@ -112,7 +115,7 @@ class BLTLM(LM):
 
     def _score(self, sequences: list[list[int]], first_targets: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return score_sequences(
-            self.model, sequences, first_targets=first_targets, context_bytes=self.context_bytes,
+            self.model, sequences, first_targets=first_targets, patcher=self.patcher, context_bytes=self.context_bytes,
             batch_size=self.batch_size, device=self._device,
         )
 
@@ -177,7 +180,7 @@ class BLTLM(LM):
         if isinstance(self.model, BLT):
             from torchblt import generate
 
-            return generate(self.model, prompts, max_new_bytes=max_new, stop=until, temperature=temperature,
+            return generate(self.model, prompts, self.patcher, max_new_bytes=max_new, stop=until, temperature=temperature,
                             seed=0 if temperature > 0 else None, use_cache=self.use_cache)
         return [self._generate_lm(p, until, max_new, temperature) for p in prompts]
 

@@ -33,6 +33,7 @@ from torchblt.formats.reference import config_from_reference_folder
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig
 from torchblt.model.entropy_model import EntropyModel
+from torchblt.patching import attach_entropy_model
 
 Model = BLT | EntropyModel
 
@@ -90,7 +91,8 @@ def load_model(
 
     The model is in eval mode, on ``device``, with parameters in ``dtype`` (fp32 by default; ``"bf16"``
     as the reference's inference path). A BLT folder that holds an ``entropy_model/`` sub-folder (as the
-    released repos do), or an explicit ``entropy_model``, gets that model attached for patching.
+    released repos do), or an explicit ``entropy_model``, gets that model attached for patching
+    (:func:`torchblt.patching.attach_entropy_model`; ``Patcher.for_model(model)`` then uses it).
     """
     folder = _resolve_path(path)
     fmt = detect_format(folder)
@@ -130,5 +132,5 @@ def load_model(
         if em is not None:
             if not isinstance(em, EntropyModel):
                 raise CheckpointError(f"{entropy_model}: not an entropy model")
-            model.attach_entropy_model(em)
+            attach_entropy_model(model, em)
     return model

@@ -21,6 +21,7 @@ from torchblt.formats.native import model_files, write_model
 from torchblt.model.blt import BLT
 from torchblt.model.config import config_to_dict
 from torchblt.model.entropy_model import EntropyModel
+from torchblt.patching import attached_entropy_model
 
 __all__ = ["from_pretrained", "make_model_card", "push_to_hub", "save_pretrained"]
 
@@ -108,7 +109,7 @@ def save_pretrained(
 
     out = Path(folder)
     readme = out / "README.md"
-    em = model.patcher.entropy_model if isinstance(model, BLT) else None
+    em = attached_entropy_model(model) if isinstance(model, BLT) else None
     refuse_existing([readme, *model_files(out, em is not None)], overwrite)
     card = {"data": data, "metrics": _numeric_metrics(metrics), "eval_data": eval_data}
     text = make_model_card(model, data=data, metrics=metrics, eval_data=eval_data, description=description,

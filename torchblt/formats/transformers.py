@@ -50,7 +50,7 @@ from torchblt.model.config import BLTConfig, CrossAttentionConfig, HashConfig
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
 from torchblt.model.masks import uses_window
 from torchblt.model.transformer import StackConfig, ffn_hidden_dim
-from torchblt.patching import DEFAULT_THRESHOLD, PatchingConfig
+from torchblt.patching import DEFAULT_THRESHOLD, PatchingConfig, attach_entropy_model, attached_entropy_model
 
 __all__ = [
     "blt_to_transformers_state",
@@ -423,7 +423,7 @@ def save_transformers(
     from torchblt.outputs import refuse_existing, staged
 
     if entropy_model is None:
-        entropy_model = model.patcher.entropy_model
+        entropy_model = attached_entropy_model(model)
     config = config_to_transformers(model.config, entropy_model.config if entropy_model is not None else None)
     out = Path(folder)
     refuse_existing(transformers_files(out), overwrite)
@@ -454,7 +454,7 @@ def to_transformers_model(model: BLT, entropy_model: EntropyModel | None = None)
     except ImportError:
         raise ValueError("converting to transformers needs transformers: pip install 'torchblt[hf]'") from None
     if entropy_model is None:
-        entropy_model = model.patcher.entropy_model
+        entropy_model = attached_entropy_model(model)
     config = config_to_transformers(model.config, entropy_model.config if entropy_model is not None else None)
     keep = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     hf = BltForCausalLM(HFBltConfig(**keep))
@@ -476,5 +476,5 @@ def from_transformers_model(hf: Any) -> BLT:
     if entropy_cfg is not None and em_state:
         em = build_model(entropy_cfg)
         load_state_dict_strict(em, em_state, source="transformers BltForCausalLM.model.patcher")
-        model.attach_entropy_model(em.eval())
+        attach_entropy_model(model, em.eval())
     return model.eval()

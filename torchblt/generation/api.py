@@ -71,17 +71,18 @@ class GenerationOutput:
 
 
 def resolve_patcher(model: BLT, patcher: Patcher | None, entropy_model: EntropyModel | None) -> Patcher:
-    """``patcher`` or the model's own; ``entropy_model`` (if given) is used without changing the caller's objects."""
+    """``patcher`` or the model's (``Patcher.for_model``); ``entropy_model`` (if given) is used without changing
+    the caller's objects."""
     if not isinstance(model, BLT):
         raise ValueError(f"generation needs a BLT model, got {type(model).__name__}")
-    p = patcher if patcher is not None else model.patcher
+    p = patcher if patcher is not None else Patcher.for_model(model)
     if entropy_model is not None and p.entropy_model is not entropy_model:
         p = copy.copy(p)
         p.entropy_model = entropy_model
     if p.mode == "entropy" and p.entropy_model is None:
         raise ValueError(
-            "entropy patching needs an entropy model: pass entropy_model=..., a Patcher with one, or "
-            "model.attach_entropy_model(...)"
+            "entropy patching needs an entropy model: pass entropy_model=..., a Patcher with one, or load the "
+            "model with load_model(..., entropy_model=...)"
         )
     return p
 

@@ -11,6 +11,8 @@ the patch of byte i+1 starts.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from torchblt.model.hash_embedding import HashNgramEmbedding
 from torchblt.model.local import GlobalTransformer, LocalDecoder, LocalEncoder, concat_patches, pool_patches
 from torchblt.model.masks import patch_cross_mask, patch_ids_from_lengths
 from torchblt.model.transformer import trunc_normal_
+from torchblt.patching import Patcher, attach_entropy_model
 from torchblt.tokenizer import BOE_ID
 
 
@@ -56,8 +59,10 @@ def check_patch_lengths(patch_lengths: torch.Tensor, tokens: torch.Tensor) -> No
 class BLT(nn.Module):
     """Byte Latent Transformer. ``blt(tokens (B, T), patch_lengths (B, P)) -> logits (B, T, V) float32``.
 
-    With ``patch_lengths=None`` the model patches its input itself with :attr:`patcher` (built from
-    ``config.patching``; entropy patching needs :meth:`attach_entropy_model`).
+    A plain ``nn.Module``: its state is its weights and ``config``. The patcher belongs to the caller: with
+    ``patch_lengths=None`` the input is patched by ``patcher=`` (default
+    :meth:`Patcher.for_model(blt) <torchblt.patching.Patcher.for_model>`: ``config.patching`` and the entropy
+    model attached by ``load_model`` / :func:`torchblt.patching.attach_entropy_model`, if any).
     """
 
     def __init__(self, config: BLTConfig) -> None:
@@ -77,22 +82,21 @@ class BLT(nn.Module):
         self.encoder_hash_tok_embedding = (
             HashNgramEmbedding(h.group_sizes, h.vocab_size, h.n_functions, config.encoder.dim) if h else None
         )
-        self._patcher = None
 
-    # ------------------------------------------------------------------ patching inside forward
+    # ------------------------------------------------------------------ deprecated: patching state on the model
     @property
-    def patcher(self):  # -> torchblt.patching.Patcher
-        if self._patcher is None:
-            from torchblt.patching import Patcher
-
-            self._patcher = Patcher.from_config(self.config.patching)
-        return self._patcher
+    def patcher(self) -> Patcher:
+        """Deprecated: ``Patcher.for_model(model)`` (a new patcher on every access)."""
+        warnings.warn("BLT.patcher is deprecated: use torchblt.Patcher.for_model(model)", DeprecationWarning,
+                      stacklevel=2)
+        return Patcher.for_model(self)
 
     def attach_entropy_model(self, entropy_model: EntropyModel | None) -> None:
-        """Use ``entropy_model`` when ``forward`` is called without ``patch_lengths`` (entropy mode).
-
-        Kept out of ``state_dict`` and of ``parameters()`` (it is frozen and not part of this model)."""
-        self.patcher.entropy_model = entropy_model
+        """Deprecated: ``torchblt.patching.attach_entropy_model(model, entropy_model)``, or pass
+        ``patcher=Patcher(model.config.patching, entropy_model)`` where the model is called."""
+        warnings.warn("BLT.attach_entropy_model is deprecated: use torchblt.patching.attach_entropy_model(model, em) "
+                      "or pass a Patcher (patcher=Patcher(model.config.patching, em))", DeprecationWarning, stacklevel=2)
+        attach_entropy_model(self, entropy_model)
 
     # ------------------------------------------------------------------ pieces of the forward
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,11 +117,14 @@ class BLT(nn.Module):
             return pool_patches(h_enc, patch_ids, P, self.config.pooling_modes)
         return concat_patches(h_enc, patch_lengths, self.config._concat_patch_size)
 
-    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None, *, patcher: Patcher | None = None
+    ) -> torch.Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         if patch_lengths is None:
-            patch_lengths, _ = self.patcher.patch(tokens, include_next_token=True)
+            patcher = patcher if patcher is not None else Patcher.for_model(self)
+            patch_lengths, _ = patcher.patch(tokens, include_next_token=True)
         check_patch_lengths(patch_lengths, tokens)
         cfg, ca = self.config, self.config.cross_attn
         B, T = tokens.shape

@@ -32,6 +32,7 @@ from torchblt.formats.common import build_model
 from torchblt.model.blt import BLT
 from torchblt.model.config import config_to_dict
 from torchblt.model.entropy_model import EntropyModel
+from torchblt.patching import Patcher
 from torchblt.train import checkpoint as ckpt
 from torchblt.train.config import TrainConfig, config_to_yaml
 from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
@@ -134,9 +135,6 @@ class Trainer:
         if patching.threshold is None:
             patching = dataclasses.replace(patching, threshold=model.config.patching.threshold)
         model.config.patching = dataclasses.replace(patching)
-        model._patcher = None
-        if self.entropy_model is not None:
-            model.attach_entropy_model(self.entropy_model)
 
     def model_config_record(self) -> dict[str, Any]:
         return {"kind": self.cfg.model.kind, "arch": config_to_dict(self.raw_config),
@@ -284,7 +282,7 @@ class Trainer:
 
         patcher = None
         if isinstance(self.model, BLT):
-            patcher = self.model.patcher
+            patcher = Patcher(self.model.config.patching, self.entropy_model)
             if patcher.mode == "entropy" and patcher.entropy_model is None:
                 raise ValueError("validation with entropy patching needs model.entropy_model (a frozen entropy model)")
         e = self.cfg.eval

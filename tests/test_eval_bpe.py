@@ -150,7 +150,7 @@ def test_blt_train_bpe_kind_then_eval(tokenizer, tmp_path, capsys):
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     cfg = tmp_path / "bpe.yaml"
     cfg.write_text(
-        "model:\n  kind: torchblt.baselines.bpe:bpe\n  arch:\n    base: tiny-entropy\n"
+        "model:\n  kind: torchblt.baselines.bpe:bpe\n  arch:\n    base: tiny-entropy\n"  # the first release's name
         f"    tokenizer: {tokenizer.path}\n"
         f"data:\n  sources: [{src}]\n  validation: [{src}]\n  seq_len: 32\n  batch_size: 2\n"
         "optim:\n  warmup_steps: 1\ntrain:\n  steps: 3\ncheckpoint:\n  every: 3\n"
@@ -165,3 +165,48 @@ def test_blt_train_bpe_kind_then_eval(tokenizer, tmp_path, capsys):
     bpb = json.loads(capsys.readouterr().out)["bpb"]
     assert bpb == pytest.approx(evaluate_bpb(model, TEXT).bpb, rel=1e-6)
     assert bpb < math.log2(tokenizer.vocab_size) * 2  # a few steps of training, finite and sane
+
+
+def test_bpe_is_a_model_type_of_our_format(tokenizer, tmp_path):
+    """save_model / load_model handle BPE folders (model_type "bpe", tokenizer.json inside); folders of the
+    first release (model_type "entropy_model" with a tokenizer path in the config) still load."""
+    from torchblt import load_model, save_model
+    from torchblt.formats.native import folder_model_type
+
+    model = _model(tokenizer)
+    out = save_model(model, tmp_path / "m")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "bpe" and raw["config"]["tokenizer"] == "tokenizer.json"
+    assert (out / "tokenizer.json").read_bytes() == tokenizer.path.read_bytes()
+    ids = torch.tensor([[BOS, 40, 50]])
+    moved = tmp_path / "moved"
+    out.rename(moved)  # self-contained: the tokenizer travels with the folder
+    loaded = load_model(moved)
+    assert isinstance(loaded.config, BPEConfig) and loaded.config.tokenizer == str((moved / "tokenizer.json").resolve())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((moved / "model.safetensors").read_bytes())
+    raw["model_type"], raw["config"]["tokenizer"] = "entropy_model", str(tokenizer.path)
+    (old / "config.json").write_text(json.dumps(raw))
+    assert folder_model_type(old) == "bpe"
+    with torch.no_grad():
+        assert torch.equal(load_model(old)(ids), model(ids))
+
+
+def test_bpe_loader_gets_the_tokenizer_of_the_model_it_feeds(tokenizer, tmp_path):
+    """The tokenizer reaches the loader through the model config, not through the last config built."""
+    from torchblt.data import DataConfig
+    from torchblt.train.kinds import get_kind
+
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    other = train_bpe_tokenizer(TEXT[:3], 280, tmp_path / "other.json")
+    kind = get_kind("bpe")
+    cfg = DataConfig(sources=[str(src)], kind="bytes", seq_len=16, batch_size=2)
+    model_config = kind.make_config({"base": "tiny-entropy", "tokenizer": str(tokenizer.path)})
+    loader = kind.make_loader(cfg, rank=0, world_size=1, entropy_model=None, model_config=model_config)
+    kind.make_config({"base": "tiny-entropy", "tokenizer": str(other.path)})  # another run's config
+    assert loader.tokenizer.path == tokenizer.path.resolve() and loader.tokenizer.vocab_size == 300
+    assert int(loader.next_batch().x.max()) < 300

@@ -1,4 +1,4 @@
-"""Byte tokenizer: UTF-8 bytes shifted by 4, plus the four BLT special ids.
+"""Tokenizers. The byte tokenizer: UTF-8 bytes shifted by 4, plus the four BLT special ids.
 
 Token ids: BOE 0 (pad / "beginning of entity"), BOS 1, EOS 2, BPE 3 (delimiter), byte ``b`` -> ``b + 4``;
 vocabulary size 260. ``encode`` accepts ``str`` (encoded as UTF-8; lone surrogates, which have no UTF-8
@@ -9,11 +9,19 @@ replaced, as asked.
 
 :class:`BPEDelimitedTokenizer` is the reference's ``bpe_delim`` mode: a SentencePiece model (supplied by
 the user) splits the text into pieces and each piece is emitted as ``[BPE] + its bytes``.
+
+:class:`BPETokenizer` is the BPE baseline's (:mod:`torchblt.baselines.bpe`): a byte-level BPE tokenizer
+(Hugging Face ``tokenizers``, imported when one is loaded) whose ids 0, 1, 2 are the specials ``<boe>``
+(padding), ``<bos>``, ``<eos>``, as in the byte vocabulary. Text that is not valid UTF-8 is tokenized
+after replacing the bad bytes (U+FFFD).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
 
 BOE_ID = 0
 BOS_ID = 1
@@ -31,7 +39,12 @@ __all__ = [
     "VOCAB_SIZE",
     "ByteTokenizer",
     "BPEDelimitedTokenizer",
+    "BPETokenizer",
+    "BPE_SPECIALS",
+    "load_bpe_tokenizer",
 ]
+
+BPE_SPECIALS = ("<boe>", "<bos>", "<eos>")  # ids BOE_ID, BOS_ID, EOS_ID of a BPETokenizer
 
 
 def _to_bytes(text: str | bytes | bytearray | memoryview) -> bytes:
@@ -155,3 +168,53 @@ class BPEDelimitedTokenizer(ByteTokenizer):
             ids.append(BPE_ID)
             ids.extend(b + OFFSET for b in piece.encode("utf-8", errors="ignore"))
         return self._wrap(ids, add_bos, add_eos)
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer (``tokenizers.Tokenizer`` JSON file) with our special ids."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("the BPE baseline needs tokenizers: pip install 'torchblt[eval]'") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such tokenizer file")
+        try:
+            self.tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise ValueError(f"{self.path}: not a tokenizers JSON file ({e})") from None
+        ids = [self.tok.token_to_id(s) for s in BPE_SPECIALS]
+        if ids != [BOE_ID, BOS_ID, EOS_ID]:
+            raise ValueError(f"{self.path}: special tokens {BPE_SPECIALS} must have ids 0, 1, 2, got {ids}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str | bytes) -> list[int]:
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8", errors="replace")
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def token_bytes(self, token_id: int) -> int:
+        """Bytes a token stands for (byte-level BPE: one character of its string per byte)."""
+        return len(self.tok.id_to_token(token_id))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i > EOS_ID], skip_special_tokens=True)
+
+    def bytes_per_token(self, documents: Iterable[bytes | str]) -> float:
+        n_bytes = n_tokens = 0
+        for doc in documents:
+            data = doc.encode("utf-8") if isinstance(doc, str) else bytes(doc)
+            n_bytes += len(data)
+            n_tokens += len(self.encode(data))
+        return n_bytes / max(n_tokens, 1)
+
+
+@lru_cache(maxsize=8)
+def load_bpe_tokenizer(path: str) -> BPETokenizer:
+    """The :class:`BPETokenizer` of ``path`` (cached: models and loaders of one run share it)."""
+    return BPETokenizer(path)

@@ -52,33 +52,21 @@ def build_patcher(model, args: argparse.Namespace):
     return Patcher.for_model(model, **changes)
 
 
-def load_any_model(path: str, device: str, dtype: str, entropy_model: str | None = None):
-    """A BLT, entropy/byte model or BPE baseline model from a folder."""
-    from torchblt.formats import _resolve_path, load_model
-
-    folder = _resolve_path(path)
-    try:
-        from torchblt.baselines.bpe import is_bpe_folder, load_bpe_model
-    except ImportError:  # the baseline package is optional
-        is_bpe_folder = None
-    if is_bpe_folder is not None and is_bpe_folder(folder):
-        if entropy_model:
-            raise ValueError("--entropy-model does not apply to a BPE model")
-        return load_bpe_model(folder, device=device, dtype=dtype)
-    return load_model(folder, device=device, dtype=dtype, entropy_model=entropy_model)
-
-
 def run(args: argparse.Namespace) -> int:
     from torchblt.data.sources import new_stats
     from torchblt.eval.bpb import BPBResult, evaluate_bpb
     from torchblt.eval.documents import check_source, iter_file_documents, skipped_summary
+    from torchblt.formats import load_model
+    from torchblt.model.blt import BLT
 
     for flag in ("context_bytes", "max_docs", "batch_size"):
         v = getattr(args, flag)
         if v is not None and v < (2 if flag == "context_bytes" else 0 if flag == "max_docs" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 2' if flag == 'context_bytes' else 'positive'}, got {v}")
     sources = [check_source(p) for p in args.data]
-    model = load_any_model(args.model, args.device, args.dtype, args.entropy_model)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
+    if args.entropy_model and not isinstance(model, BLT):
+        raise ValueError(f"--entropy-model applies to a BLT; {args.model} is a {type(model.config).__name__} model")
     patcher = build_patcher(model, args)
 
     per_file: dict[str, BPBResult] = {}

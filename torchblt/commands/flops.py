@@ -35,17 +35,8 @@ def _config_from_folder(folder: Path):
     from torchblt.formats.consolidated import read_consolidated_config
     from torchblt.formats.native import read_native_config
     from torchblt.formats.reference import config_from_reference_folder
-
-    try:
-        from torchblt.baselines.bpe import is_bpe_folder, read_bpe_config
-
-        if is_bpe_folder(folder):
-            cfg = read_bpe_config(folder)
-            cfg.bytes_per_token = _measured_bytes_per_token(folder)  # type: ignore[attr-defined]
-            return cfg
-    except ImportError:
-        pass
     from torchblt.formats.transformers import config_from_transformers_folder
+    from torchblt.model.config import BPEConfig
 
     reader = {
         "transformers": config_from_transformers_folder,
@@ -53,7 +44,10 @@ def _config_from_folder(folder: Path):
         "reference-hf": config_from_reference_folder,
         "consolidated": read_consolidated_config,
     }[detect_format(folder)]
-    return reader(folder)
+    cfg = reader(folder)
+    if isinstance(cfg, BPEConfig):
+        cfg.bytes_per_token = _measured_bytes_per_token(folder)  # type: ignore[attr-defined]
+    return cfg
 
 
 def _measured_bytes_per_token(folder: Path) -> float | None:
@@ -102,7 +96,7 @@ def resolve_config(spec: str) -> tuple[Any, float | None, Path | None]:
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     from torchblt import flops
-    from torchblt.model.config import BLTConfig, config_to_dict, named_config
+    from torchblt.model.config import BLTConfig, BPEConfig, config_to_dict, named_config
     from torchblt.model.entropy_model import EntropyModelConfig
 
     config, seq_len, folder = resolve_config(args.config)
@@ -137,8 +131,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
             byte_transformer=flops.byte_flops_per_byte(glob, n_ctx),
             bpe_transformer=flops.bpe_flops_per_byte(glob, args.bpe_vocab, bpt, n_ctx / bpt),
         )
-    elif isinstance(config, EntropyModelConfig) or hasattr(config, "transformer"):
-        if hasattr(config, "tokenizer"):  # a BPE baseline folder: measured bytes/token unless overridden
+    elif isinstance(config, EntropyModelConfig):
+        if isinstance(config, BPEConfig):  # a BPE baseline folder: measured bytes/token unless overridden
             bpe = args.bytes_per_token or getattr(config, "bytes_per_token", None) or LLAMA3_BYTES_PER_TOKEN
             ctx = args.context_bytes / bpe if args.context_bytes is not None else seq_len
             out.update(kind="bpe", bytes_per_token=bpe, bpe_transformer=flops.bpe_flops_per_byte(config, config.vocab_size, bpe, ctx))

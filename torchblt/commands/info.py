@@ -22,6 +22,7 @@ def register(subparsers: Any) -> None:
 
 def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, Any]:
     from torchblt.formats.common import build_model
+    from torchblt.formats.native import model_type
     from torchblt.model.blt import BLT
     from torchblt.model.config import NAMED_CONFIGS, config_to_dict, named_config
 
@@ -50,7 +51,7 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
     model = build_model(config, device="meta")
     info: dict[str, Any] = {
         "model": name_or_path,
-        "kind": "blt" if isinstance(model, BLT) else "entropy_model",
+        "kind": model_type(config),
         "parameters": flops.param_counts(model),
         "config": config_to_dict(config),
     }

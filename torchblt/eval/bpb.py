@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchblt.model.blt import BLT
+from torchblt.model.config import BPEConfig
 from torchblt.model.entropy_model import EntropyModel
 from torchblt.patching import Patcher, split_first_patch
 from torchblt.tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET
@@ -338,7 +339,7 @@ def evaluate_bpb(
 
     ``model``: a :class:`BLT` (patched per window by ``patcher``, default ``Patcher.for_model(model)``), a byte LM
     (:class:`EntropyModel`) or a BPE LM (an :class:`EntropyModel` whose config is a
-    :class:`torchblt.baselines.bpe.BPEConfig`, which brings its tokenizer). ``context_bytes``: window length in tokens (default: what the model was built for, see
+    :class:`~torchblt.model.config.BPEConfig`, which brings its tokenizer). ``context_bytes``: window length in tokens (default: what the model was built for, see
     :func:`default_context`). ``progress(n_bytes)`` is called as documents are read.
     """
     if batch_size < 1:
@@ -346,8 +347,9 @@ def evaluate_bpb(
     if max_documents is not None and max_documents < 0:
         raise ValueError(f"max_documents must be >= 0, got {max_documents}")
     patcher, context, dev = _resolve(model, patcher, context_bytes, device)
-    # a BPE model's config brings its tokenizer (torchblt.baselines.bpe.BPEConfig); byte models use bytes
-    encode = getattr(getattr(model, "config", None), "document_tokens", None) or document_tokens
+    # a BPE model's config brings its tokenizer; byte models use bytes
+    config = getattr(model, "config", None)
+    encode = config.document_tokens if isinstance(config, BPEConfig) else document_tokens
     was_training = model.training
     model.eval()
     counts = {"n_bytes": 0, "n_documents": 0, "n_targets": 0}

@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - optional extra
 
 from torchblt.eval.bpb import score_sequences
 from torchblt.model.blt import BLT
+from torchblt.model.config import BPEConfig
 from torchblt.patching import Patcher
 from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
 
@@ -80,9 +81,9 @@ class BLTLM(LM):
         if model is None:
             if not pretrained:
                 raise ValueError("blt model_args: pretrained=DIR is required")
-            from torchblt.commands.eval import load_any_model
+            from torchblt import load_model
 
-            model = load_any_model(str(pretrained), str(self._device), dtype, entropy_model)
+            model = load_model(str(pretrained), device=str(self._device), dtype=dtype, entropy_model=entropy_model)
         elif entropy_model is not None and isinstance(model, BLT):
             from torchblt import load_model
 
@@ -108,9 +109,8 @@ class BLTLM(LM):
 
     # ------------------------------------------------------------------ scoring
     def _encode(self, text: str) -> list[int]:
-        encode = getattr(self.model.config, "encode_text", None)
-        if encode is not None:  # a BPE model brings its tokenizer
-            return encode(text)
+        if isinstance(self.model.config, BPEConfig):  # a BPE model brings its tokenizer
+            return self.model.config.encode_text(text)
         return [b + OFFSET for b in text.encode("utf-8", errors="ignore")]
 
     def _score(self, sequences: list[list[int]], first_targets: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,7 +187,7 @@ class BLTLM(LM):
     @torch.no_grad()
     def _generate_lm(self, prompt: str, until: list[str], max_new: int, temperature: float) -> str:
         """Full-recompute decoding for byte / BPE LMs (no cache): one forward per new token."""
-        decode = getattr(self.model.config, "decode_ids", None)
+        decode = self.model.config.decode_ids if isinstance(self.model.config, BPEConfig) else None
         tokens = [BOS_ID, *self._encode(prompt)]
         new: list[int] = []
         generator = torch.Generator(device="cpu").manual_seed(0)

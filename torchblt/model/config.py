@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
 from torchblt.patching import PatchingConfig
-from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
+from torchblt.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, BPETokenizer, load_bpe_tokenizer
 
 __all__ = [
     "BLTConfig",
+    "BPEConfig",
     "CrossAttentionConfig",
     "HashConfig",
     "NAMED_CONFIGS",
     "PatchingConfig",
     "blt_config_from_dict",
+    "bpe_config_from_dict",
     "config_to_dict",
     "entropy_config_from_dict",
     "named_config",
@@ -149,6 +152,40 @@ class BLTConfig:
             raise ValueError(f"hash: invalid {self.hash}")
 
 
+@dataclass
+class BPEConfig(EntropyModelConfig):
+    """The BPE baseline: an :class:`EntropyModelConfig` (a Llama-style LM) over the ids of a BPE tokenizer,
+    with the path of that tokenizer (``model_type: "bpe"`` in our format; see :mod:`torchblt.baselines.bpe`).
+
+    ``build_model`` turns it into an :class:`EntropyModel`; evaluation reads documents through
+    :meth:`document_tokens`, so bits per byte divide by the document's bytes, as for byte models.
+    """
+
+    tokenizer: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"tokenizer: expected the path of a tokenizer.json, got {self.tokenizer!r}")
+
+    @property
+    def bpe(self) -> BPETokenizer:
+        if not self.tokenizer:
+            raise ValueError("BPE model config: no tokenizer path")
+        return load_bpe_tokenizer(str(Path(self.tokenizer).resolve()))
+
+    def document_tokens(self, doc: bytes | str, count_eos: bool = True) -> tuple[list[int], int]:
+        """``[BOS] + BPE ids (+ [EOS])`` and the document's byte count."""
+        data = doc.encode("utf-8", errors="ignore") if isinstance(doc, str) else bytes(doc)
+        return [BOS_ID, *self.bpe.encode(data), *([EOS_ID] if count_eos else [])], len(data)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.bpe.decode(ids)
+
+
 # --------------------------------------------------------------------------- serialisation
 
 
@@ -193,6 +230,12 @@ def entropy_config_from_dict(data: dict[str, Any]) -> EntropyModelConfig:
     return cfg
 
 
+def bpe_config_from_dict(data: dict[str, Any]) -> BPEConfig:
+    cfg = _build(BPEConfig, data, "config")
+    cfg.validate()
+    return cfg
+
+
 _NESTED: dict[tuple[type, str], type] = {
     (BLTConfig, "encoder"): StackConfig,
     (BLTConfig, "global_"): StackConfig,
@@ -201,6 +244,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (BLTConfig, "hash"): HashConfig,
     (BLTConfig, "patching"): PatchingConfig,
     (EntropyModelConfig, "transformer"): StackConfig,
+    (BPEConfig, "transformer"): StackConfig,
 }
 
 

@@ -6,11 +6,12 @@ kind       model                                               data kind     los
 blt        :class:`~torchblt.model.blt.BLT`                    ``blt``       next-byte CE, patched batch
 entropy    :class:`~torchblt.model.entropy_model.EntropyModel`  ``bytes``     next-byte CE
 byte       the same architecture: the paper's byte baseline    ``bytes``     next-byte CE
+bpe        the same architecture over BPE tokens               (own loader)  next-token CE, bytes per target
 =========  ==================================================  ============  ================================
 
-The table is pluggable: another module adds a kind with :func:`register_kind` (e.g. the BPE baseline in
-``torchblt.eval``). A config may also name ``module.path:kind`` and the module is imported first, so a
-plugin needs no edit here.
+Every kind the package trains is a row of :data:`KINDS`, here. :func:`register_kind` adds one at run
+time. A config may also name ``module.path:kind`` and the module is imported first, so a plugin needs no
+edit here.
 
 A kind's ``loss`` returns a :class:`LossOutput` whose ``loss_sum`` is the **sum** (fp32) of the per-token
 cross-entropies on the batch's unmasked targets; the trainer divides by the global token count of the
@@ -20,23 +21,28 @@ is split. ``n_bytes`` is what bits-per-byte divides by (equal to ``n_tokens`` fo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchblt.baselines.bpe import make_bpe_loader
 from torchblt.model.config import (
     NAMED_CONFIGS,
     BLTConfig,
+    BPEConfig,
     blt_config_from_dict,
     config_to_dict,
     entropy_config_from_dict,
 )
 from torchblt.model.entropy_model import EntropyModelConfig
+from torchblt.tokenizer import EOS_ID, load_bpe_tokenizer
 
 
 @dataclass
@@ -54,8 +60,9 @@ class ModelKind:
 
     ``make_config(arch) -> config`` turns ``model.arch`` (preset name or dict) into an architecture config;
     ``loss(model, batch) -> LossOutput``; ``data_kind`` is the ``DataConfig.kind`` its batches need;
-    ``make_loader`` (optional) replaces :func:`torchblt.data.build_loader` with the same signature, for
-    kinds that read data differently (e.g. BPE tokens).
+    ``make_loader`` (optional) replaces :func:`torchblt.data.build_loader` for kinds that read data
+    differently (e.g. BPE tokens): ``make_loader(data_cfg, *, rank, world_size, entropy_model, model_config)``
+    with the config of the model being trained (built first, so e.g. its tokenizer reaches the loader).
     """
 
     make_config: Callable[[Any], Any]
@@ -111,6 +118,23 @@ def entropy_config(arch: Any) -> EntropyModelConfig:
     return _prefixed(entropy_config_from_dict, _arch_dict(arch, EntropyModelConfig))
 
 
+def bpe_config(arch: Any) -> BPEConfig:
+    """``model.arch`` of the ``bpe`` kind -> :class:`BPEConfig`: a preset name or mapping as for byte models,
+    plus ``tokenizer: PATH`` (required); ``vocab_size`` is the tokenizer's."""
+    if not isinstance(arch, dict) or not arch.get("tokenizer"):
+        raise ValueError("model.arch.tokenizer: the bpe kind needs the path of a tokenizer (blt bpe-tokenizer)")
+    arch = dict(arch)
+    path = str(Path(arch.pop("tokenizer")).resolve())
+    tok = load_bpe_tokenizer(path)
+    arch.pop("vocab_size", None)
+    base = entropy_config(arch)
+    cfg = BPEConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, tokenizer=path)
+    cfg.vocab_size = tok.vocab_size
+    cfg.eos_id = EOS_ID
+    cfg.validate()
+    return cfg
+
+
 def blt_loss(model: nn.Module, batch: Any) -> LossOutput:
     logits = model(batch.x, batch.patch_lengths)  # (B, L, V)
     # patches after each row's leading length-1 patch cover the row's L positions (+1 next byte)
@@ -125,10 +149,19 @@ def byte_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
     return LossOutput(token_cross_entropy(logits, batch.y, batch.mask), n, n)
 
 
+def bpe_loss(model: nn.Module, batch: Any) -> LossOutput:
+    """Next-token CE of a BPE LM; ``n_bytes`` is the bytes its targets stand for (:class:`~torchblt.baselines.bpe.BPEBatch`)."""
+    logits = model(batch.x)  # (B, L, V)
+    n = int(batch.mask.sum())
+    return LossOutput(token_cross_entropy(logits, batch.y, batch.mask), n, batch.n_bytes)
+
+
 KINDS: dict[str, ModelKind] = {
     "blt": ModelKind(blt_config, blt_loss, "blt", description="Byte Latent Transformer"),
     "entropy": ModelKind(entropy_config, byte_lm_loss, "bytes", description="entropy model (small byte LM)"),
     "byte": ModelKind(entropy_config, byte_lm_loss, "bytes", description="byte-level transformer baseline"),
+    "bpe": ModelKind(bpe_config, bpe_loss, "bytes", make_loader=make_bpe_loader,
+                     description="BPE transformer baseline (tokenizer in model.arch.tokenizer)"),
 }
 
 

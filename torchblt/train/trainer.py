@@ -63,14 +63,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.entropy_model = self._load_entropy_model()
         self.data_cfg = dataclasses.replace(cfg.data, kind=self.kind.data_kind)
-        if loader is None:
-            make_loader = self.kind.make_loader
-            if make_loader is None:
-                from torchblt.data import build_loader as make_loader
-            loader = make_loader(self.data_cfg, rank=self.dist.rank, world_size=self.dist.world_size,
-                                 entropy_model=self.entropy_model)
-        self.loader = loader
         self.model = self._build_model()
+        self.loader = loader if loader is not None else self._make_loader()
+        if isinstance(self.model, BLT):
+            self._sync_patching(self.model)
         self.raw_config = self.model.config
         self.param_count = sum(p.numel() for p in self.model.parameters())
         parallelize(self.model, self.dist.mesh, compile=cfg.train.compile,
@@ -122,9 +118,16 @@ class Trainer:
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights()
-        if isinstance(model, BLT):
-            self._sync_patching(model)
         return model
+
+    def _make_loader(self) -> Any:
+        """The kind's loader (given the model's config), or :func:`torchblt.data.build_loader`."""
+        kw = dict(rank=self.dist.rank, world_size=self.dist.world_size, entropy_model=self.entropy_model)
+        if self.kind.make_loader is not None:
+            return self.kind.make_loader(self.data_cfg, model_config=self.model.config, **kw)
+        from torchblt.data import build_loader
+
+        return build_loader(self.data_cfg, **kw)
 
     def _sync_patching(self, model: BLT) -> None:
         """The exported model patches as it was trained: its ``config.patching`` is the loader's patching

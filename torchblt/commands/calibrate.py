@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from torchblt.data.calibrate import calibrate_threshold
     from torchblt.data.config import DataConfig
-    from torchblt.data.loader import _sample_entropies
+    from torchblt.data.loader import sample_entropies
 
     if bool(args.entropy_model) == bool(args.entropies):
         raise ValueError("give --entropy-model (with --data) or --entropies")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         entropies=args.entropies,
         target_patch_size=args.target_patch_size,
     )
-    ents = _sample_entropies(cfg, em, args.sample_bytes)
+    ents = sample_entropies(cfg, em, args.sample_bytes)
     res = calibrate_threshold(
         ents, args.target_patch_size, args.threshold_add, args.monotonicity, args.max_patch_length
     )

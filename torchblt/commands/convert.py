@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from torchblt.formats import _resolve_path, detect_format, load_model, save_model
+    from torchblt.formats import detect_format, load_model, resolve_model_path, save_model
     from torchblt.formats.native import model_files
     from torchblt.formats.transformers import transformers_files
     from torchblt.model.blt import BLT
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # what we will write, checked before the (slow) load; the entropy model's files once we know there is one
     refuse_existing(transformers_files(out) if args.to == "transformers" else model_files(out), args.overwrite)
-    src = _resolve_path(args.src)
+    src = resolve_model_path(args.src)
     fmt = detect_format(src)
     if args.from_ == "transformers" and fmt != "transformers":
         raise ValueError(f"{args.src}: not a transformers BLT folder (detected format: {fmt})")

@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from torchblt.commands.options import add_patching_options, patching_changes, refuse_patching_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -21,9 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model folder (any supported format) or hub repo id")
     p.add_argument("data", nargs="+", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files")
     p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
-    p.add_argument("--patching", choices=["entropy", "space", "static", "byte"], help="override the model's patching mode")
-    p.add_argument("--threshold", type=float, help="override the entropy threshold")
-    p.add_argument("--patch-size", type=float, help="static patch size (with --patching static)")
+    add_patching_options(p)
     p.add_argument("--context-bytes", type=int, help="window length in tokens (default: the model's)")
     p.add_argument("--max-docs", type=int, help="evaluate at most this many documents per file")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
@@ -37,27 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_patcher(model, args: argparse.Namespace):
-    """The model's patcher, with the command-line overrides applied (None for byte / BPE models)."""
-    from torchblt.model.blt import BLT
-    from torchblt.patching import Patcher
-
-    if not isinstance(model, BLT):
-        for flag in ("patching", "threshold", "patch_size"):
-            if getattr(args, flag, None) is not None:
-                raise ValueError(f"--{flag.replace('_', '-')} only applies to BLT models")
-        return None
-    changes = {k: v for k, v in (("mode", args.patching), ("threshold", args.threshold),
-                                  ("patch_size", args.patch_size)) if v is not None}
-    return Patcher.for_model(model, **changes)
-
-
 def run(args: argparse.Namespace) -> int:
     from torchblt.data.sources import new_stats
     from torchblt.eval.bpb import BPBResult, evaluate_bpb
     from torchblt.eval.documents import check_source, iter_file_documents, skipped_summary
     from torchblt.formats import load_model
     from torchblt.model.blt import BLT
+    from torchblt.patching import Patcher
 
     for flag in ("context_bytes", "max_docs", "batch_size"):
         v = getattr(args, flag)
@@ -65,9 +51,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 2' if flag == 'context_bytes' else 'positive'}, got {v}")
     sources = [check_source(p) for p in args.data]
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
-    if args.entropy_model and not isinstance(model, BLT):
-        raise ValueError(f"--entropy-model applies to a BLT; {args.model} is a {type(model.config).__name__} model")
-    patcher = build_patcher(model, args)
+    patcher = None
+    if isinstance(model, BLT):
+        patcher = Patcher.for_model(model, **patching_changes(args))
+    else:
+        if args.entropy_model:
+            raise ValueError(f"--entropy-model applies to a BLT; {args.model} is a {type(model.config).__name__} model")
+        refuse_patching_options(args, "only applies to BLT models")
 
     per_file: dict[str, BPBResult] = {}
     skipped: dict[str, str] = {}

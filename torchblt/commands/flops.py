@@ -31,20 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config_from_folder(folder: Path):
-    from torchblt.formats import detect_format
-    from torchblt.formats.consolidated import read_consolidated_config
-    from torchblt.formats.native import read_native_config
-    from torchblt.formats.reference import config_from_reference_folder
-    from torchblt.formats.transformers import config_from_transformers_folder
+    from torchblt.formats import read_config
     from torchblt.model.config import BPEConfig
 
-    reader = {
-        "transformers": config_from_transformers_folder,
-        "torchblt": read_native_config,
-        "reference-hf": config_from_reference_folder,
-        "consolidated": read_consolidated_config,
-    }[detect_format(folder)]
-    cfg = reader(folder)
+    cfg = read_config(folder)
     if isinstance(cfg, BPEConfig):
         cfg.bytes_per_token = _measured_bytes_per_token(folder)  # type: ignore[attr-defined]
     return cfg

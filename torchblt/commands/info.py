@@ -31,21 +31,11 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
     else:
         from pathlib import Path
 
-        from torchblt.formats import _resolve_path, detect_format
-        from torchblt.formats.consolidated import read_consolidated_config
-        from torchblt.formats.native import read_native_config
-        from torchblt.formats.reference import config_from_reference_folder
+        from torchblt.formats import read_config
 
         if not Path(name_or_path).exists() and name_or_path.count("/") != 1:
             raise ValueError(f"{name_or_path!r} is neither a named config ({', '.join(sorted(NAMED_CONFIGS))}) nor a folder")
-        folder = _resolve_path(name_or_path)
-        fmt = detect_format(folder)
-        reader = {
-            "torchblt": read_native_config,
-            "reference-hf": config_from_reference_folder,
-            "consolidated": read_consolidated_config,
-        }[fmt]
-        config = reader(folder)
+        config = read_config(name_or_path)
     from torchblt import flops
 
     model = build_model(config, device="meta")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from torchblt.commands.options import add_patching_options, patching_changes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("patches", help="visualise patch boundaries and per-byte entropies of a text")
@@ -18,9 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file (bytes as they are)")
     p.add_argument("--entropy-model", help="entropy model folder (default: MODEL/entropy_model)")
-    p.add_argument("--patching", choices=["entropy", "space", "static", "byte"], help="override the patching mode")
-    p.add_argument("--threshold", type=float, help="override the entropy threshold")
-    p.add_argument("--patch-size", type=float, help="static patch size (with --patching static)")
+    add_patching_options(p)
     p.add_argument("--entropies", action="store_true", help="print the per-byte entropy table")
     p.add_argument("--plot", metavar="OUT.png", help="write entropy per byte with threshold and patch starts")
     p.add_argument("--html", metavar="OUT.html", help="write a coloured HTML page")
@@ -31,13 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _patcher(args: argparse.Namespace):
     from torchblt import load_model
-    from torchblt.commands.eval import build_patcher
     from torchblt.model.blt import BLT
     from torchblt.patching import Patcher
 
     model = load_model(args.model, entropy_model=args.entropy_model)
     if isinstance(model, BLT):
-        return build_patcher(model, args)
+        return Patcher.for_model(model, **patching_changes(args))
     # an entropy model: entropy patching with it (or another mode, with its entropies shown)
     if args.entropy_model:
         raise ValueError("MODEL is already an entropy model; --entropy-model applies to a BLT")

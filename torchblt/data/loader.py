@@ -36,7 +36,7 @@ from torchblt.data.packing import Batch, Sequence, SequencePacker, collate
 from torchblt.data.sources import DocumentReader, new_stats
 from torchblt.patching import Patcher, PatchingConfig
 
-__all__ = ["DataLoader", "Pipeline", "build_loader"]
+__all__ = ["DataLoader", "Pipeline", "build_loader", "sample_entropies"]
 
 STATE_VERSION = 1
 _ONTHEFLY_DOCS = 32  # documents (at most) patched together by an on-the-fly entropy model
@@ -300,7 +300,7 @@ class DataLoader:
                     self._worker_stats[w] = dict(s["reader"]["stats"])
 
 
-def _sample_entropies(cfg: DataConfig, entropy_model: torch.nn.Module | None, sample_bytes: int) -> list[np.ndarray]:
+def sample_entropies(cfg: DataConfig, entropy_model: torch.nn.Module | None, sample_bytes: int) -> list[np.ndarray]:
     """Entropies of the first documents (all shards: every rank calibrates to the same threshold)."""
     stored = uses_stored_entropies(cfg)
     reader = DocumentReader(
@@ -373,7 +373,7 @@ def build_loader(
 
             p = cfg.patching
             res = calibrate_threshold(
-                _sample_entropies(cfg, em, calibration_bytes),
+                sample_entropies(cfg, em, calibration_bytes),
                 cfg.target_patch_size,  # type: ignore[arg-type]
                 p.threshold_add,
                 p.monotonicity,

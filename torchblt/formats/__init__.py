@@ -32,12 +32,12 @@ from torchblt.formats.native import is_native_folder, read_native, save_model
 from torchblt.formats.reference import config_from_reference_folder
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig
-from torchblt.model.entropy_model import EntropyModel
+from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
 from torchblt.patching import attach_entropy_model
 
 Model = BLT | EntropyModel
 
-__all__ = ["load_model", "save_model", "detect_format", "CheckpointError", "Model"]
+__all__ = ["load_model", "save_model", "detect_format", "read_config", "resolve_model_path", "CheckpointError", "Model"]
 
 
 def detect_format(folder: Path) -> str:
@@ -67,7 +67,8 @@ def detect_format(folder: Path) -> str:
     )
 
 
-def _resolve_path(path: str | os.PathLike[str]) -> Path:
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """The local folder of ``path``: a folder, the folder of a file in it, or a hub repo id (downloaded)."""
     p = Path(path)
     if p.exists():
         if p.is_file():
@@ -79,6 +80,25 @@ def _resolve_path(path: str | os.PathLike[str]) -> Path:
 
         return download(text)
     raise CheckpointError(f"{path}: no such file or folder")
+
+
+_resolve_path = resolve_model_path  # the first release's private name
+
+
+def read_config(path: str | os.PathLike[str]) -> BLTConfig | EntropyModelConfig:
+    """The architecture config of a model folder (any format) or hub repo id, without reading the weights."""
+    from torchblt.formats.consolidated import read_consolidated_config
+    from torchblt.formats.native import read_native_config
+    from torchblt.formats.transformers import config_from_transformers_folder
+
+    folder = resolve_model_path(path)
+    reader = {
+        "torchblt": read_native_config,
+        "transformers": config_from_transformers_folder,
+        "reference-hf": config_from_reference_folder,
+        "consolidated": read_consolidated_config,
+    }[detect_format(folder)]
+    return reader(folder)
 
 
 def load_model(
@@ -94,7 +114,7 @@ def load_model(
     released repos do), or an explicit ``entropy_model``, gets that model attached for patching
     (:func:`torchblt.patching.attach_entropy_model`; ``Patcher.for_model(model)`` then uses it).
     """
-    folder = _resolve_path(path)
+    folder = resolve_model_path(path)
     fmt = detect_format(folder)
     bundled: EntropyModel | None = None  # an entropy model stored inside the same checkpoint
     if fmt == "torchblt":

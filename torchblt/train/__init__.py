@@ -11,7 +11,7 @@ __all__ = ["KINDS", "LossOutput", "ModelKind", "get_kind", "register_kind", "tra
 
 
 def train(config_path=None, overrides=None, run_dir=None, **kwargs):
-    """Load a run config and train; see :func:`torchblt.train.__main__.run_training`."""
-    from torchblt.train.__main__ import run_training
+    """Load a run config and train; see :func:`torchblt.train.trainer.run_training`."""
+    from torchblt.train.trainer import run_training
 
     return run_training(config_path, overrides or [], run_dir=run_dir, **kwargs)

@@ -382,3 +382,26 @@ def export_state(state: dict[str, torch.Tensor], config: Any, out: Path, entropy
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source="training state", take=True)
     em = entropy_model if isinstance(model, BLT) else None
     return save_model(model, out, overwrite=overwrite, extra=extra, entropy_model=em)  # type: ignore[arg-type]
+
+
+def run_training(config_path: str | Path | None, overrides: list[str], run_dir: str | None = None,
+                 print_config: bool = False) -> dict[str, Any]:
+    """Load a run config (YAML + dotted overrides), train, and return the last logged metrics.
+
+    A diverged run raises ``ValueError`` with the message of :class:`TrainingDiverged`. ``print_config``
+    only prints the resolved config."""
+    from torchblt.train.config import load_config
+
+    cfg = load_config(config_path, list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
+    if print_config:
+        print(config_to_yaml(cfg), end="")
+        return {}
+    try:
+        return Trainer(cfg).fit()
+    except TrainingDiverged as e:
+        raise ValueError(str(e)) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

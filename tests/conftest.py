@@ -1,27 +1,15 @@
-"""Shared test helpers: paths of the golden fixtures, tiny models, determinism."""
+"""Shared fixtures: the golden fixtures folder, one-thread runs, determinism (helpers: ``tests/helpers/``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+from tests.helpers.fixtures import FIXTURES
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def load_tensors(relpath: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(FIXTURES / relpath))
-
-
-def load_json(relpath: str):
-    with open(FIXTURES / relpath, encoding="utf-8") as f:
-        return json.load(f)
 
 
 @pytest.fixture

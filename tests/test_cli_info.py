@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURES
 
+from tests.helpers.fixtures import FIXTURES
 from torchblt.cli import main
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
 from safetensors.torch import load_file, save_file
 
+from tests.helpers.fixtures import FIXTURES
 from torchblt import BLT, EntropyModel, Patcher, load_model, save_model
 from torchblt.formats import CheckpointError, detect_format
 

@@ -12,73 +12,15 @@ import json
 import pytest
 import torch
 
-from torchblt import ByteTokenizer, Patcher, load_model
-from torchblt.formats.common import build_model
+from tests.helpers.generation import TEXT, TOK, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
+from torchblt import Patcher, load_model
 from torchblt.generation import GenerationConfig, generate_tokens
-from torchblt.model.config import HashConfig, tiny_blt, tiny_entropy
+from torchblt.model.config import HashConfig
 from torchblt.tokenizer import EOS_ID
 
 FIX = "tests/fixtures/reference/06_generation/"
-TOK = ByteTokenizer()
-TEXT = "The quick brown fox jumps over the lazy dog. def f(x):\n    return x * 2  # Zürich 日本 🙂 ok."
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model(seed: int = 0, window: int = 12, changes: dict | None = None) -> torch.nn.Module:
-    cfg = tiny_blt()
-    cfg.encoder.window = window
-    cfg.decoder.window = window
-    for path, value in (changes or {}).items():
-        obj = cfg
-        *parents, leaf = path.split(".")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, value)
-    torch.manual_seed(seed)
-    model = build_model(cfg, device="cpu")
-    model.init_weights()
-    model.local_decoder.output.weight.data *= 4
-    return model.eval()
-
-
-def tiny_em(seed: int = 1, window: int = 16) -> torch.nn.Module:
-    cfg = tiny_entropy()
-    cfg.transformer.window = window
-    torch.manual_seed(seed)
-    em = build_model(cfg, device="cpu")
-    em.init_weights()
-    em.output.weight.data *= 6  # entropies that vary a lot, so thresholds cut often
-    return em.eval()
-
-
-def median_entropy(em) -> float:
-    ids = torch.tensor([TOK.encode(TEXT, add_eos=False)])
-    return float(em.entropies(ids).median())
-
-
-def prompts_ids(*texts: str) -> list[list[int]]:
-    return [TOK.encode(t, add_bos=True, add_eos=False) for t in texts]
-
-
-def assert_same(model, patcher, prompts, n_new=40, **cfg):
-    """Cached vs plain, row by row; returns the cached output."""
-    outs = {}
-    for use_cache in (False, True):
-        config = GenerationConfig(max_new_bytes=n_new, stop_at_eos=False, use_cache=use_cache, **cfg)
-        outs[use_cache] = generate_tokens(model, prompts, patcher, config=config, return_logits=True)
-    plain, cached = outs[False], outs[True]
-    assert cached.prompt_starts == plain.prompt_starts
-    for r in range(len(prompts)):
-        assert cached.tokens[r] == plain.tokens[r], f"row {r}"
-        assert cached.patch_starts[r] == plain.patch_starts[r], f"row {r}"
-        diff = (cached.logits[r] - plain.logits[r]).abs().max().item()
-        assert diff < 1e-4, f"row {r}: logits differ by {diff}"
-    return cached
-
-
-# ------------------------------------------------------------------ the reference's own outputs
 
 
 def test_fixture_greedy_matches_reference_both_engines():

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_exact import TEXT, median_entropy, prompts_ids, tiny_em, tiny_model
 
+from tests.helpers.generation import TEXT, median_entropy, paths_agree, prompts_ids, tiny_em, tiny_model
 from torchblt import Patcher
-from torchblt.generation import FullRecomputeEngine, IncrementalEngine
+from torchblt.generation import IncrementalEngine
 from torchblt.generation import fused as fused_mod
 from torchblt.generation.cache import Recorder
 from torchblt.model.hash_embedding import HashNgramEmbedding
@@ -26,33 +26,6 @@ def pack_everything(monkeypatch):
     monkeypatch.setattr(fused_mod, "PACK_MIN_ELEMENTS", 0)
 
 
-def _run(engine, prompts, forced: list[list[int]]) -> torch.Tensor:
-    """Logits ``(steps + 1, B, V)`` along a fixed byte sequence (teacher forcing: every engine sees the same bytes)."""
-    out = [engine.start(prompts)]
-    for step in forced:
-        out.append(engine.advance(torch.tensor(step)))
-    return torch.stack(out)
-
-
-def _paths_agree(model, patcher, prompts, n_steps=40):
-    full = FullRecomputeEngine(model, patcher)
-    logits = [full.start(prompts)]
-    forced = []
-    for _ in range(n_steps):
-        nxt = logits[-1].argmax(-1)
-        forced.append(nxt.tolist())
-        logits.append(full.advance(nxt))
-    ref = torch.stack(logits)
-    results = {}
-    for fused in (True, False):
-        engine = IncrementalEngine(model, patcher, n_steps + 1, fused=fused)
-        assert engine.fused is fused
-        results[fused] = (engine, _run(engine, prompts, forced))
-        diff = (results[fused][1] - ref).abs().max().item()
-        assert diff < 1e-4, f"fused={fused}: logits differ from the full recompute by {diff}"
-    return results
-
-
 @pytest.mark.parametrize("changes", [
     {},
     {"global_.n_kv_heads": 2, "decoder.n_kv_heads": 1},
@@ -62,7 +35,7 @@ def _paths_agree(model, patcher, prompts, n_steps=40):
 def test_fused_and_module_steps_equal_full_recompute(changes):
     model, em = tiny_model(seed=3, window=10, changes=changes), tiny_em(seed=4, window=12)
     patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
-    results = _paths_agree(model, patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
+    results = paths_agree(model, patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
     engine = results[True][0]
     assert engine.step_weight_bytes() > 0 and results[False][0].step_weight_bytes() == 0
 
@@ -71,7 +44,7 @@ def test_fused_and_module_steps_equal_full_recompute(changes):
 def test_onednn_packed_step_equals_full_recompute(pack_everything):
     model, em = tiny_model(seed=6, window=9), tiny_em(seed=7, window=11)
     patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
-    results = _paths_agree(model, patcher, prompts_ids(TEXT[:31], TEXT[40:45], "x"))
+    results = paths_agree(model, patcher, prompts_ids(TEXT[:31], TEXT[40:45], "x"))
     engine = results[True][0]
     packed = [b.qkv.packed for b in engine.dec_blocks + engine.g_blocks + engine.em_blocks]
     assert all(p is not None for p in packed), "every fp32 CPU matrix should have been packed"

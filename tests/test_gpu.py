@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_exact import TEXT, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
-from test_generation_fused import _paths_agree
-from test_model import make, variants
 
+from tests.helpers.generation import TEXT, assert_same, median_entropy, paths_agree, prompts_ids, tiny_em, tiny_model
+from tests.helpers.models import make, variants
 from torchblt import ByteTokenizer, Patcher
 from torchblt.generation import GenerationConfig, generate_tokens
 from torchblt.model.masks import set_attention_backend
@@ -57,7 +56,7 @@ def test_fused_and_module_steps_on_cuda():
     model, em = tiny_model(seed=3, window=10), tiny_em(seed=4, window=12)
     patcher = _entropy_patcher(em)
     patcher.entropy_model = em.cuda()
-    results = _paths_agree(model.cuda(), patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
+    results = paths_agree(model.cuda(), patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
     assert results[True][0].step_weight_bytes() > 0
 
 

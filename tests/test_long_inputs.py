@@ -120,8 +120,8 @@ def test_gathered_cross_attention_equals_dense_mask(patches_as_queries, window):
     ca = CrossAttention(D, 4).double()
     x = torch.randn(2, P * K if patches_as_queries else T, D, dtype=torch.float64)
     kv = torch.randn(2, T if patches_as_queries else P * K, D, dtype=torch.float64)
-    linear = patch_cross_mask(ids, P, K, patches_as_queries, window)
-    dense = cross_attention_mask(ids, P, K, patches_as_queries, window, dense=True)
+    linear = patch_cross_mask(ids, P, K, patches_as_queries=patches_as_queries, window=window)
+    dense = cross_attention_mask(ids, P, K, patches_as_queries=patches_as_queries, window=window, dense=True)
     got, got_g = grads(lambda a, b: ca(a, b, linear), x, kv)
     want, want_g = grads(lambda a, b: ca(a, b, dense), x, kv)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
@@ -177,7 +177,7 @@ def test_blt_training_step_banded_equals_dense(monkeypatch):
     monkeypatch.setattr(masks, "band_pays", lambda T, W: False)
     import torchblt.model.blt as blt_mod
 
-    monkeypatch.setattr(blt_mod, "patch_cross_mask", lambda *a: cross_attention_mask(*a, dense=True))
+    monkeypatch.setattr(blt_mod, "patch_cross_mask", lambda *a, **k: cross_attention_mask(*a, **k, dense=True))
     dense_logits, dense_grads = step()
     torch.testing.assert_close(fast_logits, dense_logits, atol=2e-5, rtol=0)
     assert fast_grads.keys() == dense_grads.keys()
@@ -313,7 +313,7 @@ def test_eval_and_patches_of_a_long_line_use_linear_attention(monkeypatch):
     monkeypatch.setattr(masks, "band_pays", lambda T, W: False)
     import torchblt.model.blt as blt_mod
 
-    monkeypatch.setattr(blt_mod, "patch_cross_mask", lambda *a: cross_attention_mask(*a, dense=True))
+    monkeypatch.setattr(blt_mod, "patch_cross_mask", lambda *a, **k: cross_attention_mask(*a, **k, dense=True))
     dense = evaluate_bpb(model, [text], patcher=patcher, context_bytes=3000, batch_size=2)
     assert fast.n_windows == dense.n_windows > 1 and fast.mean_patch_length == dense.mean_patch_length
     assert abs(fast.bpb - dense.bpb) < 1e-5

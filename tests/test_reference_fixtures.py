@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, load_json, load_tensors
 
+from tests.helpers.fixtures import FIXTURES, load_json, load_tensors
 from torchblt import ByteTokenizer, Patcher, load_model, ngram_hash_ids
 from torchblt.formats.common import build_model, load_state_dict_strict
 from torchblt.formats.native import read_safetensors

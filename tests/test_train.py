@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import overrides, read_metrics, write_corpus
+from tests.helpers.train import overrides, read_metrics, write_corpus
 from torchblt.cli import main as blt_main
 from torchblt.train import checkpoint as ckpt
 from torchblt.train.config import load_config
@@ -250,9 +250,16 @@ def test_grad_accum_equals_bigger_batch(tmp_path, corpus):
 
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path, corpus):
-    """train.dtype=bf16 (the GPU default) also works on CPU: finite losses, fp32 master weights."""
+    """train.dtype=bf16 (the GPU default) also works on CPU: the forward runs under bf16 autocast (a linear
+    layer's outputs are bf16), finite losses, fp32 master weights."""
     train, _ = corpus
-    t = run(tmp_path, train, "r", steps=2, **{"train.dtype": "bf16"})
+    t = Trainer(load_config(None, overrides(tmp_path / "r", train, steps=2, **{"train.dtype": "bf16"})))
+    linear = next(m for m in t.model.modules() if isinstance(m, torch.nn.Linear))
+    seen = []
+    hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    t.fit()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
 

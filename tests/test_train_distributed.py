@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import overrides, read_metrics, write_corpus
+from tests.helpers.train import overrides, read_metrics, write_corpus
 from torchblt.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]

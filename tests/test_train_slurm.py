@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.train_helpers import write_corpus
+from tests.helpers.train import write_corpus
 from torchblt.cli import main as blt_main
 
 ROOT = Path(__file__).resolve().parents[1]

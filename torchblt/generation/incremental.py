@@ -118,7 +118,7 @@ class IncrementalEngine:
         else:
             self.state_layers = [n - 1]
         self.enc_window = cfg.cross_attn.window_encoder if self.enc_cross else None
-        self.concat_size = cfg._concat_patch_size if (not self.enc_cross and not cfg.pooling) else 0
+        self.concat_size = cfg.concat_patch_size if (not self.enc_cross and not cfg.pooling) else 0
         self.dec_cross = model.local_decoder.cross_attn_layers is not None
         self.dec_window = (cfg.cross_attn.window_decoder or 1) if self.dec_cross else 1
         self.tail_width = max([2] + (cfg.hash.group_sizes if cfg.hash else []))
@@ -188,7 +188,7 @@ class IncrementalEngine:
         dec = self.model.local_decoder
         if self.dec_cross:
             ca = cfg.cross_attn
-            self.slot_kv = PatchSlotKV(len(dec.cross_attn_layers), B, self.dec_window, dec.k, ca.n_heads,
+            self.slot_kv = PatchSlotKV(len(dec.cross_attn_layers), B, self.dec_window, dec.slots_per_patch, ca.n_heads,
                                        cfg.decoder.dim // ca.n_heads, dt, dev)
         else:
             self.last_slot = torch.zeros(B, cfg.decoder.dim, dtype=dt, device=dev)
@@ -261,7 +261,8 @@ class IncrementalEngine:
         # closed patches -> global inputs
         ca = cfg.cross_attn
         if self.enc_cross:
-            cmask = cross_attention_mask(patch_ids, Pc, ca.k, True, ca.window_encoder, dense=True)
+            cmask = cross_attention_mask(patch_ids, Pc, ca.k, patches_as_queries=True, window=ca.window_encoder,
+                                         dense=True)
             slots = None
             last = len(enc.layers) - 1
             for i in range(len(enc.layers)):
@@ -286,7 +287,8 @@ class IncrementalEngine:
         dslots = dec.patch_slots(hg)  # (1, Pc*K, D) or (1, Pc, D)
         dec_ids = patch_ids_from_lengths(patch_lengths[:, 1:], L)  # (1, L), all < Pc
         if self.dec_cross:
-            dmask = cross_attention_mask(dec_ids, Pc, dec.k, False, ca.window_decoder, dense=True)
+            dmask = cross_attention_mask(dec_ids, Pc, dec.slots_per_patch, patches_as_queries=False,
+                                         window=ca.window_decoder, dense=True)
             h = h_enc
         else:
             h = h_enc + torch.gather(dslots, 1, dec_ids[:, :, None].expand(-1, -1, dslots.shape[-1]))
@@ -300,7 +302,7 @@ class IncrementalEngine:
         logits = dec.head(h[:, -1:])[0, 0]
         self.dec_kv.load_row(r, recs_d, pos, doc)
         if self.dec_cross:
-            K = dec.k
+            K = dec.slots_per_patch
             rows = torch.tensor([r], device=dev)
             for p in range(max(0, Pc - self.dec_window), Pc):
                 piece = dslots[:, p * K : (p + 1) * K]
@@ -468,7 +470,7 @@ class IncrementalEngine:
 
         # decoder cross-attention keys/values (or the projected global output) of the closed patch
         # the decoder's slots of the closed patch (LocalDecoder.patch_slots): (R, K, D) or (R, 1, D)
-        dslots = h if self.dec_patch_proj is None else self.dec_patch_proj(h).reshape(h.shape[0], dec.k, -1)
+        dslots = h if self.dec_patch_proj is None else self.dec_patch_proj(h).reshape(h.shape[0], dec.slots_per_patch, -1)
         if self.dec_cross:
             kv = [project(dslots) for project in self.dec_project_kv]
             self.slot_kv.put(rows, gpos, kv)

@@ -71,12 +71,15 @@ class BLT(nn.Module):
         self.config = config
         ca = config.cross_attn
         self.local_encoder = LocalEncoder(
-            config.encoder, config.vocab_size, ca.encoder, ca.k, ca.n_heads, ca.all_layers_encoder, config.eos_id
+            config.encoder, vocab_size=config.vocab_size, cross_attn=ca.encoder, slots_per_patch=ca.k,
+            cross_attn_heads=ca.n_heads, cross_attn_all_layers=ca.all_layers_encoder, eos_id=config.eos_id,
         )
-        self.global_transformer = GlobalTransformer(config.global_, config.global_input_dim, config.eos_id)
+        self.global_transformer = GlobalTransformer(config.global_, input_dim=config.global_input_dim,
+                                                    eos_id=config.eos_id)
         self.local_decoder = LocalDecoder(
-            config.decoder, config.global_.dim, config.vocab_size, ca.decoder, ca.k, ca.n_heads,
-            ca.all_layers_decoder, config.eos_id,
+            config.decoder, global_dim=config.global_.dim, vocab_size=config.vocab_size, cross_attn=ca.decoder,
+            slots_per_patch=ca.k, cross_attn_heads=ca.n_heads, cross_attn_all_layers=ca.all_layers_decoder,
+            eos_id=config.eos_id,
         )
         h = config.hash
         self.encoder_hash_tok_embedding = (
@@ -115,7 +118,7 @@ class BLT(nn.Module):
             return slots.reshape(B, P, -1)  # (B, P*K, E) -> (B, P, K*E)
         if self.config.pooling:
             return pool_patches(h_enc, patch_ids, P, self.config.pooling_modes)
-        return concat_patches(h_enc, patch_lengths, self.config._concat_patch_size)
+        return concat_patches(h_enc, patch_lengths, self.config.concat_patch_size)
 
     def forward(
         self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None, *, patcher: Patcher | None = None
@@ -132,7 +135,8 @@ class BLT(nn.Module):
 
         # embed + encode: bytes -> byte states and K slots per patch
         patch_ids = patch_ids_from_lengths(patch_lengths, T)  # (B, T)
-        enc_mask = patch_cross_mask(patch_ids, P, ca.k, True, ca.window_encoder) if ca.encoder else None
+        enc_mask = (patch_cross_mask(patch_ids, P, ca.k, patches_as_queries=True, window=ca.window_encoder)
+                    if ca.encoder else None)
         h_enc, slots = self.local_encoder(tokens, self.embed(tokens), patch_ids, P, enc_mask)
 
         # pool into patches + global transformer over patches
@@ -141,7 +145,8 @@ class BLT(nn.Module):
 
         # decode: byte i reads the patch before the one holding byte i+1
         dec_patch_ids = patch_ids_from_lengths(patch_lengths[:, 1:], T)  # (B, T)
-        dec_mask = patch_cross_mask(dec_patch_ids, P, ca.k, False, ca.window_decoder) if ca.decoder else None
+        dec_mask = (patch_cross_mask(dec_patch_ids, P, ca.k, patches_as_queries=False, window=ca.window_decoder)
+                    if ca.decoder else None)
         return self.local_decoder(tokens, h_enc, h, dec_patch_ids, dec_mask)
 
     # ------------------------------------------------------------------ init

@@ -38,7 +38,8 @@ POOLING_MODES = ("avg", "mean", "min", "max")
 @dataclass
 class CrossAttentionConfig:
     """Patch <-> byte cross-attention. With ``encoder`` each patch is pooled into ``k`` slots that attend
-    to the patch's bytes; with ``decoder`` every byte attends to the ``k`` slots of the previous patch."""
+    to the patch's bytes; with ``decoder`` every byte attends to the ``k`` slots of the previous patch.
+    (``k`` is slots per patch, the reference's ``cross_attn_k``; the modules call it ``slots_per_patch``.)"""
 
     encoder: bool = True
     decoder: bool = True
@@ -113,11 +114,12 @@ class BLTConfig:
         if self.cross_attn.encoder:
             return e * self.cross_attn.k
         if not self.pooling:
-            return e * self._concat_patch_size
+            return e * self.concat_patch_size
         return e * len(self.pooling_modes)
 
     @property
-    def _concat_patch_size(self) -> int:
+    def concat_patch_size(self) -> int:
+        """Bytes concatenated per patch by an encoder without cross-attention and without pooling."""
         ps = self.patching.patch_size
         if ps is None or float(ps) != int(ps):
             raise ValueError(f"concat downsampling needs an integer patching.patch_size, got {ps}")
@@ -146,7 +148,7 @@ class BLTConfig:
             if self.pooling and not self.pooling_modes:
                 raise ValueError(f"pooling must name some of {POOLING_MODES} (or be '' for concat), got {self.pooling!r}")
             if not self.pooling:
-                _ = self._concat_patch_size
+                _ = self.concat_patch_size
         self.patching.validate("patching")
         if self.hash is not None and (self.hash.vocab_size < 1 or not self.hash.group_sizes):
             raise ValueError(f"hash: invalid {self.hash}")

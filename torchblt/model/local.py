@@ -55,22 +55,23 @@ class LocalEncoder(Transformer):
     def __init__(
         self,
         cfg: StackConfig,
+        *,
         vocab_size: int,
         cross_attn: bool,
-        k: int,
+        slots_per_patch: int,
         cross_attn_heads: int,
         cross_attn_all_layers: bool,
         eos_id: int,
     ) -> None:
         super().__init__(cfg)
         self.eos_id = eos_id
-        self.k = k
+        self.slots_per_patch = slots_per_patch
         self.cross_attn_all_layers = cross_attn_all_layers
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.patch_embedding_projection: nn.Linear | None = None
         self.cross_attn_layers: nn.ModuleList | None = None
         if cross_attn:
-            self.patch_embedding_projection = nn.Linear(cfg.dim, cfg.dim * k, bias=False)
+            self.patch_embedding_projection = nn.Linear(cfg.dim, cfg.dim * slots_per_patch, bias=False)
             n_cross = cfg.n_layers if cross_attn_all_layers else 1
             self.cross_attn_layers = nn.ModuleList(
                 CrossAttention(cfg.dim, cross_attn_heads, cfg.norm_eps) for _ in range(n_cross)
@@ -84,7 +85,7 @@ class LocalEncoder(Transformer):
         B = h.shape[0]
         pooled = pool_patches(h, patch_ids, n_patches, ["amax"])
         assert self.patch_embedding_projection is not None
-        return self.patch_embedding_projection(pooled).reshape(B, n_patches * self.k, self.cfg.dim)
+        return self.patch_embedding_projection(pooled).reshape(B, n_patches * self.slots_per_patch, self.cfg.dim)
 
     def forward(
         self,
@@ -124,7 +125,7 @@ class LocalEncoder(Transformer):
 class GlobalTransformer(Transformer):
     """The latent transformer over patches; an input projection when the patch vectors are wider."""
 
-    def __init__(self, cfg: StackConfig, input_dim: int, eos_id: int) -> None:
+    def __init__(self, cfg: StackConfig, *, input_dim: int, eos_id: int) -> None:
         super().__init__(cfg)
         self.eos_id = eos_id
         self.token_embedding_projection = (
@@ -153,20 +154,21 @@ class LocalDecoder(Transformer):
     def __init__(
         self,
         cfg: StackConfig,
+        *,
         global_dim: int,
         vocab_size: int,
         cross_attn: bool,
-        k: int,
+        slots_per_patch: int,
         cross_attn_heads: int,
         cross_attn_all_layers: bool,
         eos_id: int,
     ) -> None:
         super().__init__(cfg)
         self.eos_id = eos_id
-        self.k = k if cross_attn else 1
+        self.slots_per_patch = slots_per_patch if cross_attn else 1
         self.cross_attn_all_layers = cross_attn_all_layers
         self.patch_embedding_projection = (
-            nn.Linear(global_dim, cfg.dim * self.k, bias=False) if global_dim != cfg.dim else None
+            nn.Linear(global_dim, cfg.dim * self.slots_per_patch, bias=False) if global_dim != cfg.dim else None
         )
         self.cross_attn_layers: nn.ModuleList | None = None
         if cross_attn:
@@ -185,7 +187,7 @@ class LocalDecoder(Transformer):
         if self.patch_embedding_projection is None:
             return h_global
         B, P, _ = h_global.shape
-        return self.patch_embedding_projection(h_global).reshape(B, P * self.k, self.cfg.dim)
+        return self.patch_embedding_projection(h_global).reshape(B, P * self.slots_per_patch, self.cfg.dim)
 
     def uses_cross_attn(self, layer_index: int) -> bool:
         return self.cross_attn_layers is not None and (layer_index == 0 or self.cross_attn_all_layers)
@@ -197,21 +199,21 @@ class LocalDecoder(Transformer):
     def forward(
         self,
         tokens: torch.Tensor,
-        embeds: torch.Tensor,
+        h_enc: torch.Tensor,
         h_global: torch.Tensor,
         decoder_patch_ids: torch.Tensor,
         cross_mask: Any,
     ) -> torch.Tensor:
-        """``embeds (B, T, D)`` (the encoder's byte states) and global outputs ``(B, P, G)`` -> logits (fp32)."""
+        """The encoder's byte states ``h_enc (B, T, D)`` and global outputs ``(B, P, G)`` -> logits (fp32)."""
         mask = self.self_attention_mask(tokens)
         rope = self.rope_for(torch.arange(tokens.shape[1], device=tokens.device)[None])
         slots = self.patch_slots(h_global)
         if self.cross_attn_layers is None:
             # no cross-attention: add the previous patch's (projected) global output to every byte
             index = decoder_patch_ids[:, :, None].expand(-1, -1, slots.shape[-1])
-            h = embeds + torch.gather(slots, 1, index)
+            h = h_enc + torch.gather(slots, 1, index)
         else:
-            h = embeds
+            h = h_enc
         for i, layer in enumerate(self.layers):
             if self.uses_cross_attn(i):
                 assert cross_mask is not None

@@ -252,14 +252,16 @@ def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.T
 def cross_attention_mask(
     byte_patch_ids: torch.Tensor,
     n_patches: int,
-    k: int,
+    slots_per_patch: int,
+    *,
     patches_as_queries: bool,
     window: int | None = None,
     dense: bool = False,
 ) -> Any:
     """Mask between the ``P*K`` patch slots and the bytes.
 
-    ``byte_patch_ids (B, T)``: the patch each byte is matched with. Slot ``s`` stands for patch ``s // K``.
+    ``byte_patch_ids (B, T)``: the patch each byte is matched with. Slot ``s`` stands for patch ``s // K``
+    (``K = slots_per_patch``).
     Allowed iff ``p_byte == p_slot``; with a window, iff ``p_slot <= p_byte < p_slot + window`` (bytes
     read a slot) / ``p_byte <= p_slot < p_byte + window`` (slots read bytes).
     Returns ``(B, 1, P*K, T)`` if ``patches_as_queries`` else ``(B, 1, T, P*K)`` (a ``BlockMask`` of the
@@ -267,8 +269,8 @@ def cross_attention_mask(
     """
     device = byte_patch_ids.device
     if not dense and attention_backend(device) == "flex":
-        return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
-    slot_patch = torch.arange(n_patches, device=device).repeat_interleave(k)  # (P*K,)
+        return _cross_block_mask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
+    slot_patch = torch.arange(n_patches, device=device).repeat_interleave(slots_per_patch)  # (P*K,)
     if patches_as_queries:  # (1, PK, 1) slots x (B, 1, T) bytes
         allowed = _cross_visible(slot_patch[None, :, None], byte_patch_ids[:, None, :], True, window)
     else:  # (B, T, 1) bytes x (1, 1, PK) slots
@@ -310,13 +312,14 @@ class PatchCrossMask:
 
 
 def patch_cross_mask(
-    byte_patch_ids: torch.Tensor, n_patches: int, k: int, patches_as_queries: bool, window: int | None = None
+    byte_patch_ids: torch.Tensor, n_patches: int, slots_per_patch: int, *, patches_as_queries: bool,
+    window: int | None = None
 ) -> Any:
     """The cross-attention mask of a full forward: a FlexAttention ``BlockMask`` on the flex back-end,
     else a :class:`PatchCrossMask` (linear in ``T``; :func:`cross_attention_mask` is the dense form)."""
     if attention_backend(byte_patch_ids.device) == "flex":
-        return _cross_block_mask(byte_patch_ids, n_patches, k, patches_as_queries, window)
-    return PatchCrossMask(byte_patch_ids, n_patches, k, patches_as_queries, window)
+        return _cross_block_mask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
+    return PatchCrossMask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
 
 
 def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:
@@ -328,18 +331,18 @@ def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: i
     return (slot_patch <= byte_patch) & (byte_patch < slot_patch + window)
 
 
-def _cross_block_mask(byte_patch_ids: torch.Tensor, n_patches: int, k: int, patches_as_queries: bool, window: int | None) -> Any:
+def _cross_block_mask(byte_patch_ids: torch.Tensor, n_patches: int, K: int, patches_as_queries: bool, window: int | None) -> Any:
     B, T = byte_patch_ids.shape
     ids = byte_patch_ids
 
     if patches_as_queries:
 
         def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-            return _cross_visible(q // k, ids[b, kv], True, window)
+            return _cross_visible(q // K, ids[b, kv], True, window)
 
-        return _create_block_mask(mask_mod, B, n_patches * k, T, ids.device)
+        return _create_block_mask(mask_mod, B, n_patches * K, T, ids.device)
 
     def mask_mod_dec(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        return _cross_visible(kv // k, ids[b, q], False, window)
+        return _cross_visible(kv // K, ids[b, q], False, window)
 
-    return _create_block_mask(mask_mod_dec, B, T, n_patches * k, ids.device)
+    return _create_block_mask(mask_mod_dec, B, T, n_patches * K, ids.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,3 +345,37 @@ def test_shipped_configs_use_the_nested_patching_section(tmp_path, corpus):
         for name in ("blt-1b", "blt-7b", "quickstart-blt"):
             cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.sources=[{train}]", "data.entropy_model=x"])
             assert cfg.data.patching.mode == "entropy"
+
+
+def _bad_corpus(root: Path) -> Path:
+    root.mkdir(parents=True)
+    lines = [b'{"text": "to be or not to be that is the question"}', b"{not json", b'{"other": "x"}',
+             b'{"text": ""}', b'{"text": "caf\xe9 whether tis nobler in the mind"}', b'{"text": "to suffer the slings"}']
+    (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def test_bad_training_records_are_counted_logged_and_follow_the_policy(tmp_path, capsys):
+    """Bad records are counted (summed over ranks), logged with the step and in a line; on_bad_record=error stops."""
+    src = _bad_corpus(tmp_path / "bad")
+    run(tmp_path, src, "r", steps=3, **{"data.validation": f"[{src}]"})
+    rows = read_metrics(tmp_path / "r")
+    for r in rows:  # cumulative counts of the records read (the small corpus is read once per epoch)
+        n = r["data_bad_json"]
+        assert n >= 1 and r["data_missing_field"] == r["data_empty"] == r["data_non_utf8"] == n
+        assert r["data_skipped"] == 3 * n
+    assert [r["data_skipped"] for r in rows] == sorted(r["data_skipped"] for r in rows)
+    assert rows[-1]["val_skipped"] == 3 and rows[-1]["val_bad_json"] == 1  # validation reads its files once
+    err = capsys.readouterr().err
+    assert re.search(r"data: \d+ records skipped \(\d+ empty, \d+ missing_field, \d+ bad_json\); \d+ documents not "
+                     r"valid UTF-8 \(kept as bytes\) so far \(data.on_bad_record: skip", err), err
+    n = rows[-1]["data_bad_json"]
+    assert f"data: {3 * n} records skipped ({n} empty, {n} missing_field, {n} bad_json); {n} documents" in err
+    assert ("validation data: 3 records skipped (1 empty, 1 missing_field, 1 bad_json); 1 document not valid UTF-8 "
+            "(kept as bytes)") in err
+    clean = read_metrics(run(tmp_path, write_corpus(tmp_path / "good")[0], "clean", steps=1).run_dir)
+    assert clean[0]["data_skipped"] == 0 and not any(k.startswith("data_") and k != "data_skipped" for k in clean[0])
+    # the policy: stop at the first bad record, naming it, in one line
+    code = blt_main(["train", *overrides(tmp_path / "r2", src, steps=2), "data.on_bad_record=error"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a.jsonl: record 1: bad record (bad_json" in err[0], err

@@ -57,19 +57,39 @@ __all__ = [
     "BAD_RECORD_REASONS",
     "Document",
     "DocumentReader",
+    "SKIPPED_REASONS",
     "SUPPORTED_SUFFIXES",
+    "bad_record_summary",
     "new_stats",
     "resolve_sources",
 ]
 
 SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet", ".arrow")
 BAD_RECORD_REASONS = ("non_utf8", "empty", "too_long", "missing_field", "not_text", "bad_json")
+SKIPPED_REASONS = ("empty", "missing_field", "not_text", "bad_json")  # records dropped (the others are kept)
 _TABLE_BATCH_ROWS = 256
 
 
 def new_stats() -> dict[str, int]:
     """Counters: ``documents`` and ``bytes`` returned, and one per bad-record reason."""
     return {"documents": 0, "bytes": 0, **{k: 0 for k in BAD_RECORD_REASONS}}
+
+
+def bad_record_summary(stats: dict[str, int]) -> str:
+    """One line for the bad records counted in ``stats`` ('' when there are none), e.g. ``"3 records skipped
+    (2 missing_field, 1 bad_json); 1 document not valid UTF-8 (kept as bytes)"``."""
+    parts = []
+    skipped = {k: int(stats.get(k, 0)) for k in SKIPPED_REASONS if stats.get(k)}
+    if skipped:
+        n = sum(skipped.values())
+        parts.append(f"{n} record{'s' * (n != 1)} skipped (" + ", ".join(f"{v} {k}" for k, v in skipped.items()) + ")")
+    if stats.get("non_utf8"):
+        n = int(stats["non_utf8"])
+        parts.append(f"{n} document{'s' * (n != 1)} not valid UTF-8 (kept as bytes)")
+    if stats.get("too_long"):
+        n = int(stats["too_long"])
+        parts.append(f"{n} document{'s' * (n != 1)} split (longer than max_doc_bytes)")
+    return "; ".join(parts)
 
 
 @dataclass

@@ -36,8 +36,7 @@ def iter_file_documents(
 
 
 def skipped_summary(stats: dict[str, int]) -> str:
-    """``"3 skipped: 2 missing_field, 1 empty"`` for the bad records in ``stats`` ('' if none were skipped)."""
-    skipped = {k: v for k, v in stats.items() if k not in ("documents", "bytes", "non_utf8", "too_long") and v}
-    if not skipped:
-        return ""
-    return f"{sum(skipped.values())} records skipped: " + ", ".join(f"{v} {k}" for k, v in skipped.items())
+    """The bad records in ``stats`` in one line ('' if there were none): :func:`torchblt.data.sources.bad_record_summary`."""
+    from torchblt.data.sources import bad_record_summary
+
+    return bad_record_summary(stats)

@@ -132,6 +132,8 @@ class MetricsLogger:
             post = {k: (f"{v:.3g}" if k == "lr" else f"{v:.3f}") for k, v in shown.items() if v is not None}
             if "bytes_per_s" in record:
                 post["B/s"] = f"{record['bytes_per_s']:.3g}"
+            if record.get("data_skipped"):
+                post["skipped"] = str(record["data_skipped"])
             self.bar.set_postfix(post, refresh=False)
 
     def message(self, text: str) -> None:

@@ -6,7 +6,9 @@ scaled by ``world_size / global_tokens`` before its backward (FSDP averages grad
 the gradient is that of the mean token loss of the global batch however it is split. The gradient norm
 is clipped once, on the full (all-shard) norm. Metrics are summed over ranks in fp64. A non-finite loss
 or gradient norm stops the run *before* the optimizer step, with a clear message; the last checkpoint
-is untouched.
+is untouched. Bad data records (``data.on_bad_record: skip``: skipped, or kept when only not UTF-8, or
+split when too long) are summed over ranks and logged with every step (``data_skipped``, ``data_<reason>``);
+a line says so when the first appears and at the end (``error``: the first one stops the run, named).
 
 Around it: :meth:`maybe_eval` (validation bits-per-byte via :func:`torchblt.eval.bpb.evaluate_bpb`),
 :meth:`maybe_checkpoint`, :meth:`log`. SIGTERM / SIGINT / SIGUSR2 finish the current step, save a
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchblt.data.sources import BAD_RECORD_REASONS, SKIPPED_REASONS, bad_record_summary
 from torchblt.formats.common import build_model
 from torchblt.model.blt import BLT
 from torchblt.model.config import config_to_dict
@@ -40,6 +43,13 @@ from torchblt.train.kinds import get_kind
 from torchblt.train.metrics import MetricsLogger, device_peak_flops, training_flops_per_byte
 from torchblt.train.schedule import lr_factor
 from torchblt.train.state import TrainState
+
+
+def bad_record_fields(stats: dict[str, int], prefix: str) -> dict[str, int]:
+    """Metrics of the bad records in ``stats``: ``{prefix}_skipped`` (always) and ``{prefix}_{reason}`` (when not 0)."""
+    out = {f"{prefix}_skipped": sum(int(stats.get(k, 0)) for k in SKIPPED_REASONS)}
+    out.update({f"{prefix}_{k}": int(stats[k]) for k in BAD_RECORD_REASONS if stats.get(k)})
+    return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,6 +96,8 @@ class Trainer:
             wandb_project=cfg.log.wandb_project, config=dataclasses.asdict(cfg))
         self.peak_flops = device_peak_flops(self.device)
         self.last_val: dict[str, float] = {}
+        self.bad_records: dict[str, int] = {}  # summed over ranks, at the last step
+        self._bad_reported = self._val_bad_reported = False
         self._flops: dict[float | None, float] = {}
         self._profiler = None
 
@@ -192,6 +204,8 @@ class Trainer:
             self._profiler.stop()
         if not ckpt.latest_checkpoint(self.run_dir) or self.state.step % cfg.checkpoint.every:
             self.save()
+        if any(self.bad_records.values()):
+            self.metrics.message(f"data: {bad_record_summary(self.bad_records)}")
         if not self.last_val and self._val_enabled() and self.state.step > 0:
             val = self.maybe_eval(force=True)
             if val:
@@ -232,8 +246,10 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
         signalled = self.signal_received  # read once: the handler may fire at any time
+        data_stats = getattr(self.loader, "stats", None) or {}  # cumulative bad-record counts of this rank's data
         sums = all_reduce_sum([loss_sum, float(local_tokens), float(n_bytes), float(n_patches), float(patched),
-                               float(signalled is not None)], self.device)
+                               float(signalled is not None), *(float(data_stats.get(k, 0)) for k in BAD_RECORD_REASONS)],
+                              self.device)
         loss = sums[0] / max(sums[1], 1.0)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -261,6 +277,12 @@ class Trainer:
             record["mfu"] = flops * sums[2] / dt / (self.peak_flops * self.dist.world_size)
         if self.device.type == "cuda":
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.bad_records = {k: int(v) for k, v in zip(BAD_RECORD_REASONS, sums[6:])}
+        record.update(bad_record_fields(self.bad_records, "data"))
+        if not self._bad_reported and any(self.bad_records.values()):
+            self._bad_reported = True
+            self.metrics.message(f"data: {bad_record_summary(self.bad_records)} so far (data.on_bad_record: "
+                                 f"{cfg.data.on_bad_record}; the counts are logged as data_* in metrics.jsonl)")
         return record
 
     # ------------------------------------------------------------------ around the loop
@@ -280,7 +302,7 @@ class Trainer:
         due = force or (every > 0 and step % every == 0) or step == self.cfg.train.steps
         if not (due and self._val_enabled()):
             return {}
-        from torchblt.data import iter_documents
+        from torchblt.data import iter_documents, new_stats
         from torchblt.eval.bpb import evaluate_bpb
 
         patcher = None
@@ -290,7 +312,8 @@ class Trainer:
                 raise ValueError("validation with entropy patching needs model.entropy_model (a frozen entropy model)")
         e = self.cfg.eval
         # every rank evaluates all documents (FSDP needs every rank in every forward); the results are equal
-        docs = iter_documents(self.cfg.data.validation, self.cfg.data.text_field)
+        d, val_stats = self.cfg.data, new_stats()
+        docs = iter_documents(d.validation, d.text_field, stats=val_stats, on_bad_record=d.on_bad_record)
         self.model.eval()
         try:
             with self._autocast():
@@ -298,7 +321,10 @@ class Trainer:
                                    batch_size=e.batch_size, device=self.device, max_documents=e.max_documents)
         finally:
             self.model.train()
-        self.last_val = {"val_bpb": res.bpb, "val_bytes": res.n_bytes}
+        self.last_val = {"val_bpb": res.bpb, "val_bytes": res.n_bytes, **bad_record_fields(val_stats, "val")}
+        if not self._val_bad_reported and bad_record_summary(val_stats):
+            self._val_bad_reported = True
+            self.metrics.message(f"validation data: {bad_record_summary(val_stats)}")
         if res.mean_patch_length is not None:
             self.last_val["val_mean_patch_length"] = res.mean_patch_length
         return dict(self.last_val)

@@ -309,7 +309,7 @@ def test_wandb_logging_with_a_stand_in_module(tmp_path, corpus, monkeypatch):
         run(tmp_path, train, "r2", steps=1, **{"log.wandb": "true"})
 
 
-def test_old_run_configs_with_flat_data_keys_still_load(tmp_path, corpus):
+def test_old_run_configs_with_flat_data_keys_still_load(tmp_path, corpus, capsys):
     """The first release's ``data.patching: MODE`` + flat ``data.threshold`` ... load as ``data.patching``."""
     train, _ = corpus
     old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
@@ -322,6 +322,16 @@ def test_old_run_configs_with_flat_data_keys_still_load(tmp_path, corpus):
         from_old = load_config(old)
     assert from_old == load_config(new)
     assert from_old.data.patching.threshold == 1.2 and from_old.data.target_patch_size is None
+    # the command line shows the notice as one line
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert blt_main(["train", str(old), "--print-config"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "blt train: warning: data.patching: entropy, data.threshold: 1.2, data.max_patch_length: 6: the flat patching "
+        "keys are deprecated; write data.patching: {mode: entropy, threshold: 1.2, max_patch_length: 6}"]
     # the old dotted overrides too, over a new-style file
     with pytest.warns(FutureWarning) as warned:
         cfg = load_config(new, ["data.patching=static", "data.patch_size=3"])

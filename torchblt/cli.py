@@ -4,22 +4,26 @@ Sub-commands live in :mod:`torchblt.commands`, one module each; a module exposes
 ``register(subparsers) -> None`` which adds its parser and sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code). Modules are discovered, so adding a command is
 adding a file. Errors a user can fix (``ValueError``, ``FileNotFoundError``, ``FileExistsError``, a full
-disk) are printed as one line, without a traceback.
+disk, and argparse's own usage errors) are printed as one line, ``blt COMMAND: error: ...``, with exit
+code 2 and no traceback; deprecation notices of the package as ``blt COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torchblt.commands
+from torchblt.commands.options import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer tools")
+    parser = OneLineParser(prog="blt", description="Byte Latent Transformer tools")
     parser.add_argument("--version", action="version", version=f"torchblt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(torchblt.commands.__path__), key=lambda m: m.name):
@@ -65,13 +69,35 @@ def run_reporting_errors(prog: str, fn: Callable[[], int | None]) -> int:
         return 2
 
 
+@contextlib.contextmanager
+def _short_warnings(prefix: str) -> Iterator[None]:
+    """Our deprecation notices (FutureWarning) as ``PREFIX: warning: ...`` lines, not ``file:line: ...`` blocks."""
+    saved = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, FutureWarning):
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+        else:
+            saved(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed on one line)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return run_reporting_errors(f"blt {args.command}", lambda: args.func(args))
+    with _short_warnings(f"blt {args.command}"):
+        return run_reporting_errors(f"blt {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class PatchingConfig:
         """Raise ``ValueError`` naming ``where.field``, the value and what is allowed."""
 
         def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"{where}.{name}: got {getattr(self, name)!r}, expected {expected}")
+            return ValueError(f"{where}.{name}: expected {expected}, got {getattr(self, name)!r}")
 
         if self.mode not in PATCHING_MODES:
             raise bad("mode", f"one of {', '.join(PATCHING_MODES)}")

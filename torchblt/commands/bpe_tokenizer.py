@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchblt.validation import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bpe-tokenizer", help="train a byte-level BPE tokenizer for the BPE baseline")
     p.add_argument("data", nargs="+", help="training files or folders (.txt, .jsonl[.gz], .parquet, .arrow)")
-    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, specials included (>= 259)")
+    p.add_argument("--vocab-size", type=positive_int, required=True, help="vocabulary size, specials included (>= 259)")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
-    p.add_argument("--max-bytes", type=int, help="train on at most this many bytes (the first documents)")
+    p.add_argument("--max-bytes", type=positive_int, help="train on at most this many bytes (the first documents)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 

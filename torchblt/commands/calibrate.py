@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchblt.commands.options import add_device_option, add_dtype_option
+from torchblt.validation import number, positive_float, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,14 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--entropy-model", help="entropy model folder or hub repo id")
     p.add_argument("--entropies", help="or: a folder of shards written by `blt entropies`")
     p.add_argument("--data", nargs="+", default=[], help="files, folders or globs (.txt .jsonl .parquet .arrow)")
-    p.add_argument("--target-patch-size", type=float, required=True, help="wanted mean bytes per patch (e.g. 4.5)")
+    p.add_argument("--target-patch-size", type=positive_float, required=True, help="wanted mean bytes per patch (e.g. 4.5)")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--sample-bytes", type=int, default=1 << 20, help="how much text to measure on (default 1 MiB)")
-    p.add_argument("--threshold-add", type=float, default=None, help="the reference's threshold_add rule")
+    p.add_argument("--sample-bytes", type=positive_int, default=1 << 20, help="how much text to measure on (default 1 MiB)")
+    p.add_argument("--threshold-add", type=number, default=None, help="the reference's threshold_add rule")
     p.add_argument("--monotonicity", action="store_true", help="the reference's monotonicity rule")
-    p.add_argument("--max-patch-length", type=int, default=None)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-patch-length", type=positive_int, default=None)
+    add_device_option(p, None, "default: cuda if available, else cpu")
+    add_dtype_option(p, "fp32", "of the entropy model", choices=("fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from torchblt.commands.options import add_dtype_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert a model between torchblt and Hugging Face transformers formats")
@@ -21,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     direction.add_argument("--from", dest="from_", choices=["transformers"],
                            help="the source is a transformers folder (checked); the target is torchblt")
     p.add_argument("--entropy-model", help="entropy model to bundle / attach (default: the one SRC holds)")
-    p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32 (default), bf16")
+    add_dtype_option(p, "fp32", "dtype of the written weights, default fp32")
     p.add_argument("--overwrite", action="store_true", help="replace files in OUT")
     p.set_defaults(func=run)
 

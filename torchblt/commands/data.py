@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from torchblt.validation import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="prepare training data (shakespeare, hf)", description=__doc__)
@@ -27,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--config", default=None, help="dataset config, e.g. sample-10BT")
     h.add_argument("--split", default="train")
     h.add_argument("--text-field", default="text")
-    h.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    h.add_argument("--docs-per-shard", type=int, default=50_000)
+    h.add_argument("--max-docs", type=positive_int, default=None, help="stop after this many documents")
+    h.add_argument("--docs-per-shard", type=positive_int, default=50_000)
     h.add_argument("--files", default=None, help="download repository files matching this glob instead of streaming")
     h.add_argument("--revision", default=None)
     h.add_argument("--out", required=True, help="output folder")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from torchblt.commands.options import add_device_option, add_dtype_option
+from torchblt.validation import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,12 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", required=True, help="files, folders or globs (.txt .jsonl .parquet .arrow)")
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/Arrow field holding the text (default: text)")
-    p.add_argument(
-        "--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu"
-    )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--batch-tokens", type=int, default=1 << 15, help="padded tokens per forward (default 32768)")
-    p.add_argument("--max-doc-bytes", type=int, default=64 * 2**20, help="longer documents are split (counted)")
+    add_device_option(p, None, "default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    add_dtype_option(p, None, "default: bf16 on GPU, fp32 on CPU", choices=("fp32", "bf16"))
+    p.add_argument("--batch-tokens", type=positive_int, default=1 << 15, help="padded tokens per forward (default 32768)")
+    p.add_argument("--max-doc-bytes", type=positive_int, default=64 * 2**20, help="longer documents are split (counted)")
     p.add_argument("--on-bad-record", choices=["skip", "error"], default="skip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

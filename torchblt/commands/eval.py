@@ -9,7 +9,14 @@ import argparse
 import json
 import sys
 
-from torchblt.commands.options import add_patching_options, patching_changes, refuse_patching_options
+from torchblt.commands.options import (
+    add_device_option,
+    add_dtype_option,
+    add_patching_options,
+    patching_changes,
+    refuse_patching_options,
+)
+from torchblt.validation import non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,14 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
     add_patching_options(p)
     p.add_argument("--context-bytes", type=int, help="window length in tokens (default: the model's)")
-    p.add_argument("--max-docs", type=int, help="evaluate at most this many documents per file")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--max-docs", type=non_negative_int, help="evaluate at most this many documents per file")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text (default text)")
     p.add_argument("--no-eos", action="store_true", help="do not append or score an EOS per document")
     p.add_argument("--on-bad-record", choices=["skip", "error"], default="skip",
                    help="records without text (missing field, bad JSON, empty): skip and count them (default), or stop")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    add_device_option(p, "cpu", "default cpu")
+    add_dtype_option(p, "fp32", "default fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object (totals + per-file breakdown)")
     p.set_defaults(func=run)
 
@@ -45,10 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from torchblt.model.blt import BLT
     from torchblt.patching import Patcher
 
-    for flag in ("context_bytes", "max_docs", "batch_size"):
-        v = getattr(args, flag)
-        if v is not None and v < (2 if flag == "context_bytes" else 0 if flag == "max_docs" else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be {'>= 2' if flag == 'context_bytes' else 'positive'}, got {v}")
+    if args.context_bytes is not None and args.context_bytes < 2:
+        raise ValueError(f"--context-bytes must be >= 2, got {args.context_bytes}")
     sources = [check_source(p) for p in args.data]
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
     patcher = None

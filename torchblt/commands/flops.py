@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torchblt.validation import positive_float, positive_int
+
 LLAMA3_VOCAB = 128256
 LLAMA3_BYTES_PER_TOKEN = 4.4  # paper §5.1
 
@@ -20,11 +22,11 @@ LLAMA3_BYTES_PER_TOKEN = 4.4  # paper §5.1
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("flops", help="training and inference FLOPs per byte (BLT parts, byte and BPE baselines)")
     p.add_argument("config", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt...), model folder or training YAML")
-    p.add_argument("--patch-size", type=float, help="mean patch size in bytes (default: the config's patching.patch_size)")
-    p.add_argument("--context-bytes", type=float, help="sequence length in bytes (default: global max_seqlen x patch size)")
+    p.add_argument("--patch-size", type=positive_float, help="mean patch size in bytes (default: the config's patching.patch_size)")
+    p.add_argument("--context-bytes", type=positive_float, help="sequence length in bytes (default: global max_seqlen x patch size)")
     p.add_argument("--entropy-model", help="entropy model (named config or folder) to count; 'none' to leave it out")
-    p.add_argument("--bpe-vocab", type=int, default=LLAMA3_VOCAB, help=f"BPE baseline vocabulary (default {LLAMA3_VOCAB}, Llama 3)")
-    p.add_argument("--bytes-per-token", type=float, default=None,
+    p.add_argument("--bpe-vocab", type=positive_int, default=LLAMA3_VOCAB, help=f"BPE baseline vocabulary (default {LLAMA3_VOCAB}, Llama 3)")
+    p.add_argument("--bytes-per-token", type=positive_float, default=None,
                    help=f"BPE mean bytes per token (default: a BPE folder's measured value, else {LLAMA3_BYTES_PER_TOKEN}, Llama 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -49,20 +51,22 @@ def _measured_bytes_per_token(folder: Path) -> float | None:
 
 def _config_from_yaml(path: Path) -> tuple[Any, float | None]:
     """The architecture of a training YAML and its sequence length (patches for BLT, bytes otherwise)."""
-    import yaml
 
     from torchblt.train.kinds import get_kind
+    from torchblt.validation import load_yaml
 
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    model = raw.get("model") or {}
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    model, data = raw.get("model") or {}, raw.get("data") or {}
+    for key, section in (("model", model), ("data", data)):
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: {key}: expected a mapping, got {section!r}")
     kind = get_kind(model.get("kind", "blt"))
     config = kind.make_config(model.get("arch", "tiny-blt"))
-    seq_len = (raw.get("data") or {}).get("seq_len")
+    seq_len = data.get("seq_len")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"{path}: data.seq_len: expected a positive integer, got {seq_len!r}")
     return config, seq_len
 
 
@@ -141,10 +145,6 @@ def _fmt(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.patch_size is not None and args.patch_size <= 0:
-        raise ValueError(f"--patch-size must be positive, got {args.patch_size}")
-    if args.bytes_per_token is not None and args.bytes_per_token <= 0:
-        raise ValueError(f"--bytes-per-token must be positive, got {args.bytes_per_token}")
     out = compute(args)
     args.bytes_per_token = args.bytes_per_token or LLAMA3_BYTES_PER_TOKEN
     if args.json:

@@ -24,13 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from torchblt.commands.options import OneLineParser, add_device_option, add_dtype_option
+from torchblt.validation import non_negative_int, positive_int
+
 # two background colours that alternate from patch to patch (256-colour ANSI), then reset
 PATCH_COLOURS = ("\x1b[48;5;24m", "\x1b[48;5;94m")
 PROMPT_STYLE = "\x1b[2m"  # prompt patches dimmed
 RESET = "\x1b[0m"
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _IntermixedParser(OneLineParser):
     """Lets options and PROMPT arguments mix (``blt generate MODEL --entropy-model EM "prompt"``): plain
     argparse stops filling a ``nargs="*"`` positional at the first option."""
 
@@ -55,9 +58,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="model folder or hub repo id (anything load_model reads)")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text(s); several are generated as a batch")
     p.add_argument("--entropy-model", default=None, help="entropy model folder/repo (entropy patching)")
-    p.add_argument("--max-new-bytes", type=int, default=256, help="bytes to generate per prompt (default 256)")
+    p.add_argument("--max-new-bytes", type=non_negative_int, default=256, help="bytes to generate per prompt (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely bytes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (row i uses seed + i)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
@@ -67,10 +70,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input", default=None, help="prompts from a JSON-lines file")
     p.add_argument("--output", default=None, help="write results as JSON lines here")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --output file")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch with --input (default 8)")
     p.add_argument("--no-cache", action="store_true", help="full recompute per byte (slow; for checking)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default fp32)")
+    add_device_option(p, "cpu", "default cpu")
+    add_dtype_option(p, "fp32", "default fp32")
     p.set_defaults(func=run)
     p.__class__ = _IntermixedParser
 

@@ -11,11 +11,13 @@ import argparse
 import json
 from typing import Any
 
+from torchblt.validation import positive_float
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="parameter counts and FLOPs per byte of a model or named config")
     p.add_argument("model", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt, tiny-entropy) or model folder")
-    p.add_argument("--patch-size", type=float, default=None, help="mean patch size for FLOPs (default: config's, 4.5)")
+    p.add_argument("--patch-size", type=positive_float, default=None, help="mean patch size for FLOPs (default: config's, 4.5)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

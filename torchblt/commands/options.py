@@ -7,6 +7,15 @@ import argparse
 from typing import Any
 
 from torchblt.data.config import TRAIN_PATCHING_MODES
+from torchblt.validation import DTYPES, device_option, dtype_option, number, positive_float
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the option (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 # PatchingConfig field -> the argparse dest of its override flag
 PATCHING_FLAGS = {"mode": "patching", "threshold": "threshold", "patch_size": "patch_size"}
@@ -15,8 +24,8 @@ PATCHING_FLAGS = {"mode": "patching", "threshold": "threshold", "patch_size": "p
 def add_patching_options(parser: argparse.ArgumentParser) -> None:
     """``--patching``, ``--threshold``, ``--patch-size``: override a BLT's ``config.patching``."""
     parser.add_argument("--patching", choices=list(TRAIN_PATCHING_MODES), help="override the patching mode")
-    parser.add_argument("--threshold", type=float, help="override the entropy threshold")
-    parser.add_argument("--patch-size", type=float, help="static patch size (with --patching static)")
+    parser.add_argument("--threshold", type=number, help="override the entropy threshold")
+    parser.add_argument("--patch-size", type=positive_float, help="static patch size (with --patching static)")
 
 
 def patching_changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -28,3 +37,17 @@ def refuse_patching_options(args: argparse.Namespace, why: str) -> None:
     """Raise ``ValueError`` naming the first patching override given (for models that are not patched)."""
     for name in patching_changes(args):
         raise ValueError(f"--{PATCHING_FLAGS[name].replace('_', '-')} {why}")
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """``--device``: checked when parsed (``cuda`` on a machine without one is a one-line error)."""
+    parser.add_argument("--device", type=device_option, default=default, metavar="DEVICE",
+                        help=f"{help} (cpu, cuda, cuda:N, mps)")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, default: str | None, help: str,
+                     choices: tuple[str, ...] | None = None) -> None:
+    """``--dtype``: one of ``choices`` (default: every name :data:`torchblt.validation.DTYPES` knows)."""
+    parser.add_argument("--dtype", type=dtype_option if choices is None else str, default=default,
+                        choices=None if choices is None else list(choices), metavar="DTYPE" if choices is None else None,
+                        help=f"{help} ({', '.join(choices or sorted(DTYPES))})")

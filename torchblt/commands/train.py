@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m torchblt.train ...`` (what ``torchrun`` launches): this command on its own."""
     from torchblt.cli import run_reporting_errors
+    from torchblt.commands.options import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="python -m torchblt.train", description=__doc__)
+    parser = OneLineParser(prog="python -m torchblt.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_reporting_errors("train", lambda: run(args))

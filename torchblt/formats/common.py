@@ -11,6 +11,7 @@ from torch import nn
 from torchblt.model.blt import BLT
 from torchblt.model.config import BLTConfig
 from torchblt.model.entropy_model import EntropyModel, EntropyModelConfig
+from torchblt.validation import resolve_dtype  # noqa: F401  (formats.common.resolve_dtype, as before)
 
 
 def read_config_json(folder: Path) -> dict | None:
@@ -27,22 +28,6 @@ def read_config_json(folder: Path) -> dict | None:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: the message names the file and what is wrong."""
-
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
 def build_model(config: BLTConfig | EntropyModelConfig, device: str | torch.device = "meta") -> BLT | EntropyModel:

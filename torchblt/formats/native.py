@@ -96,7 +96,9 @@ def read_native(folder: Path) -> tuple[BLTConfig | EntropyModelConfig, dict[str,
 
 
 def read_native_config(folder: Path) -> BLTConfig | EntropyModelConfig:
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_config_json(folder)
+    if raw is None:
+        raise CheckpointError(f"{folder / 'config.json'}: missing, or not a JSON object")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{folder / 'config.json'}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")

@@ -17,6 +17,7 @@ from torchblt.model.entropy_model import EntropyModelConfig
 from torchblt.model.transformer import StackConfig
 from torchblt.patching import PatchingConfig
 from torchblt.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, BPETokenizer, load_bpe_tokenizer
+from torchblt.validation import build_dataclass
 
 __all__ = [
     "BLTConfig",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 POOLING_MODES = ("avg", "mean", "min", "max")
+MAX_VOCAB = 1 << 28  # embedding tables beyond this are typos, not models
 
 
 @dataclass
@@ -127,7 +129,7 @@ class BLTConfig:
 
     def validate(self) -> None:
         for name in ("encoder", "global_", "decoder"):
-            getattr(self, name).validate(name)
+            getattr(self, name).validate(name.rstrip("_"))  # "global" as config files write it
         if self.global_.attention not in ("causal", "block_causal"):
             raise ValueError(
                 f"global_.attention must be 'causal' or 'block_causal', got {self.global_.attention!r}"
@@ -150,8 +152,18 @@ class BLTConfig:
             if not self.pooling:
                 _ = self.concat_patch_size
         self.patching.validate("patching")
-        if self.hash is not None and (self.hash.vocab_size < 1 or not self.hash.group_sizes):
-            raise ValueError(f"hash: invalid {self.hash}")
+        if not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"vocab_size: expected an integer in [1, {MAX_VOCAB}], got {self.vocab_size!r}")
+        if ca.n_heads < 1:
+            raise ValueError(f"cross_attn.n_heads: expected a positive integer, got {ca.n_heads!r}")
+        h = self.hash
+        if h is not None:
+            if not 1 <= h.vocab_size <= MAX_VOCAB:
+                raise ValueError(f"hash.vocab_size: expected an integer in [1, {MAX_VOCAB}], got {h.vocab_size!r}")
+            if not h.group_sizes or any(g < 1 for g in h.group_sizes):
+                raise ValueError(f"hash.group_sizes: expected a non-empty list of positive integers, got {h.group_sizes!r}")
+            if h.n_functions < 1:
+                raise ValueError(f"hash.n_functions: expected a positive integer, got {h.n_functions!r}")
 
 
 @dataclass
@@ -198,56 +210,24 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return d
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls, name))
-        if sub is not None and value is not None:
-            value = _build(sub, value, f"{where}.{name}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # missing required fields
-        raise ValueError(f"{where}: {e}") from None
-
-
-def blt_config_from_dict(data: dict[str, Any]) -> BLTConfig:
-    data = dict(data)
-    if "global" in data:
-        data["global_"] = data.pop("global")
-    cfg = _build(BLTConfig, data, "config")
+def _build(cls: type, data: Any, where: str) -> Any:
+    """``cls`` from a mapping, keys and types checked (:func:`torchblt.validation.build_dataclass`), then validated."""
+    cfg = build_dataclass(cls, data, where, inherit_defaults=False)
     cfg.validate()
     return cfg
 
 
-def entropy_config_from_dict(data: dict[str, Any]) -> EntropyModelConfig:
-    cfg = _build(EntropyModelConfig, data, "config")
-    cfg.validate()
-    return cfg
+def blt_config_from_dict(data: dict[str, Any], where: str = "config") -> BLTConfig:
+    """A :class:`BLTConfig` from the ``config.json`` layout (``where``: the key named in errors)."""
+    return _build(BLTConfig, data, where)
 
 
-def bpe_config_from_dict(data: dict[str, Any]) -> BPEConfig:
-    cfg = _build(BPEConfig, data, "config")
-    cfg.validate()
-    return cfg
+def entropy_config_from_dict(data: dict[str, Any], where: str = "config") -> EntropyModelConfig:
+    return _build(EntropyModelConfig, data, where)
 
 
-_NESTED: dict[tuple[type, str], type] = {
-    (BLTConfig, "encoder"): StackConfig,
-    (BLTConfig, "global_"): StackConfig,
-    (BLTConfig, "decoder"): StackConfig,
-    (BLTConfig, "cross_attn"): CrossAttentionConfig,
-    (BLTConfig, "hash"): HashConfig,
-    (BLTConfig, "patching"): PatchingConfig,
-    (EntropyModelConfig, "transformer"): StackConfig,
-    (BPEConfig, "transformer"): StackConfig,
-}
+def bpe_config_from_dict(data: dict[str, Any], where: str = "config") -> BPEConfig:
+    return _build(BPEConfig, data, where)
 
 
 # --------------------------------------------------------------------------- named presets

@@ -30,6 +30,8 @@ from torch import nn
 
 from torchblt.model.masks import BandedMask, SelfAttentionMask
 
+MAX_SIZE = 1 << 17  # widths, depths and head counts beyond this are typos (e.g. dim: 1e9), not models
+
 
 @dataclass
 class StackConfig:
@@ -65,8 +67,8 @@ class StackConfig:
 
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "n_layers" else 1):
-                raise ValueError(f"{where}.{name} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not (0 if name == "n_layers" else 1) <= v <= MAX_SIZE:
+                raise ValueError(f"{where}.{name} must be a positive integer (at most {MAX_SIZE}), got {v!r}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"{where}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.resolved_n_kv_heads:

@@ -2,24 +2,24 @@
 ``key=value`` overrides from the command line.
 
 Loading is strict: an unknown key or a value of the wrong type is a ``ValueError`` whose one line names
-the dotted key, the value and what was expected (``optim.lr: expected a float, got 'fast'``). The model
-architecture is not a dataclass here: ``model.arch`` is a preset name (``tiny-blt``, ``blt-1b``...) or a
-mapping in the ``config.json`` layout, optionally with ``base: PRESET`` to override a preset field by
-field; it is checked by the model's own strict config loader.
+the dotted key, the value and what was expected (``optim.lr: expected a number, got 'fast'``; the one
+layer of :mod:`torchblt.validation`). The model architecture is not a dataclass here: ``model.arch`` is a
+preset name (``tiny-blt``, ``blt-1b``...) or a mapping in the ``config.json`` layout, optionally with
+``base: PRESET`` to override a preset field by field; it is checked, types included, by the model's own
+config loader when the kind builds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from torchblt.data.config import LEGACY_PATCHING_KEYS, DataConfig, upgrade_legacy_keys
+from torchblt.validation import build_dataclass, check_device, load_yaml, yaml_problem
 
 
 @dataclass
@@ -97,28 +97,36 @@ class TrainConfig:
         from torchblt.train.kinds import get_kind
 
         kind = get_kind(self.model.kind)
-        checks = [
-            ("train.steps", self.train.steps, self.train.steps >= 1),
-            ("train.grad_accum", self.train.grad_accum, self.train.grad_accum >= 1),
-            ("optim.lr", self.optim.lr, self.optim.lr > 0),
-            ("optim.warmup_steps", self.optim.warmup_steps, self.optim.warmup_steps >= 0),
-            ("optim.grad_clip", self.optim.grad_clip, self.optim.grad_clip >= 0),
-            ("optim.betas", self.optim.betas, len(self.optim.betas) == 2),
-            ("optim.schedule", self.optim.schedule, self.optim.schedule in ("cosine", "wsd", "constant")),
-            ("optim.decay_fraction", self.optim.decay_fraction, 0 <= self.optim.decay_fraction <= 1),
-            ("checkpoint.keep", self.checkpoint.keep, self.checkpoint.keep >= 1),
-            ("checkpoint.every", self.checkpoint.every, self.checkpoint.every >= 1),
-            ("log.every", self.log.every, self.log.every >= 1),
-            ("eval.every", self.eval.every, self.eval.every >= 0),
-            ("train.device", self.train.device, self.train.device in ("auto", "cpu", "cuda") or
-             self.train.device.startswith("cuda:")),
-            ("train.dtype", self.train.dtype, self.train.dtype in ("auto", "bf16", "fp32")),
-            ("train.data_parallel", self.train.data_parallel, self.train.data_parallel in ("fsdp", "replicate")),
-            ("log.profile_steps", self.log.profile_steps, len(self.log.profile_steps) in (0, 2)),
+        o, t, c, e, lg = self.optim, self.train, self.checkpoint, self.eval, self.log
+        checks = [  # key, value, allowed (in words), ok
+            ("train.steps", t.steps, "an integer >= 1", t.steps >= 1),
+            ("train.grad_accum", t.grad_accum, "an integer >= 1", t.grad_accum >= 1),
+            ("optim.lr", o.lr, "a positive number", o.lr > 0),
+            ("optim.eps", o.eps, "a positive number", o.eps > 0),
+            ("optim.weight_decay", o.weight_decay, "a number >= 0", o.weight_decay >= 0),
+            ("optim.warmup_steps", o.warmup_steps, "an integer >= 0", o.warmup_steps >= 0),
+            ("optim.grad_clip", o.grad_clip, "a number >= 0 (0: no clipping)", o.grad_clip >= 0),
+            ("optim.betas", o.betas, "two numbers in [0, 1)", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas)),
+            ("optim.schedule", o.schedule, "cosine, wsd or constant", o.schedule in ("cosine", "wsd", "constant")),
+            ("optim.min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]", 0 <= o.min_lr_ratio <= 1),
+            ("optim.decay_fraction", o.decay_fraction, "a number in [0, 1]", 0 <= o.decay_fraction <= 1),
+            ("checkpoint.keep", c.keep, "an integer >= 1", c.keep >= 1),
+            ("checkpoint.every", c.every, "an integer >= 1", c.every >= 1),
+            ("log.every", lg.every, "an integer >= 1", lg.every >= 1),
+            ("eval.every", e.every, "an integer >= 0", e.every >= 0),
+            ("eval.batch_size", e.batch_size, "an integer >= 1", e.batch_size >= 1),
+            ("eval.max_documents", e.max_documents, "an integer >= 0 or null",
+             e.max_documents is None or e.max_documents >= 0),
+            ("eval.context_bytes", e.context_bytes, "an integer >= 2 or null", e.context_bytes is None or e.context_bytes >= 2),
+            ("train.dtype", t.dtype, "auto, bf16 or fp32", t.dtype in ("auto", "bf16", "fp32")),
+            ("train.data_parallel", t.data_parallel, "fsdp or replicate", t.data_parallel in ("fsdp", "replicate")),
+            ("log.profile_steps", lg.profile_steps, "[] or [start, end]", len(lg.profile_steps) in (0, 2)),
         ]
-        for key, value, ok in checks:
+        for key, value, allowed, ok in checks:
             if not ok:
-                raise ValueError(f"{key}: invalid value {value!r}")
+                raise ValueError(f"{key}: expected {allowed}, got {value!r}")
+        # the device is checked by name here (a config may be written on a machine without the GPU it names)
+        check_device(t.device, "train.device", allow_auto=True, check_available=False)
         if (kind.data_kind == "blt" and self.data.patching.mode == "entropy" and self.data.validation
                 and not (self.model.entropy_model or self.data.entropy_model)):
             raise ValueError("model.entropy_model: validating an entropy-patched BLT needs the (frozen) entropy model "
@@ -137,7 +145,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-3)")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({yaml_problem(e)}); quote it, "
+                             "e.g. key='[a, b'") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -172,10 +185,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such config file")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        loaded = load_yaml(p)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
         data.update(loaded or {})
@@ -184,106 +194,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in parse_overrides(overrides or []):
         for key, value in _upgrade_override(*item):
             _set_dotted(data, key, value)
-    cfg = from_dict(TrainConfig, data, "")
+    cfg = build_dataclass(TrainConfig, data)
     cfg.validate()
     return cfg
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-
-
-def from_dict(cls: type, data: Any, where: str, base: Any = None) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise one clear line.
-
-    Fields ``data`` does not give keep their value in ``base`` (default: the field defaults); a nested
-    section applies over the parent's default of that section (so ``data.patching: {mode: entropy}``
-    keeps ``data``'s own patching defaults)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ValueError(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
-    defaults = base if base is not None else _Defaults(cls)
-    kwargs = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)} if base is not None else {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, key, getattr(defaults, name, None))
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"{where or 'config'}: {e}") from None
-
-
-class _Defaults:
-    """The default value of every field of a dataclass (without building one: required fields may exist)."""
-
-    def __init__(self, cls: type) -> None:
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                setattr(self, f.name, f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                setattr(self, f.name, f.default_factory())
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key, default)
-            except ValueError as e:
-                errors.append(e)
-        raise ValueError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key, default if isinstance(default, tp) else None)
-    if origin is list:
-        if isinstance(value, (str, int, float)) and typing.get_args(tp) and typing.get_args(tp)[0] is str:
-            value = [value]  # a single source is a list of one
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 4e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{key}: expected a string, got {value!r}")
-    return value

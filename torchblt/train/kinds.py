@@ -10,8 +10,9 @@ bpe        the same architecture over BPE tokens               (own loader)  nex
 =========  ==================================================  ============  ================================
 
 Every kind the package trains is a row of :data:`KINDS`, here. :func:`register_kind` adds one at run
-time. A config may also name ``module.path:kind`` and the module is imported first, so a plugin needs no
-edit here.
+time; an installed package adds one with an entry point in the ``torchblt.kinds`` group (its value a
+:class:`ModelKind`). A configuration only names a kind: it never makes us import a module (the first
+release's ``module:name`` spelling is read for the kinds now in the table).
 
 A kind's ``loss`` returns a :class:`LossOutput` whose ``loss_sum`` is the **sum** (fp32) of the per-token
 cross-entropies on the batch's unmasked targets; the trainer divides by the global token count of the
@@ -22,7 +23,6 @@ is split. ``n_bytes`` is what bits-per-byte divides by (equal to ``n_tokens`` fo
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +103,11 @@ def _arch_dict(arch: Any, want: type) -> dict[str, Any]:
     return _merge(config_to_dict(preset), arch)
 
 
-def _prefixed(fn: Callable[[dict[str, Any]], Any], data: dict[str, Any]) -> Any:
+def _prefixed(fn: Callable[..., Any], data: dict[str, Any]) -> Any:
     try:
-        return fn(data)
+        return fn(data, where="")
     except ValueError as e:
-        raise ValueError(f"model.arch: {str(e).removeprefix('config: ').removeprefix('config')}") from None
+        raise ValueError(f"model.arch: {e}") from None
 
 
 def blt_config(arch: Any) -> BLTConfig:
@@ -165,20 +165,47 @@ KINDS: dict[str, ModelKind] = {
 }
 
 
+ENTRY_POINT_GROUP = "torchblt.kinds"
+# the names the first release's configs used for kinds that are now in the table
+ALIASES = {"torchblt.baselines.bpe:bpe": "bpe"}
+
+
 def register_kind(name: str, kind: ModelKind) -> None:
     """Add (or replace) a trainable kind."""
     KINDS[name] = kind
 
 
+def _entry_point_kind(name: str) -> ModelKind | None:
+    """A kind an installed package declares (``[project.entry-points."torchblt.kinds"] NAME = "pkg.mod:KIND"``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                kind = ep.load()
+            except Exception as e:  # a broken plug-in: say which
+                raise ValueError(f"model.kind: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) "
+                                 f"failed to load: {e}") from None
+            if not isinstance(kind, ModelKind):
+                raise ValueError(f"model.kind: the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) is a "
+                                 f"{type(kind).__name__}, not a ModelKind")
+            return kind
+    return None
+
+
 def get_kind(name: str) -> ModelKind:
-    """The kind called ``name``; ``"package.module:name"`` imports the module (which registers it) first."""
-    if name not in KINDS and ":" in name:
-        module, _, short = name.partition(":")
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ValueError(f"model.kind: cannot import {module!r} for kind {name!r}: {e}") from None
-        name = short if short in KINDS else name
+    """The kind called ``name``: a row of :data:`KINDS` (or one added by :func:`register_kind`), or a plug-in
+    an installed package declares under the ``torchblt.kinds`` entry point. Nothing is imported by name from
+    the configuration (a ``module:name`` kind of the first release is refused unless it is a known alias)."""
+    if not isinstance(name, str):
+        raise ValueError(f"model.kind: expected a string, got {name!r}")
+    name = ALIASES.get(name, name)
     if name not in KINDS:
-        raise ValueError(f"model.kind: unknown kind {name!r}; known: {sorted(KINDS)}")
+        kind = _entry_point_kind(name)
+        if kind is not None:
+            KINDS[name] = kind
+    if name not in KINDS:
+        hint = ("; a config no longer imports a kind's module by name: install a package that declares it under "
+                f"the {ENTRY_POINT_GROUP!r} entry point") if ":" in name else ""
+        raise ValueError(f"model.kind: unknown kind {name!r}; known: {', '.join(sorted(KINDS))}{hint}")
     return KINDS[name]

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -127,10 +128,24 @@ class Trainer:
             model.train()
         else:
             model = build_model(self.kind.make_config(cfg.model.arch), device="meta")
+            self._check_fits(model)
             model.to_empty(device=self.device)
             with torch.no_grad():
                 model.init_weights()
         return model
+
+    def _check_fits(self, model: nn.Module) -> None:
+        """A ``ValueError`` naming ``model.arch`` when the weights alone exceed the device's memory (a typo such
+        as ``dim: 100000``), instead of an allocation failure deep in the set-up."""
+        n = sum(p.numel() for p in model.parameters())
+        need = 4 * n / (self.dist.world_size if self.dist.mesh is not None else 1)  # fp32, FSDP-sharded
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        if total and need > total:
+            raise ValueError(f"model.arch: {n:.3g} parameters need {need / 2**30:,.1f} GiB in fp32 on {self.device}, "
+                             f"more than its {total / 2**30:,.0f} GiB of memory; check the sizes")
 
     def _make_loader(self) -> Any:
         """The kind's loader (given the model's config), or :func:`torchblt.data.build_loader`."""

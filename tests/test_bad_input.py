@@ -178,6 +178,10 @@ CASES = [
     ("quickstart-steps", lambda f: ["quickstart", "--blt-steps", "0"], ["--blt-steps", "'0'"]),
     ("quickstart-configs", lambda f: ["quickstart", "--configs", str(f["root"] / "noconf"), "--out", str(f["root"] / "q")],
      ["noconf"]),
+    # serve
+    ("serve-device", lambda f: ["serve", str(f["blt"]), "--device", "tpu"], ["--device", "'tpu'"]),
+    ("serve-max-batch", lambda f: ["serve", str(f["blt"]), "--max-batch", "0"], ["--max-batch"]),
+    ("serve-port", lambda f: ["serve", str(f["blt"]), "--port", "70000"], ["--port", "70000"]),
     # the command line itself
     ("unknown-option", lambda f: ["eval", str(f["blt"]), str(f["text"]), "--colour"], ["--colour"]),
     ("unknown-command", lambda f: ["evaluate"], ["'evaluate'"]),

@@ -124,7 +124,9 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
     for node in sorted(graph):
         place(node)
-    optional = {"torchblt.eval.harness": "lm_eval"}  # adapters of optional extras
+    # adapters of optional extras: imported when their extra is installed
+    optional = {"torchblt.eval.harness": "lm_eval", "torchblt.serve": "starlette", "torchblt.serve.app": "starlette"}
+    optional.update({m: "starlette" for m in order if m.startswith("torchblt.serve.")})
     script = (
         "import importlib, importlib.util, sys\n"
         "from torchblt.train.kinds import KINDS\n"

@@ -19,6 +19,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from torchblt.commands.options import add_device_option, add_dtype_option
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -41,8 +43,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default 30)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (default fp32)")
+    add_device_option(p, "cpu", "default cpu")
+    add_dtype_option(p, "fp32", "default fp32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a small machine 1 leaves a core to HTTP)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -30,8 +30,7 @@ def one_thread():
 def tiny_run(tmp_path_factory):
     """(train corpus folder, run folder): a tiny BLT trained 2 steps, checkpoints step_1 and step_2.
     Trained once per session; tests that change it work on a copy (see ``run_copy``)."""
-    from tests.train_helpers import overrides, write_corpus
-
+    from tests.helpers.train import overrides, write_corpus
     from torchblt.train.config import load_config
     from torchblt.train.trainer import Trainer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import overrides
+from tests.helpers.train import overrides
 from torchblt.cli import main as blt_main
 from torchblt.train import checkpoint as ckpt
 
@@ -177,7 +177,7 @@ def _garble(path: Path, offset: int) -> None:
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tiny_run, run_copy, capsys):
-    from tests.train_helpers import read_metrics
+    from tests.helpers.train import read_metrics
 
     train, run = run_copy
     latest = ckpt.latest_checkpoint(run)

@@ -3,7 +3,6 @@ multiple choice, generation and rolling log-likelihood, scores checked against t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from tests.helpers.harness import GEN_PROMPTS, MC, ROLLING, write_tasks  # noqa: E402
 from torchblt import generate, load_model  # noqa: E402
 from torchblt.eval.bpb import evaluate_bpb, make_windows  # noqa: E402
 from torchblt.eval.harness import BLTLM  # noqa: E402
@@ -19,13 +19,6 @@ from torchblt.patching import Patcher, split_first_patch  # noqa: E402
 from torchblt.tokenizer import ByteTokenizer  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "reference" / "05_blt_forward"
-MC = [
-    {"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
-    {"question": "Two plus two is", "choices": ["three", "four"], "answer": 1},
-    {"question": "Cats say", "choices": ["meow", "woof", "moo"], "answer": 2},
-]
-GEN_PROMPTS = ["Q: capital of France?\nA:", "Hello"]
-ROLLING = ["A rolling document, scored byte by byte.", "Another one, rather longer than the first document is."]
 
 
 @pytest.fixture(scope="module")
@@ -47,41 +40,6 @@ def _direct_loglikelihood(model, context: str, continuation: str) -> tuple[float
     return float(pred.gather(1, targets[:, None]).sum()), bool((pred.argmax(-1) == targets).all())
 
 
-def _write_tasks(folder: Path, gen_targets: list[str]) -> None:
-    data = folder / "data"
-    data.mkdir()
-    with open(data / "mc.jsonl", "w") as f:
-        for row in MC:
-            f.write(json.dumps(row) + "\n")
-    with open(data / "gen.jsonl", "w") as f:
-        for p, t in zip(GEN_PROMPTS, gen_targets):
-            f.write(json.dumps({"prompt": p, "target": t}) + "\n")
-    with open(data / "roll.jsonl", "w") as f:
-        for t in ROLLING:
-            f.write(json.dumps({"text": t}) + "\n")
-
-    def common(name: str, file: str) -> str:
-        return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data / file}\n"
-                "test_split: test\n")
-
-    (folder / "tiny_mc.yaml").write_text(
-        common("tiny_mc", "mc.jsonl")
-        + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n"
-    )
-    (folder / "tiny_gen.yaml").write_text(
-        common("tiny_gen", "gen.jsonl")
-        + "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{target}}\"\n"
-        "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 12\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n"
-    )
-    (folder / "tiny_roll.yaml").write_text(
-        common("tiny_roll", "roll.jsonl")
-        + "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
-        "metric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n"
-    )
-
-
 def test_offline_tasks_match_the_model(blt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -89,7 +47,7 @@ def test_offline_tasks_match_the_model(blt, tmp_path, monkeypatch):
 
     # generation: the first target is what the model generates (exact match 1), the second is not (0)
     direct_gen = generate(blt, GEN_PROMPTS, max_new_bytes=12, stop=["\n", "."], temperature=0.0)
-    _write_tasks(tmp_path, [direct_gen[0], direct_gen[1] + "#"])
+    write_tasks(tmp_path, [direct_gen[0], direct_gen[1] + "#"])
     lm = BLTLM(model=blt, batch_size=4)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=["tiny_mc", "tiny_gen", "tiny_roll"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
@@ -168,7 +126,7 @@ def test_blt_harness_command(tmp_path, capsys, monkeypatch):
     from torchblt.cli import main as blt_main
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    _write_tasks(tmp_path, ["x", "y"])
+    write_tasks(tmp_path, ["x", "y"])
     args = f"pretrained={FIX / 'blt_model'},entropy_model={FIX / 'entropy_model'}"
     assert blt_main(["harness", "--model_args", args, "--tasks", "tiny_mc", "--include_path", str(tmp_path),
                      "--device", "cpu", "--batch_size", "4"]) == 0

@@ -74,8 +74,7 @@ def test_bf16_generation_on_cuda():
 def test_checkpoint_fallback_and_safe_loading_on_cuda(tmp_path):
     """A run on the GPU: its checkpoints go through the safe DCP reader, a damaged latest one falls back to
     the previous one, and the run folder loads as a model on the GPU (bf16)."""
-    from tests.train_helpers import overrides, read_metrics, write_corpus
-
+    from tests.helpers.train import overrides, read_metrics, write_corpus
     from torchblt import load_model
     from torchblt.cli import main as blt_main
     from torchblt.train import checkpoint as ckpt

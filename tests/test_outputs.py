@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import overrides
+from tests.helpers.train import overrides
 from torchblt.cli import main as blt_main
 from torchblt.outputs import refuse_existing, staged
+from torchblt.patching import Patcher
 
 FIX = Path(__file__).parent / "fixtures" / "reference" / "06_generation"
 BLT_DIR, EM_DIR = FIX / "blt_model", FIX / "entropy_model"
@@ -133,7 +134,7 @@ def test_save_pretrained_checks_every_file_first(tmp_path):
         save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["entropy_model", "model.safetensors"]
     save_pretrained(model, tmp_path, overwrite=True)
-    assert load_model(tmp_path).patcher.entropy_model is not None
+    assert Patcher.for_model(load_model(tmp_path)).entropy_model is not None
 
 
 # ---------------------------------------------------------------------------------------------- the helper

@@ -32,7 +32,7 @@ pytest.importorskip("uvicorn")
 from torchblt import generate, load_model, save_model  # noqa: E402
 from torchblt.formats.common import build_model  # noqa: E402
 from torchblt.model.config import tiny_blt, tiny_entropy  # noqa: E402
-from torchblt.patching import split_first_patch  # noqa: E402
+from torchblt.patching import Patcher, split_first_patch  # noqa: E402
 from torchblt.serve import BLTServer, CohortEngine, ServeConfig, ThreadedServer  # noqa: E402
 from torchblt.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -67,7 +67,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(model_dir):
     m = load_model(model_dir)
-    assert m.patcher.mode == "entropy" and m.patcher.entropy_model is not None
+    assert Patcher.for_model(m).mode == "entropy" and Patcher.for_model(m).entropy_model is not None
     return m
 
 
@@ -214,7 +214,7 @@ def test_echo_logprobs_are_the_models(server, client, model):
     ids = TOK.encode(prompt, add_bos=True, add_eos=False)
     tokens = torch.tensor([ids])
     with torch.no_grad():
-        lengths = split_first_patch(model.patcher.patch(tokens, include_next_token=True)[0])
+        lengths = split_first_patch(Patcher.for_model(model).patch(tokens, include_next_token=True)[0])
         logp = F.log_softmax(model(tokens, lengths)[0].float(), -1)
     for i in range(n_prompt):
         assert lp.token_logprobs[i] == pytest.approx(float(logp[i, ids[i + 1]]), abs=1e-4)
@@ -236,13 +236,13 @@ def test_lm_eval_local_completions_equals_blt_model(server, model, tmp_path, mon
     tokenizer endpoints, generation) scores exactly as lm-eval's blt model on the same model."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
-    from test_eval_harness import GEN_PROMPTS, _write_tasks
 
+    from tests.helpers.harness import GEN_PROMPTS, write_tasks
     from torchblt.eval.harness import BLTLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _write_tasks(tmp_path, [generate(model, GEN_PROMPTS[0], max_new_bytes=12, stop=["\n", "."])[0], "x"])
+    write_tasks(tmp_path, [generate(model, GEN_PROMPTS[0], max_new_bytes=12, stop=["\n", "."])[0], "x"])
     tasks = ["tiny_mc", "tiny_gen", "tiny_roll"]
 
     def run(lm):

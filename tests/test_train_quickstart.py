@@ -49,7 +49,7 @@ def test_interrupted_training_step_stops_the_pipeline(tmp_path, monkeypatch, cap
     model that does not exist) with 're-run ... to resume' and exit code 130; the re-run resumes and finishes."""
     import signal
 
-    from tests.train_helpers import read_metrics, write_corpus
+    from tests.helpers.train import read_metrics, write_corpus
     from torchblt.train.trainer import Trainer
 
     out, configs = tmp_path / "qs", tmp_path / "configs"

@@ -6,8 +6,9 @@ The pieces live where their kind of thing lives: the tokenizer is :class:`torchb
 (ids 0, 1, 2 are ``<boe>`` (padding), ``<bos>``, ``<eos>``, as in the byte vocabulary); the architecture is
 :class:`torchblt.model.config.BPEConfig` (``model_type: "bpe"`` in our format, so :func:`torchblt.load_model`
 and :func:`torchblt.save_model` read and write BPE folders, ``tokenizer.json`` included); the training kind
-``bpe`` is a row of :data:`torchblt.train.kinds.KINDS`. This module holds tokenizer training and the
-training loader, and re-exports the rest under their first-release names.
+``bpe`` is a row of :data:`torchblt.train.kinds.KINDS`, and its loader (:class:`BPELoader`) is in
+:mod:`torchblt.data.bpe`. This module holds tokenizer training, and re-exports the rest under their
+first-release names.
 
 Bits per byte: a document is ``[BOS] + tokens + [EOS]``; the summed cross-entropy of every token after
 the BOS (the EOS included) is divided by ``n_bytes + 1`` per document, exactly as for byte models
@@ -27,8 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from torchblt.data.bpe import BPEBatch, BPELoader, make_bpe_loader
 from torchblt.formats import load_model, save_model
 from torchblt.formats.native import folder_model_type, read_native_config
 from torchblt.model.config import BPEConfig
@@ -122,82 +122,3 @@ def save_bpe_model(model: EntropyModel, folder: str | os.PathLike[str], overwrit
     if not isinstance(model.config, BPEConfig):
         raise ValueError("save_bpe_model: the model's config is not a BPEConfig")
     return save_model(model, folder, overwrite=overwrite, extra=extra)
-
-
-# --------------------------------------------------------------------------- training (kind "bpe")
-
-
-class BPEBatch:
-    """A :class:`torchblt.data.packing.Batch` plus ``target_bytes (B, L)``: the bytes each target stands for."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, target_bytes: torch.Tensor) -> None:
-        self.x, self.y, self.mask, self.target_bytes = x, y, mask, target_bytes
-        self.patch_lengths = None
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> BPEBatch:
-        return BPEBatch(*(t.to(device, non_blocking=non_blocking) for t in (self.x, self.y, self.mask, self.target_bytes)))
-
-    @property
-    def n_bytes(self) -> int:
-        return int((self.target_bytes * self.mask).sum().item())
-
-
-class BPELoader:
-    """Resumable loader of packed BPE rows: ``[BOS] + tokens + [EOS]`` documents, cut every ``seq_len``
-    tokens (``x = row[:-1]``, ``y = row[1:]``; BOS targets masked)."""
-
-    def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, *, tokenizer: str) -> None:
-        from torchblt.data.sources import DocumentReader, new_stats
-
-        if getattr(cfg, "num_workers", 0):
-            raise ValueError("data.num_workers: the bpe kind's loader runs in the main process; set it to 0")
-        self.cfg = cfg
-        self.tokenizer = load_bpe_tokenizer(str(Path(tokenizer).resolve()))
-        self.stats = new_stats()
-        self.reader = DocumentReader(cfg.sources, cfg.text_field, shard=rank, n_shards=world_size, seed=cfg.seed,
-                                     shuffle_files=True, loop=True, max_doc_bytes=cfg.max_doc_bytes,
-                                     on_bad_record=cfg.on_bad_record, stats=self.stats)
-        self.buffer: list[int] = []
-        self.buffer_bytes: list[int] = []
-        self.patching = None  # BPE rows are not patched
-
-    def _fill(self, n: int) -> None:
-        tok = self.tokenizer
-        while len(self.buffer) < n:
-            doc = self.reader.next_document()
-            if doc is None:
-                raise ValueError(f"data.sources: no documents in {self.cfg.sources}")
-            ids = tok.encode(doc.data)
-            self.buffer += [BOS, *ids, EOS]
-            self.buffer_bytes += [0, *(tok.token_bytes(i) for i in ids), 1]
-
-    def next_batch(self) -> BPEBatch:
-        L, B = self.cfg.seq_len, self.cfg.batch_size
-        rows, row_bytes = [], []
-        for _ in range(B):
-            self._fill(L + 1)
-            rows.append(self.buffer[: L + 1])
-            row_bytes.append(self.buffer_bytes[: L + 1])
-            # the next row starts with this row's last token (as its input), so no target is skipped
-            self.buffer, self.buffer_bytes = self.buffer[L:], self.buffer_bytes[L:]
-        t = torch.tensor(rows, dtype=torch.int64)
-        nb = torch.tensor(row_bytes, dtype=torch.int64)
-        x, y = t[:, :-1], t[:, 1:]
-        return BPEBatch(x, y, y != BOS, nb[:, 1:])
-
-    def __iter__(self) -> Iterator[BPEBatch]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"reader": self.reader.state_dict(), "buffer": list(self.buffer), "buffer_bytes": list(self.buffer_bytes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reader.load_state_dict(state["reader"])
-        self.buffer, self.buffer_bytes = list(state["buffer"]), list(state["buffer_bytes"])
-
-
-def make_bpe_loader(cfg: Any, *, rank: int = 0, world_size: int = 1, model_config: BPEConfig, **_: Any) -> BPELoader:
-    """The ``bpe`` kind's loader: rows of the tokenizer of the model being trained."""
-    cfg.validate()
-    return BPELoader(cfg, rank, world_size, tokenizer=model_config.tokenizer)

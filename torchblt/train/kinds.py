@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchblt.baselines.bpe import make_bpe_loader
+from torchblt.data.bpe import make_bpe_loader
 from torchblt.model.config import (
     NAMED_CONFIGS,
     BLTConfig,
@@ -150,7 +150,7 @@ def byte_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
 
 
 def bpe_loss(model: nn.Module, batch: Any) -> LossOutput:
-    """Next-token CE of a BPE LM; ``n_bytes`` is the bytes its targets stand for (:class:`~torchblt.baselines.bpe.BPEBatch`)."""
+    """Next-token CE of a BPE LM; ``n_bytes`` is the bytes its targets stand for (:class:`~torchblt.data.bpe.BPEBatch`)."""
     logits = model(batch.x)  # (B, L, V)
     n = int(batch.mask.sum())
     return LossOutput(token_cross_entropy(logits, batch.y, batch.mask), n, batch.n_bytes)

@@ -22,6 +22,12 @@ Modes (``E`` = entropies, ``t`` = threshold; positions 0 and 1 always start a pa
 ``max_patch_length`` then splits any longer patch into pieces of that length (remainder last).
 Entropies are computed per row (no leakage between the rows of a batch), see
 :meth:`torchblt.model.entropy_model.EntropyModel.entropies`.
+
+The settings are a :class:`PatchingConfig` (a model's ``config.patching``, a run config's ``data.patching``)
+and ``Patcher(config, entropy_model)`` is the one way a patcher is made (``Patcher(mode=..., ...)`` builds
+the config field by field). A BLT holds no patcher: :meth:`Patcher.for_model` gives the one it was trained
+with, with the entropy model ``load_model`` attached to it (:func:`attach_entropy_model`, a weak table
+beside the model).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_loader_trains_from_stored_entropies(corpus: Path, em, tmp_path: Path, c
     dl = build_loader(cfg)
     b = next(iter(dl))
     # the first sequence is the start of the first document of the epoch, patched from its stored entropies
-    first = pq.read_table(out / dl._pipeline.reader.files[dl._pipeline.reader.file_order(0)[0]].split("/")[-1])
+    first = pq.read_table(out / dl._pipelines[0].reader.files[dl._pipelines[0].reader.file_order(0)[0]].split("/")[-1])
     text, ent = first.column("text")[0].as_py(), np.array(first.column("entropies")[0].as_py(), dtype=np.float32)
     tokens = torch.from_numpy(document_tokens(text))[None]
     expected, _ = Patcher("entropy", threshold=1.2).patch(tokens, entropies=torch.from_numpy(ent)[None])

@@ -75,7 +75,9 @@ class DataConfig:
     fly, and a ``patching.threshold`` or a ``target_patch_size`` to calibrate the threshold to at start
     (:func:`torchblt.data.calibrate.calibrate_threshold`). ``interleave``: documents are packed in this many
     streams side by side and sequences taken from them in turn (mixes long documents; 1 = one stream);
-    ``shuffle_buffer`` sequences are then shuffled.
+    ``shuffle_buffer`` sequences are then shuffled (by blocks). ``shards``: how many independently
+    resumable parts the data is split into (default: processes x workers of the run's first launch); a
+    run can later resume on any number of processes up to it (see :mod:`torchblt.data.loader`).
     """
 
     sources: list[str] = field(default_factory=list)
@@ -93,6 +95,7 @@ class DataConfig:
     interleave: int = 8
     seed: int = 0
     num_workers: int = 0
+    shards: int | None = None
     max_doc_bytes: int = 64 * 2**20
     on_bad_record: str = "skip"
 
@@ -143,6 +146,9 @@ class DataConfig:
             raise bad("shuffle_buffer", "must be a non-negative integer")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise bad("num_workers", "must be a non-negative integer")
+        if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int)
+                                        or self.shards < 1):
+            raise bad("shards", "must be a positive integer or null")
         if not isinstance(self.max_doc_bytes, int) or self.max_doc_bytes < 16:
             raise bad("max_doc_bytes", "must be an integer >= 16")
         if self.on_bad_record not in ("skip", "error"):

@@ -1,30 +1,48 @@
-"""The training data loader: documents -> patches -> packed sequences -> shuffle buffer -> batches.
+"""The training data loader: documents -> patches -> packed sequences -> shuffle blocks -> batches.
 
-One :class:`Pipeline` serves one shard (a rank, or a rank's data-loader worker):
+The data is split into ``n_shards`` *shards* (``data.shards``; by default the number of processes x
+data-loader workers of the run's first launch). One :class:`Pipeline` serves one shard:
 
-1. :class:`~torchblt.data.sources.DocumentReader` reads this shard's documents (resumable position);
+1. :class:`~torchblt.data.sources.DocumentReader` reads the shard's documents (shard ``s`` of ``n_shards``);
 2. each document becomes ``BOS + bytes + EOS`` and is patched on its own (``include_next_token=False``)
-   with stored entropies, entropies from a frozen entropy model (a few documents per forward, per row),
-   or the space/static/byte rule; ``kind="bytes"`` skips patching;
+   with stored entropies, entropies from a frozen entropy model (a few documents per forward: one *read*),
+   or the space/static/byte rule; ``kind="bytes"`` skips patching. A document longer than
+   :data:`SEGMENT_TOKENS` is tokenised, patched and packed one segment at a time (each segment patched as
+   if it began a document; entropies still see the tokens before it), so a huge document streams in
+   bounded memory; shorter documents are patched whole;
 3. :class:`~torchblt.data.packing.SequencePacker` cuts the stream into sequences; ``interleave`` packers
    run side by side, each taking the next document when it runs out, and sequences are taken from them
-   in turn — so long documents (whole books or plays) are mixed before the shuffle buffer even starts;
-4. a shuffle buffer of ``shuffle_buffer`` sequences: each output is a uniformly random slot of the
-   buffer, refilled with the next sequence (numpy PCG64 seeded from ``seed``, rank and worker);
+   in turn, so long documents (whole books or plays) are mixed before shuffling;
+4. shuffling by blocks of ``shuffle_buffer`` sequences: each block is made, then emitted in a random order
+   (numpy PCG64 seeded from ``seed``, the shard and the block's number); ``shuffle_buffer <= 1``: in order;
 5. ``batch_size`` sequences are padded into a :class:`~torchblt.data.packing.Batch`.
 
-The whole state — reader position, documents patched but not yet packed, the packers' tails, the
-shuffle buffer's contents and the RNG — is a JSON-serialisable dict, so a resumed run yields exactly
-the batches of an uninterrupted one. With ``num_workers=W`` the loader runs ``W`` pipelines (shards
-``rank * W + w`` of ``world_size * W``) in ``torch.utils.data`` worker processes, taking batches from
-them in turn; each batch travels with its pipeline's state, so :meth:`DataLoader.state_dict` is the
-state after the last batch *consumed* (batches prefetched but not consumed are made again on resume).
+**State = positions, never data.** A pipeline's state is where its block began: the reader's position
+(and record counters), the read the pending documents came from, and per packer the overlap token, the
+document it is in (the reader position of the read that produced it) and the token offset there, plus
+how many sequences of the block were emitted. Resuming re-reads those documents, re-patches them and
+re-makes the block, so the state is a few KB whatever the documents, and a resumed run yields exactly the
+batches of an uninterrupted one. It is independent of the batch size, the number of workers and the
+number of processes.
+
+**Shards and processes.** Rank ``r`` of ``world_size`` owns the shards ``s`` with
+``s % world_size == r`` and takes batches from them in turn (with ``num_workers=W`` the shards are
+spread over up to ``W`` ``torch.utils.data`` workers; each batch travels with its shard's state, so
+:meth:`DataLoader.state_dict` is the state after the last batch *consumed*). Because the state is kept
+per shard, a run resumed on another number of processes re-splits the same shards
+(:meth:`DataLoader.merge_states`): every shard continues exactly where it stopped, so across the change
+no document (or part of one) is skipped or repeated; what changes is which rank reads which shard and
+in which order the shards' batches interleave. The shard count itself is fixed for the run (it must be
+at least the number of processes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,14 +51,20 @@ import torch
 from torchblt.data.config import DataConfig
 from torchblt.data.entropies import ENTROPIES_FIELD, check_entropy_folder, document_entropies, document_tokens
 from torchblt.data.packing import Batch, Sequence, SequencePacker, collate
-from torchblt.data.sources import DocumentReader, new_stats
+from torchblt.data.sources import Document, DocumentReader, new_stats
 from torchblt.patching import Patcher, PatchingConfig
+from torchblt.tokenizer import BOS_ID, EOS_ID, OFFSET
 
-__all__ = ["DataLoader", "Pipeline", "build_loader", "sample_entropies"]
+__all__ = ["DataLoader", "Pipeline", "SEGMENT_TOKENS", "build_loader", "sample_entropies"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+SEGMENT_TOKENS = 1 << 18  # longer documents are patched and packed in segments of this many tokens
 _ONTHEFLY_DOCS = 32  # documents (at most) patched together by an on-the-fly entropy model
 _ONTHEFLY_TOKENS = 1 << 15  # ... or fewer once they hold this many tokens
+_UNBOUNDED_CONTEXT = 8192  # left context of a long document's segment for a model without a sliding window
+# DataConfig fields a saved position depends on: resuming with other values would not continue the data
+STATE_FIELDS = ("kind", "seq_len", "max_bytes", "patching", "shuffle_buffer", "interleave", "seed", "max_doc_bytes",
+                "text_field")
 
 
 def uses_stored_entropies(cfg: DataConfig) -> bool:
@@ -52,8 +76,66 @@ def document_sources(cfg: DataConfig) -> list[str]:
     return check_entropy_folder(cfg.entropies) if uses_stored_entropies(cfg) else list(cfg.sources)  # type: ignore[arg-type]
 
 
+class _Doc:
+    """A document being packed, and where it was read: ``ref = {"at": reader position before the read,
+    "n": documents in that read, "i": its index}`` (what a state saves instead of its bytes).
+
+    A long piece of a plain text file does not keep its bytes: each segment's are read from the file."""
+
+    def __init__(self, ref: dict[str, Any], doc: Document) -> None:
+        self.ref = ref
+        self.n_tokens = len(doc.data) + 2
+        self.entropies = doc.entropies  # stored entropies, one per token
+        self.lengths: np.ndarray | None = None  # patch lengths of the whole document, when patched with its read
+        self.file: tuple[str, int] | None = None
+        self.data: bytes | None = doc.data
+        if self.n_segments > 1 and doc.file_offset is not None:
+            self.file, self.data = (doc.source, doc.file_offset), None
+
+    @property
+    def n_segments(self) -> int:
+        return math.ceil(self.n_tokens / SEGMENT_TOKENS)
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        if self.data is not None:
+            return self.data[start:end]
+        assert self.file is not None
+        with open(self.file[0], "rb") as f:
+            f.seek(self.file[1] + start)
+            return f.read(end - start)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens ``[start, end)`` of ``BOS + bytes + EOS`` (int64) without building the whole array."""
+        out = np.empty(end - start, dtype=np.int64)
+        lo, hi = max(start, 1), min(end, self.n_tokens - 1)
+        if hi > lo:
+            raw = self._bytes(lo - 1, hi - 1)
+            if len(raw) != hi - lo:
+                raise ValueError(f"{self.file and self.file[0]}: the file changed while training read it")
+            out[lo - start : hi - start] = np.frombuffer(raw, np.uint8).astype(np.int64) + OFFSET
+        if start == 0:
+            out[0] = BOS_ID
+        if end == self.n_tokens:
+            out[-1] = EOS_ID
+        return out
+
+
+@dataclass
+class _Cursor:
+    """The document a packer is in and the next segment it will pull."""
+
+    doc: _Doc | None = None
+    segment: int = 0
+
+    @property
+    def end(self) -> int:
+        """Token offset after the last segment pulled."""
+        assert self.doc is not None
+        return min(self.segment * SEGMENT_TOKENS, self.doc.n_tokens)
+
+
 class Pipeline:
-    """Batches of one shard (see the module docstring)."""
+    """Sequences and batches of one shard (see the module docstring)."""
 
     def __init__(
         self,
@@ -64,6 +146,7 @@ class Pipeline:
         entropy_model: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
+        self.shard, self.n_shards = shard, n_shards
         stored = uses_stored_entropies(cfg)
         self.stats = new_stats()
         self.reader = DocumentReader(
@@ -79,20 +162,21 @@ class Pipeline:
         )
         self.stored = stored
         self.entropy_model = entropy_model
+        self.on_the_fly = cfg.kind == "blt" and cfg.patching.mode == "entropy" and not stored
         self.patcher = None if patching is None else Patcher(patching, entropy_model)  # type: ignore[arg-type]
-        self.pending: list[Sequence] = []  # documents patched, not yet handed to the packer
+        self.pending: deque[_Doc] = deque()  # documents read, not yet handed to a packer ...
+        self.read: dict[str, Any] | None = None  # ... and the read they come from: {"at", "n", "next"}
         max_bytes = cfg.max_bytes if cfg.kind == "blt" else None
-        self.packers = [SequencePacker(cfg.kind, cfg.seq_len, max_bytes, self._pull) for _ in range(cfg.interleave)]
+        self.packers = [SequencePacker(cfg.kind, cfg.seq_len, max_bytes, self._puller(i)) for i in range(cfg.interleave)]
+        self.cursors = [_Cursor() for _ in self.packers]
         self.turn = 0  # the packer whose sequence comes next
-        self.buffer: list[Sequence] = []
-        self.rng = np.random.default_rng((cfg.seed, 104729, shard, n_shards))
+        self.block: list[Sequence] = []  # the shuffle block being emitted ...
+        self.order: list[int] = []
+        self.block_id = -1  # ... its number, the positions where it began, and how many were emitted
+        self.block_start: dict[str, Any] | None = None
+        self.taken = 0
 
-    # ------------------------------------------------------------------ documents -> patched documents
-    def _next_doc(self) -> Any:
-        doc = self.reader.next_document()
-        assert doc is not None  # the reader loops forever (or raises when the sources hold nothing)
-        return doc
-
+    # ------------------------------------------------------------------ documents -> patched segments
     def _patch(self, tokens: np.ndarray, entropies: np.ndarray | None) -> np.ndarray:
         assert self.patcher is not None
         t = torch.from_numpy(tokens)[None]
@@ -100,27 +184,79 @@ class Pipeline:
         lengths, _ = self.patcher.patch(t, include_next_token=False, entropies=e)
         return lengths[0].numpy()
 
-    def _pull(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self.pending:
-            self._fill_pending()
-        seq = self.pending.pop(0)
-        return seq.tokens, seq.patch_lengths
+    def _read_documents(self, reader: DocumentReader, n: int | None = None) -> list[Document]:
+        """One read: a document, or (on-the-fly entropies) the documents of one entropy-model batch."""
+        def next_doc() -> Document:
+            doc = reader.next_document()
+            assert doc is not None  # the reader loops forever (or raises when the sources hold nothing)
+            return doc
 
-    def _fill_pending(self) -> None:
-        cfg = self.cfg
-        if cfg.kind == "bytes":
-            self.pending.append(Sequence(document_tokens(self._next_doc().data), None))
-        elif cfg.patching.mode == "entropy" and not self.stored:
+        if n is not None:
+            return [next_doc() for _ in range(n)]
+        if not self.on_the_fly:
+            return [next_doc()]
+        docs: list[Document] = []
+        while len(docs) < _ONTHEFLY_DOCS and sum(len(d.data) + 2 for d in docs) < _ONTHEFLY_TOKENS:
+            docs.append(next_doc())
+        return docs
+
+    def _documents(self, at: dict[str, int], docs: list[Document]) -> list[_Doc]:
+        out = [_Doc({"at": at, "n": len(docs), "i": i}, d) for i, d in enumerate(docs)]
+        if self.on_the_fly:  # documents of one segment are patched together, as one batch of the entropy model
+            whole = [d for d in out if d.n_segments == 1]
+            tokens = [d.tokens(0, d.n_tokens) for d in whole]
             assert self.entropy_model is not None
-            docs: list[np.ndarray] = []
-            while len(docs) < _ONTHEFLY_DOCS and sum(len(d) for d in docs) < _ONTHEFLY_TOKENS:
-                docs.append(document_tokens(self._next_doc().data))
-            ents = document_entropies(self.entropy_model, docs)
-            self.pending.extend(Sequence(t, self._patch(t, e)) for t, e in zip(docs, ents))
-        else:
-            doc = self._next_doc()
-            tokens = document_tokens(doc.data)
-            self.pending.append(Sequence(tokens, self._patch(tokens, doc.entropies)))
+            for d, t, e in zip(whole, tokens, document_entropies(self.entropy_model, tokens)):
+                d.lengths = self._patch(t, e)
+        return out
+
+    def _next_read(self) -> None:
+        at = self.reader.position()
+        docs = self._documents(at, self._read_documents(self.reader))
+        self.pending.extend(docs)
+        self.read = {"at": at, "n": len(docs), "next": 0}
+
+    def _reread(self, at: dict[str, int], n: int, cache: dict[str, list[_Doc]]) -> list[_Doc]:
+        """The ``n`` documents of the read at ``at``, read and patched again (a reader of its own: no stats)."""
+        key = repr(sorted(at.items()))
+        if key not in cache:
+            reader = self.reader.at(at)
+            docs = self._read_documents(reader, n)
+            reader.close()  # (its generator holds the file's current chunk)
+            cache[key] = self._documents(at, docs)
+        return cache[key]
+
+    def _segment(self, doc: _Doc, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens and patch lengths of segment ``k`` of ``doc``."""
+        start, end = k * SEGMENT_TOKENS, min((k + 1) * SEGMENT_TOKENS, doc.n_tokens)
+        tokens = doc.tokens(start, end)
+        if self.cfg.kind == "bytes":
+            return tokens, None
+        if doc.lengths is not None:
+            return tokens, doc.lengths
+        entropies = None
+        if doc.entropies is not None:
+            entropies = doc.entropies[start:end]
+        elif self.on_the_fly:  # a long document: this segment with its left context (the model's receptive field)
+            assert self.entropy_model is not None
+            field = getattr(self.entropy_model, "receptive_field", None) or _UNBOUNDED_CONTEXT
+            left = max(0, start - field)
+            entropies = document_entropies(self.entropy_model, [doc.tokens(left, end)])[0][start - left :]
+        return tokens, self._patch(tokens, entropies)
+
+    def _puller(self, i: int):
+        def pull() -> tuple[np.ndarray, np.ndarray | None]:
+            c = self.cursors[i]
+            if c.doc is None or c.segment >= c.doc.n_segments:
+                if not self.pending:
+                    self._next_read()
+                assert self.read is not None
+                c.doc, c.segment = self.pending.popleft(), 0
+                self.read["next"] += 1
+            c.segment += 1
+            return self._segment(c.doc, c.segment - 1)
+
+        return pull
 
     # ------------------------------------------------------------------ sequences -> batches
     def _packed_sequence(self) -> Sequence:
@@ -128,85 +264,149 @@ class Pipeline:
         self.turn = (self.turn + 1) % len(self.packers)
         return seq
 
-    def _next_sequence(self) -> Sequence:
-        size = self.cfg.shuffle_buffer
-        if size <= 1:
-            return self._packed_sequence()
-        while len(self.buffer) < size:
-            self.buffer.append(self._packed_sequence())
-        j = int(self.rng.integers(len(self.buffer)))
-        out = self.buffer[j]
-        self.buffer[j] = self._packed_sequence()
-        return out
+    def _new_block(self) -> None:
+        self.block_start = self.positions()
+        self.block_id += 1
+        size = max(1, self.cfg.shuffle_buffer)
+        self.block = [self._packed_sequence() for _ in range(size)]
+        if size > 1:
+            rng = np.random.default_rng((self.cfg.seed, 104729, self.shard, self.n_shards, self.block_id))
+            self.order = [int(j) for j in rng.permutation(size)]
+        else:
+            self.order = [0]
+        self.taken = 0
+
+    def next_sequence(self) -> Sequence:
+        if self.taken >= len(self.block):
+            self._new_block()
+        seq = self.block[self.order[self.taken]]
+        self.taken += 1
+        return seq
 
     def next_batch(self) -> Batch:
-        return collate([self._next_sequence() for _ in range(self.cfg.batch_size)], self.cfg.kind)
+        return collate([self.next_sequence() for _ in range(self.cfg.batch_size)], self.cfg.kind)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "reader": self.reader.state_dict(),
-            "pending": [s.to_state() for s in self.pending],
-            "packers": [p.state_dict() for p in self.packers],
-            "turn": self.turn,
-            "buffer": [s.to_state() for s in self.buffer],
-            "rng": self.rng.bit_generator.state,
-        }
+    def positions(self) -> dict[str, Any]:
+        """Where the shard stands between two sequences: positions and counters only (JSON)."""
+        packers = []
+        for packer, c in zip(self.packers, self.cursors):
+            st = packer.state_dict()
+            if c.doc is None:
+                packers.append({"overlap": None, "doc": None, "t": 0, "rem": 0})
+                continue
+            t = c.end - st["tail"]
+            assert t >= (c.segment - 1) * SEGMENT_TOKENS, "a packer's tail spans more than its last segment"
+            packers.append({"overlap": st["overlap"], "doc": c.doc.ref, "t": t, "rem": st["rem"]})
+        read = dict(self.read) if self.read is not None and self.read["next"] < self.read["n"] else None
+        return {"reader": self.reader.state_dict(), "read": read, "packers": packers, "turn": self.turn}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore_positions(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state["reader"])
-        self.pending = [Sequence.from_state(s) for s in state["pending"]]
+        self.pending, self.read = deque(), None
+        cache: dict[str, list[_Doc]] = {}  # packers often hold documents of the same read
+        if state["read"] is not None:
+            read = state["read"]
+            self.pending.extend(self._reread(read["at"], read["n"], cache)[read["next"] :])
+            self.read = dict(read)
         if len(state["packers"]) != len(self.packers):
             raise ValueError(
                 f"data loader state: saved with interleave={len(state['packers'])}, now {len(self.packers)}"
             )
-        for p, st in zip(self.packers, state["packers"]):
-            p.load_state_dict(st)
+        for packer, c, st in zip(self.packers, self.cursors, state["packers"]):
+            c.doc, c.segment = None, 0
+            if st["doc"] is None:
+                packer.restore(None, np.zeros(0, np.int64), None, 0)
+                continue
+            c.doc = self._reread(st["doc"]["at"], st["doc"]["n"], cache)[st["doc"]["i"]]
+            t, rem = int(st["t"]), int(st["rem"])
+            if t >= c.doc.n_tokens:
+                c.segment = c.doc.n_segments
+                packer.restore(st["overlap"], np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+                continue
+            k = t // SEGMENT_TOKENS
+            tokens, lengths = self._segment(c.doc, k)
+            c.segment = k + 1
+            offset = t - k * SEGMENT_TOKENS
+            tail_lengths = None
+            if lengths is not None:  # the patches from offset + rem on, after the rest of a split patch
+                starts = np.concatenate([[0], np.cumsum(lengths)])
+                j = int(np.searchsorted(starts, offset + rem))
+                assert starts[j] == offset + rem, "a saved packer position is not on a patch boundary"
+                tail_lengths = np.concatenate([[rem] if rem else [], lengths[j:]]).astype(np.int64)
+            packer.restore(st["overlap"], tokens[offset:], tail_lengths, rem)
         self.turn = int(state["turn"])
-        self.buffer = [Sequence.from_state(s) for s in state["buffer"]]
-        self.rng.bit_generator.state = state["rng"]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.taken < len(self.block):  # inside a block: where it began, and how much of it was emitted
+            start, block, taken = self.block_start, self.block_id, self.taken
+        else:
+            start, block, taken = self.positions(), self.block_id + 1, 0
+        return {"start": start, "block": block, "taken": taken, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restore_positions(state["start"])
+        self.block, self.order, self.block_id, self.taken = [], [], int(state["block"]) - 1, 0
+        if state["taken"]:
+            self._new_block()  # the same block again (the same documents, patches and order)
+            self.taken = int(state["taken"])
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """Runs pipelines in ``torch.utils.data`` workers; yields ``(pipeline index, batch, state)``."""
+    """Runs pipelines in ``torch.utils.data`` workers; yields ``(shard, batch, state)``."""
 
     def __init__(self, loader: DataLoader) -> None:
         self.cfg = loader.cfg
-        self.rank, self.world_size = loader.rank, loader.world_size
+        self.n_shards = loader.n_shards
         self.patching = loader.patching
         self.entropy_model = loader.entropy_model
-        self.states = list(loader._states)
-        self.first = loader._next_worker
+        self.states = dict(loader._states)
+        self.n_workers = loader.n_workers
+        self.order = loader.shards[loader._next :] + loader.shards[: loader._next]  # from the next shard on
 
     def __iter__(self) -> Iterator[tuple[int, Batch, dict[str, Any]]]:
         info = torch.utils.data.get_worker_info()
-        W = self.cfg.num_workers
-        w = (self.first + (info.id if info is not None else 0)) % W
+        w = info.id if info is not None else 0
         torch.set_num_threads(1)
-        p = Pipeline(self.cfg, self.rank * W + w, self.world_size * W, self.patching, self.entropy_model)
-        if self.states[w] is not None:
-            p.load_state_dict(self.states[w])
+        mine = self.order[w :: self.n_workers]
+        pipelines = []
+        for s in mine:
+            p = Pipeline(self.cfg, s, self.n_shards, self.patching, self.entropy_model)
+            if self.states[s] is not None:
+                p.load_state_dict(self.states[s])
+            pipelines.append(p)
         while True:
-            batch = p.next_batch()
-            yield w, batch, {"pipeline": p.state_dict(), "stats": dict(p.stats)}
+            for s, p in zip(mine, pipelines):
+                batch = p.next_batch()
+                yield s, batch, p.state_dict()
 
 
 def _first(item: Any) -> Any:
     return item
 
 
+def _fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    out = {name: getattr(cfg, name) for name in STATE_FIELDS}
+    patching = dataclasses.asdict(cfg.patching)
+    patching.pop("threshold")  # calibrated at start: kept in the state on its own
+    out["patching"] = patching
+    return out
+
+
 class DataLoader:
     """Infinite iterator of :class:`~torchblt.data.packing.Batch` with exact ``state_dict`` resume.
 
     Iterating again continues where the last consumed batch left off. ``stats`` counts documents, bytes
-    and bad records (summed over workers). ``patching`` is how the batches are patched (None for byte
-    batches): ``cfg.patching`` with the entropy threshold in use, calibrated when the config gives a
+    and bad records (summed over this rank's shards). ``patching`` is how the batches are patched (None for
+    byte batches): ``cfg.patching`` with the entropy threshold in use, calibrated when the config gives a
     ``target_patch_size`` — the one place that threshold is kept (in the state too, so a resumed run keeps
-    it), and what the trainer copies into the model's ``config.patching``.
+    it), and what the trainer copies into the model's ``config.patching``. ``n_shards`` (default
+    ``cfg.shards`` or ``world_size * max(1, num_workers)``) fixes how the data is split, see the module
+    docstring.
     """
 
     def __init__(
@@ -216,19 +416,35 @@ class DataLoader:
         world_size: int = 1,
         entropy_model: torch.nn.Module | None = None,
         patching: PatchingConfig | None = None,
+        n_shards: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.entropy_model = entropy_model
         self.patching = patching
         self.n_batches = 0
-        W = max(1, cfg.num_workers)
-        self._states: list[dict[str, Any] | None] = [None] * W
-        self._worker_stats: list[dict[str, int]] = [new_stats() for _ in range(W)]
-        self._next_worker = 0
-        self._pipeline: Pipeline | None = None
-        if cfg.num_workers == 0:
-            self._pipeline = Pipeline(cfg, rank, world_size, patching, entropy_model)
+        self._set_shards(n_shards or cfg.shards or world_size * max(1, cfg.num_workers))
+
+    def _set_shards(self, n_shards: int) -> None:
+        if n_shards < self.world_size:
+            raise ValueError(
+                f"data.shards: the data is split into {n_shards} shard(s), fewer than the {self.world_size} "
+                "processes; a run's shard count is fixed when it starts (set data.shards to at least the "
+                "largest number of processes it will run on)"
+            )
+        self.n_shards = n_shards
+        self.shards = [s for s in range(n_shards) if s % self.world_size == self.rank]
+        # workers: as many as divide this rank's shards, so taking from them in turn serves the shards in turn
+        W = self.cfg.num_workers
+        self.n_workers = max(w for w in range(1, len(self.shards) + 1) if len(self.shards) % w == 0 and w <= W) if W else 0
+        self._next = 0  # index in self.shards of the shard of the next batch
+        self._states: dict[int, dict[str, Any] | None] = {s: None for s in self.shards}
+        self._stats: dict[int, dict[str, int]] = {s: new_stats() for s in self.shards}
+        self._pipelines: dict[int, Pipeline] = {}
+        if not self.n_workers:
+            self._pipelines = {
+                s: Pipeline(self.cfg, s, n_shards, self.patching, self.entropy_model) for s in self.shards
+            }
 
     @property
     def threshold(self) -> float | None:
@@ -237,67 +453,104 @@ class DataLoader:
 
     @property
     def stats(self) -> dict[str, int]:
-        if self._pipeline is not None:
-            return dict(self._pipeline.stats)
+        parts = [p.stats for p in self._pipelines.values()] if self._pipelines else list(self._stats.values())
         total = new_stats()
-        for s in self._worker_stats:
+        for s in parts:
             for k, v in s.items():
                 total[k] = total.get(k, 0) + v
         return total
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._pipeline is not None:
+        if self._pipelines:
             while True:
-                batch = self._pipeline.next_batch()
+                batch = self._pipelines[self.shards[self._next]].next_batch()
+                self._next = (self._next + 1) % len(self.shards)
                 self.n_batches += 1
                 yield batch
         loader = torch.utils.data.DataLoader(
             _WorkerStream(self),
             batch_size=None,
-            num_workers=self.cfg.num_workers,
+            num_workers=self.n_workers,
             collate_fn=_first,
             persistent_workers=False,
         )
-        for w, batch, state in loader:
-            self._states[w] = state["pipeline"]
-            self._worker_stats[w] = state["stats"]
-            self._next_worker = (w + 1) % self.cfg.num_workers
+        for s, batch, state in loader:
+            self._states[s] = state
+            self._stats[s] = state["stats"]
+            self._next = (self.shards.index(s) + 1) % len(self.shards)
             self.n_batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        pipelines = [self._pipeline.state_dict()] if self._pipeline is not None else list(self._states)
+        if self._pipelines:
+            shards = {str(s): p.state_dict() for s, p in self._pipelines.items()}
+        else:
+            shards = {str(s): st for s, st in self._states.items()}
         return {
             "version": STATE_VERSION,
             "rank": self.rank,
             "world_size": self.world_size,
-            "num_workers": self.cfg.num_workers,
+            "n_shards": self.n_shards,
+            "config": _fingerprint(self.cfg),
             "threshold": self.threshold,
             "n_batches": self.n_batches,
-            "next_worker": self._next_worker,
-            "pipelines": pipelines,
+            "next": self._next,
+            "shards": shards,
         }
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state holding the shards of several ranks' states (a run resumed on another world size)."""
+        if not states:
+            raise ValueError("data loader state: nothing to merge")
+        for st in states:
+            _check_version(st)
+            for key in ("n_shards", "config", "threshold"):
+                if st[key] != states[0][key]:
+                    raise ValueError(f"data loader state: the ranks' states disagree on {key}")
+        shards: dict[str, Any] = {}
+        for st in states:
+            shards.update(st["shards"])
+        return {**states[0], "rank": None, "world_size": None, "n_batches": 0, "next": 0, "shards": shards}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state: unknown version {state.get('version')!r}")
-        for key, mine in (("rank", self.rank), ("world_size", self.world_size), ("num_workers", self.cfg.num_workers)):
-            if state[key] != mine:
-                raise ValueError(f"data loader state: saved with {key}={state[key]}, resuming with {key}={mine}")
+        """Continue from ``state``: this rank's own, or one from :meth:`merge_states` holding its shards."""
+        _check_version(state)
+        mine = _fingerprint(self.cfg)
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(
+                    f"data loader state: saved with data.{key}={value!r}, resuming with data.{key}={mine.get(key)!r}; "
+                    "the saved position only continues the same data pipeline"
+                )
+        if state["n_shards"] != self.n_shards:
+            self._set_shards(int(state["n_shards"]))
+        missing = [s for s in self.shards if str(s) not in state["shards"]]
+        if missing:
+            raise ValueError(f"data loader state: shard(s) {missing} of rank {self.rank} are not in the saved state")
         if state["threshold"] != self.threshold and self.patching is not None and state["threshold"] is not None:
             # keep the threshold the run started with (calibration is not re-done on resume)
             self.patching = dataclasses.replace(self.patching, threshold=float(state["threshold"]))
-            if self._pipeline is not None:
-                self._pipeline = Pipeline(self.cfg, self.rank, self.world_size, self.patching, self.entropy_model)
-        self.n_batches = int(state["n_batches"])
-        self._next_worker = int(state["next_worker"])
-        if self._pipeline is not None:
-            self._pipeline.load_state_dict(state["pipelines"][0])
-        else:
-            self._states = list(state["pipelines"])
-            for w, s in enumerate(self._states):
-                if s is not None:
-                    self._worker_stats[w] = dict(s["reader"]["stats"])
+            self._set_shards(self.n_shards)
+        same = state.get("rank") == self.rank and state.get("world_size") == self.world_size
+        self.n_batches = int(state["n_batches"]) if same else 0
+        self._next = int(state["next"]) % len(self.shards) if same else 0
+        for s in self.shards:
+            st = state["shards"][str(s)]
+            if self._pipelines:
+                if st is not None:
+                    self._pipelines[s].load_state_dict(st)
+            else:
+                self._states[s] = st
+                self._stats[s] = dict(st["stats"]) if st is not None else new_stats()
+
+
+def _check_version(state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"data loader state: version {state.get('version')!r}, this torchblt reads version {STATE_VERSION} "
+            "(positions; version 1 saved copies of token buffers): start a new run (init_from the exported model)"
+        )
 
 
 def sample_entropies(cfg: DataConfig, entropy_model: torch.nn.Module | None, sample_bytes: int) -> list[np.ndarray]:

@@ -22,13 +22,15 @@ last patch, so each row of ``patch_lengths`` starts with 1 and sums to ``L + 1``
 never influences real positions: every model in the BLT is causal over bytes and bytes of patch ``j``
 read the global output of patch ``j - 1``.)
 
-The packer's state (the unconsumed tail of the stream) is saved as base64 so that a resumed run cuts
-exactly the same sequences.
+The packer's state holds no tokens: after a cut its buffer is the overlap token followed by a suffix of
+the last unit it pulled (a document, or a segment of a long one), so :meth:`SequencePacker.state_dict`
+is the overlap token, the length of that suffix and the remainder of a patch the byte cap split; the
+loader turns the suffix length into a position in the document and :meth:`SequencePacker.restore`
+rebuilds the same buffer from the re-read document (:mod:`torchblt.data.loader`).
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,20 +40,7 @@ import torch
 
 from torchblt.tokenizer import BOE_ID, BOS_ID
 
-__all__ = ["Batch", "Sequence", "SequencePacker", "collate", "decode_array", "encode_array"]
-
-
-def encode_array(a: np.ndarray | None, dtype: str) -> str | None:
-    """numpy array -> base64 string of its little-endian ``dtype`` bytes (for JSON states)."""
-    if a is None:
-        return None
-    return base64.b64encode(np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode("ascii")
-
-
-def decode_array(s: str | None, dtype: str, out_dtype: Any = np.int64) -> np.ndarray | None:
-    if s is None:
-        return None
-    return np.frombuffer(base64.b64decode(s), dtype=np.dtype(dtype).newbyteorder("<")).astype(out_dtype)
+__all__ = ["Batch", "Sequence", "SequencePacker", "collate"]
 
 
 @dataclass
@@ -60,13 +49,6 @@ class Sequence:
 
     tokens: np.ndarray
     patch_lengths: np.ndarray | None
-
-    def to_state(self) -> dict[str, Any]:
-        return {"t": encode_array(self.tokens, "u2"), "p": encode_array(self.patch_lengths, "i4")}
-
-    @classmethod
-    def from_state(cls, s: dict[str, Any]) -> Sequence:
-        return cls(decode_array(s["t"], "u2"), decode_array(s["p"], "i4"))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -117,13 +99,26 @@ class SequencePacker:
         self.pull = pull
         self.tokens = np.zeros(0, dtype=np.int64)  # unconsumed stream (starts with the overlap token)
         self.lengths = np.zeros(0, dtype=np.int64)  # its patch lengths (blt)
+        self.rem = 0  # blt: the stream after the overlap starts with the rest of a patch split by the byte cap
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": encode_array(self.tokens, "u2"), "lengths": encode_array(self.lengths, "i4")}
+        """``overlap`` (None before the first sequence), ``tail``: tokens after it (a suffix of the last unit
+        pulled), ``rem``: the length of the split patch's rest that starts the tail (0: none)."""
+        if len(self.tokens) == 0:
+            return {"overlap": None, "tail": 0, "rem": 0}
+        return {"overlap": int(self.tokens[0]), "tail": len(self.tokens) - 1, "rem": self.rem}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens = decode_array(state["tokens"], "u2")  # type: ignore[assignment]
-        self.lengths = decode_array(state["lengths"], "i4")  # type: ignore[assignment]
+    def restore(self, overlap: int | None, tail: np.ndarray, lengths: np.ndarray | None, rem: int) -> None:
+        """Rebuild the buffer :meth:`state_dict` described: ``tail`` (the unit's tokens from the saved position)
+        and, for BLT, the unit's patch lengths from there (``lengths``, whose first is ``rem`` when non-zero)."""
+        if overlap is None:
+            self.tokens, self.lengths, self.rem = np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+            return
+        self.tokens = np.concatenate([[overlap], tail]).astype(np.int64)
+        if self.kind == "blt":
+            assert lengths is not None and int(lengths.sum()) == len(tail)
+            self.lengths = np.concatenate([[1], lengths]).astype(np.int64)
+        self.rem = rem
 
     def _append(self) -> None:
         tokens, lengths = self.pull()
@@ -156,16 +151,19 @@ class SequencePacker:
             if enough_patches or capped:
                 break
             self._append()
+        self.rem = 0
         if n_fit < 2:
             # the second patch alone overflows the byte cap: split it (the rest stays a patch of the stream)
             take = cap - 1  # type: ignore[operator]
-            self.lengths = np.concatenate([[1, take, self.lengths[1] - take], self.lengths[2:]])
+            self.rem = int(self.lengths[1] - take)
+            self.lengths = np.concatenate([[1, take, self.rem], self.lengths[2:]])
             n_fit = 2
         n_tokens = int(self.lengths[:n_fit].sum())
         seq = Sequence(self.tokens[:n_tokens].copy(), self.lengths[:n_fit].copy())
-        # overlap: the last token starts the next sequence as a patch of its own
+        # overlap: the last token starts the next sequence as a patch of its own (views: O(1) per cut)
         self.tokens = self.tokens[n_tokens - 1 :]
-        self.lengths = np.concatenate([[1], self.lengths[n_fit:]])
+        self.lengths = self.lengths[n_fit - 1 :]
+        self.lengths[0] = 1
         return seq
 
 

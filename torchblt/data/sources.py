@@ -35,13 +35,16 @@ another's files); otherwise every shard walks all files and takes every ``n_shar
 record counter that counts bad records too, so all shards agree). The order of files is shuffled at each
 epoch from ``seed`` (the same order on every shard).
 
-The reader's position (epoch, file, record offset, offset inside a split document, record counter) is a
-small JSON-serialisable dict: :meth:`DocumentReader.state_dict` / :meth:`DocumentReader.load_state_dict`
-resume exactly after the last document returned.
+The reader's position (epoch, file, record offset, offset inside a split document, record counter; the
+line number for JSONL) is a small JSON-serialisable dict: :meth:`DocumentReader.state_dict` /
+:meth:`DocumentReader.load_state_dict` resume exactly after the last document returned, and
+:meth:`DocumentReader.at` opens a second reader at any saved position (the loader re-reads documents
+that way instead of saving their bytes).
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import gzip
 import json
@@ -100,6 +103,7 @@ class Document:
     source: str  # file path
     row: int  # record index in the file (line / row number; 0 for a text file)
     entropies: np.ndarray | None = None  # (len(data) + 2,) float16, when read from entropy shards
+    file_offset: int | None = None  # plain .txt: where ``data`` starts in the file (ranges can be re-read)
 
 
 def _suffix(path: str) -> str | None:
@@ -219,6 +223,25 @@ class DocumentReader:
     def state_dict(self) -> dict[str, Any]:
         return {"position": dict(self._pos), "stats": dict(self.stats), "n_files": len(self.files)}
 
+    def position(self) -> dict[str, int]:
+        """Where the next document starts (what :meth:`at` takes)."""
+        return dict(self._pos)
+
+    def close(self) -> None:
+        """Stop reading (closes the open file; the position stays)."""
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def at(self, position: dict[str, int]) -> DocumentReader:
+        """Another reader of the same files and settings, starting at ``position``, with its own stats."""
+        other = copy.copy(self)
+        other.stats = new_stats()
+        other._pos = {k: int(v) for k, v in position.items()}
+        other._gen = None
+        other._line_of = dict(self._line_of)
+        return other
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("n_files") != len(self.files):
             raise ValueError(
@@ -261,6 +284,8 @@ class DocumentReader:
                     continue
                 path = self.files[order[k]]
                 offset, piece = (pos["offset"], pos["piece"]) if k == pos["file"] else (0, 0)
+                if k == pos["file"] and "row" in pos:
+                    self._line_of[path] = (pos["offset"], pos["row"])
                 for doc, after in self._read_file(path, offset, piece, counter):
                     produced = True
                     yield doc, {"epoch": epoch, "file": k, **after}
@@ -358,6 +383,7 @@ class DocumentReader:
                 if not bad_utf8 and not _is_utf8(data):
                     bad_utf8 = True
                     self._bad("non_utf8", path, 0)
+                data_offset = None if opener is gzip.open else start
                 start += len(data)
                 more = f.read(self.max_doc_bytes + 1 - len(rest)) if len(rest) <= self.max_doc_bytes else b""
                 chunk = rest + more
@@ -365,7 +391,9 @@ class DocumentReader:
                     after = {"offset": 0, "piece": start, "counter": counter}
                 else:
                     after = {"offset": 0, "piece": -1, "counter": counter + 1}
-                yield self._emit(data, path, 0), after
+                doc = self._emit(data, path, 0)
+                doc.file_offset = data_offset
+                yield doc, after
 
     def _read_jsonl(
         self, path: str, offset: int, piece: int, counter: int
@@ -380,9 +408,9 @@ class DocumentReader:
                 if self._mine(counter):
                     for doc, nxt in self._jsonl_record(line, path, row, piece):
                         if nxt >= 0:
-                            after = {"offset": offset, "piece": nxt, "counter": counter}
+                            after = {"offset": offset, "piece": nxt, "counter": counter, "row": row}
                         else:
-                            after = {"offset": next_offset, "piece": 0, "counter": counter + 1}
+                            after = {"offset": next_offset, "piece": 0, "counter": counter + 1, "row": row + 1}
                             self._line_of[path] = (next_offset, row + 1)
                         yield doc, after
                 counter += 1

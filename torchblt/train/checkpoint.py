@@ -18,6 +18,10 @@ back to the newest intact one, moving damaged ones aside to ``damaged-step_N``.
 Reading never runs code from the files: the DCP parts go through :func:`torchblt.train.safe_dcp.dcp_load`
 (restricted unpickler for ``.metadata``, ``weights_only`` byte items), the rest is JSON, and the model kind
 named in ``model_config.json`` must be one torchblt knows (a checkpoint never makes us import a module).
+
+A checkpoint loads on any number of processes: DCP reshards model and optimizer tensors (FSDP shards,
+row-sharded hash tables, or plain tensors in one process), and the trainer re-splits the data loader's
+per-shard states (:meth:`torchblt.data.DataLoader.merge_states`). Each rank reads only its own shards.
 """
 
 from __future__ import annotations
@@ -213,18 +217,38 @@ def verify_checkpoint(path: Path, dist_info: DistInfo) -> tuple[Any, dict[str, A
     """Cheap checks of everything a resume reads, before any tensor is touched: ``complete.json``,
     ``model_config.json``, this rank's ``train_state_rank{R}.json``, the DCP index and the length of every
     data file it lists. Returns (index, train state); a damaged file is a ``CheckpointError`` naming it.
-    A checkpoint written by another number of processes is a ``ValueError`` (not damage)."""
-    meta = _read_json(path / "complete.json")
+    Written by another number of processes, every saved rank's train state is checked, and this rank gets
+    that of saved rank ``rank % saved world size`` (step, RNG; the trainer merges the data states)."""
     checkpoint_step(path)
-    if meta.get("world_size", 1) != dist_info.world_size:
-        raise ValueError(
-            f"{path}: written by {meta.get('world_size')} process(es), now {dist_info.world_size}; exact resume "
-            "needs the same number of processes (the data position is per rank). Use model.init_from="
-            f"{path} to start a new run from these weights"
-        )
     read_model_config(path)
-    train_state = _read_json(path / f"train_state_rank{dist_info.rank}.json")
-    return read_metadata(path), train_state
+    states = read_train_states(path)
+    return read_metadata(path), states[dist_info.rank % len(states)]
+
+
+def saved_world_size(path: Path) -> int:
+    """How many processes wrote checkpoint ``path``."""
+    n = _read_json(path / "complete.json").get("world_size", 1)
+    if not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{path / 'complete.json'}: no valid 'world_size' ({n!r})")
+    return n
+
+
+def read_train_states(path: Path) -> list[dict[str, Any]]:
+    """Every saved rank's ``train_state_rank{R}.json``, by rank."""
+    return [_read_json(path / f"train_state_rank{rank}.json") for rank in range(saved_world_size(path))]
+
+
+def is_checkpoint_or_run(path: str | Path) -> bool:
+    """A complete training checkpoint, or a run folder that holds one."""
+    p = Path(path)
+    return (p / "complete.json").is_file() or latest_checkpoint(p) is not None
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """The model tensors of checkpoint ``path`` into ``model`` (sharded or not), each rank reading its shards."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -55,6 +55,7 @@ class TrainSection:
     compile: bool = False
     activation_checkpointing: bool = False
     data_parallel: str = "fsdp"  # fsdp (fully_shard per block) | replicate (DDP-equivalent, FSDP2 without sharding)
+    hash_sharding: str = "rows"  # under fsdp: rows (hash tables sharded by rows, lookups exchange touched rows) | fsdp
 
 
 @dataclass
@@ -120,6 +121,7 @@ class TrainConfig:
             ("eval.context_bytes", e.context_bytes, "an integer >= 2 or null", e.context_bytes is None or e.context_bytes >= 2),
             ("train.dtype", t.dtype, "auto, bf16 or fp32", t.dtype in ("auto", "bf16", "fp32")),
             ("train.data_parallel", t.data_parallel, "fsdp or replicate", t.data_parallel in ("fsdp", "replicate")),
+            ("train.hash_sharding", t.hash_sharding, "rows or fsdp", t.hash_sharding in ("rows", "fsdp")),
             ("log.profile_steps", lg.profile_steps, "[] or [start, end]", len(lg.profile_steps) in (0, 2)),
         ]
         for key, value, allowed, ok in checks:

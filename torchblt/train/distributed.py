@@ -1,20 +1,27 @@
-"""Process group set-up and ``parallelize(model, mesh, cfg)``: activation checkpointing, ``torch.compile``
-and FSDP2 applied to a plain module.
+"""Process group set-up and ``parallelize(model, mesh, cfg)``: activation checkpointing, ``torch.compile``,
+row-sharded hash tables and FSDP2 applied to a plain module (real or on the meta device).
 
 One process needs no process group. Under ``torchrun`` (``WORLD_SIZE`` > 1) we initialise ``nccl`` on GPU
 or ``gloo`` on CPU and build a 1-D device mesh. With ``data_parallel: fsdp`` every transformer block and
-cross-attention layer is its own ``fully_shard`` unit, then the root; with ``data_parallel: replicate``
-the same code runs on a 2-D (replicate, shard=1) mesh, i.e. DDP-equivalent replication with FSDP2's
-hooks. On GPU, parameters are gathered in bf16 and gradients reduced in fp32
-(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); a single GPU uses ``torch.autocast``.
-Parameter names never change (no wrapper modules), so checkpoints stay in the reference layout.
+cross-attention layer is its own ``fully_shard`` unit, then the root; a BLT's hash n-gram tables are
+sharded by rows instead (``hash_sharding="rows"``, :mod:`torchblt.train.hash_sharding`: lookups exchange
+only the rows a batch touches) and kept out of FSDP; ``hash_sharding="fsdp"`` leaves them in the root
+unit. With ``data_parallel: replicate`` the same code runs on a 2-D (replicate, shard=1) mesh, i.e.
+DDP-equivalent replication with FSDP2's hooks (tables included). On GPU, parameters are gathered in bf16
+and gradients reduced in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); a single
+GPU uses ``torch.autocast``. Parameter names never change (no wrapper modules), so checkpoints stay in
+the reference layout.
+
+:func:`count_collectives` measures the logical volume of every collective a block of code issues.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -83,8 +90,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, mesh, *, compile: bool = False, activation_checkpointing: bool = False,
-                mixed_precision: bool = False) -> nn.Module:
-    """Apply activation checkpointing, per-block ``torch.compile`` and (with a mesh) FSDP2, in place."""
+                mixed_precision: bool = False, hash_sharding: str = "rows") -> nn.Module:
+    """Apply activation checkpointing, per-block ``torch.compile`` and (with a mesh) row-sharded hash
+    tables + FSDP2, in place. Works on a model built on the meta device (materialise it afterwards,
+    :mod:`torchblt.train.materialize`)."""
+    if hash_sharding not in ("rows", "fsdp"):
+        raise ValueError(f"train.hash_sharding: must be 'rows' or 'fsdp', got {hash_sharding!r}")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -97,9 +108,14 @@ def parallelize(model: nn.Module, mesh, *, compile: bool = False, activation_che
     kwargs = {"mesh": mesh}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    ignored: set[nn.Parameter] = set()
+    if hash_sharding == "rows" and mesh.ndim == 1:
+        from torchblt.train.hash_sharding import shard_hash_tables
+
+        ignored = set(shard_hash_tables(model, mesh))
     for block in blocks(model):
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **kwargs, ignored_params=ignored or None)
     return model
 
 
@@ -115,3 +131,48 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@dataclass
+class CollectiveVolume:
+    """Bytes of the collectives issued on this rank, by operation (see :func:`count_collectives`)."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+_COUNTED = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+            "all_reduce", "broadcast", "all_to_all_single")
+_TENSOR_ARGS = ("output", "input", "output_tensor", "input_tensor", "tensor")
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CollectiveVolume]:
+    """Count the logical volume (bytes) of every collective issued inside the block on this rank: the
+    gathered output of an all-gather, the input of a reduce-scatter, the tensor of an all-reduce or
+    broadcast, the larger of input and output of an all-to-all. Wraps the ``torch.distributed`` functions
+    (which FSDP2 and :mod:`torchblt.train.hash_sharding` call)."""
+    volume = CollectiveVolume()
+    originals = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
+
+    def wrap(name: str, fn):
+        def counted(*args, **kwargs):
+            tensors = [a for a in [*args[:2], *(kwargs.get(k) for k in _TENSOR_ARGS)] if isinstance(a, torch.Tensor)]
+            n = max(t.numel() * t.element_size() for t in tensors)  # the larger side is the logical volume
+            volume.bytes[name] = volume.bytes.get(name, 0) + n
+            volume.calls[name] = volume.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield volume
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -38,6 +38,7 @@ from torchblt.model.config import config_to_dict
 from torchblt.model.entropy_model import EntropyModel
 from torchblt.patching import Patcher
 from torchblt.train import checkpoint as ckpt
+from torchblt.train import materialize
 from torchblt.train.config import TrainConfig, config_to_yaml
 from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
 from torchblt.train.kinds import get_kind
@@ -55,6 +56,17 @@ def bad_record_fields(stats: dict[str, int], prefix: str) -> dict[str, int]:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf."""
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """``obj`` of rank 0 on every rank (no-op in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class Trainer:
@@ -80,12 +92,9 @@ class Trainer:
             self._sync_patching(self.model)
         self.raw_config = self.model.config
         self.param_count = sum(p.numel() for p in self.model.parameters())
-        parallelize(self.model, self.dist.mesh, compile=cfg.train.compile,
-                    activation_checkpointing=cfg.train.activation_checkpointing,
-                    mixed_precision=self.bf16 and self.dist.mesh is not None and self.device.type == "cuda")
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=self.device.type == "cuda" or None)
         self.lr_at = lambda step: o.lr * lr_factor(step, schedule=o.schedule, warmup_steps=o.warmup_steps,
                                                    total_steps=cfg.train.steps, min_lr_ratio=o.min_lr_ratio,
                                                    decay_fraction=o.decay_fraction)
@@ -116,22 +125,51 @@ class Trainer:
         return em.requires_grad_(False)
 
     def _build_model(self) -> nn.Module:
-        cfg = self.cfg
-        if cfg.model.init_from:
-            from torchblt.formats import load_model
+        """Build on the meta device, ``parallelize`` (shard), then materialise only this rank's shards:
+        from the checkpoint being resumed (later, by DCP), from ``init_from`` (a DCP checkpoint, or a
+        model folder read by slices / on rank 0), or by a random init equal to a one-process one."""
+        cfg, source = self.cfg, self.cfg.model.init_from
+        weights = state = dcp_source = None
+        if source and ckpt.is_checkpoint_or_run(source):
+            dcp_source = ckpt.resolve_checkpoint(source)
+            config, _ = ckpt.checkpoint_model_config(dcp_source)
+        elif source:
+            from torchblt.formats.lazy import open_weights
 
-            model = load_model(cfg.model.init_from, device=self.device)
-            want = BLT if self.kind.data_kind == "blt" else EntropyModel
-            if not isinstance(model, want):
-                raise ValueError(f"model.init_from: {cfg.model.init_from} holds a {type(model).__name__}, "
-                                 f"model.kind {cfg.model.kind!r} trains a {want.__name__}")
-            model.train()
+            opened = open_weights(source)
+            if opened is not None:
+                config, weights = opened
+            else:  # a layout without slices: rank 0 reads it whole, the shards are broadcast
+                from torchblt.formats import load_model
+
+                full = load_model(source) if self.dist.is_main else None
+                config = full.config if full is not None else None
+                config = _broadcast_object(config)
+                state = {k: v for k, v in full.state_dict().items()} if full is not None else None
         else:
-            model = build_model(self.kind.make_config(cfg.model.arch), device="meta")
-            self._check_fits(model)
-            model.to_empty(device=self.device)
-            with torch.no_grad():
-                model.init_weights()
+            config = self.kind.make_config(cfg.model.arch)
+        model = build_model(config, device="meta")
+        self._check_fits(model)
+        want = BLT if self.kind.data_kind == "blt" else EntropyModel
+        if not isinstance(model, want):
+            raise ValueError(f"model.init_from: {source} holds a {type(model).__name__}, "
+                             f"model.kind {cfg.model.kind!r} trains a {want.__name__}")
+        parallelize(model, self.dist.mesh, compile=cfg.train.compile,
+                    activation_checkpointing=cfg.train.activation_checkpointing,
+                    mixed_precision=self.bf16 and self.dist.mesh is not None and self.device.type == "cuda",
+                    hash_sharding=cfg.train.hash_sharding)
+        if ckpt.latest_checkpoint(self.run_dir) is not None or dcp_source is not None:
+            model.to_empty(device=self.device)  # the tensors come from a DCP checkpoint (resume: _maybe_resume)
+            materialize.reset_buffers(model)
+            if dcp_source is not None and ckpt.latest_checkpoint(self.run_dir) is None:
+                ckpt.load_model_weights(dcp_source, model)
+        elif weights is not None:
+            materialize.load_shards(model, weights, self.device)
+        elif source:
+            materialize.load_from_rank0(model, state, self.device)
+        else:
+            materialize.init_weights(model, self.device)
+        model.train()
         return model
 
     def _check_fits(self, model: nn.Module) -> None:
@@ -184,8 +222,17 @@ class Trainer:
             return None
         latest, train_state = found
         self.state.load_state_dict(train_state)
+        saved_world = ckpt.saved_world_size(latest)
         if self.state.data:
-            self.loader.load_state_dict(self.state.data)
+            if saved_world == self.dist.world_size:
+                self.loader.load_state_dict(self.state.data)
+            else:  # another number of processes: every rank takes its shards from all the saved ranks' states
+                merge = getattr(type(self.loader), "merge_states", None)
+                if merge is None:
+                    raise ValueError(f"{latest}: written by {saved_world} process(es), now {self.dist.world_size}; "
+                                     f"this data loader ({type(self.loader).__name__}) can only resume on the same "
+                                     "number of processes")
+                self.loader.load_state_dict(merge([st.get("data", {}) for st in ckpt.read_train_states(latest)]))
             if isinstance(self.model, BLT):
                 self._sync_patching(self.model)
         return latest

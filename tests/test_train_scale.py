@@ -87,6 +87,23 @@ def test_lazy_weights_read_slices_of_every_format(tmp_path):
         open_weights(tmp_path / "cut")
 
 
+def test_row_gradients_train_like_dense_adamw(tmp_path):
+    """One process: hash tables with row gradients and the row AdamW step give the losses and gradient
+    norms of plain tables under torch's AdamW (1e-5), with no dense table gradient ever allocated."""
+    train, _ = write_corpus(tmp_path / "data")
+    rows = train_in_process(overrides(tmp_path / "rows", train, steps=5, **{"optim.weight_decay": 0.1}))
+    plain = train_in_process(overrides(tmp_path / "plain", train, steps=5, **{"optim.weight_decay": 0.1,
+                                                                               "train.hash_sharding": "fsdp"}))
+    assert_same_losses(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "rows"))
+    tables = list(rows.model.encoder_hash_tok_embedding)
+    assert all(t.weight.grad is None for t in tables)
+    for a, b in zip(tables, plain.model.encoder_hash_tok_embedding):  # every row moved (decay), alike
+        assert torch.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-6)
+        sa, sb = rows.optimizer.state[a.weight], plain.optimizer.state[b.weight]
+        assert float(sa["step"]) == float(sb["step"]) == 5
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
 def test_init_from_a_training_checkpoint(tmp_path):
     """init_from a DCP checkpoint (no export needed): the run starts from its weights exactly."""
     train, _ = write_corpus(tmp_path / "data")

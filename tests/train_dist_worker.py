@@ -81,7 +81,7 @@ def reference_state(path: str) -> dict[str, torch.Tensor]:
 def run(argv: list[str], rank: int, world: int) -> None:
     from torchblt.data import build_loader
     from torchblt.train.config import load_config
-    from torchblt.train.hash_sharding import local_slices, sharded_tables
+    from torchblt.train.hash_sharding import local_slices, row_tables
     from torchblt.train.kinds import get_kind
     from torchblt.train.trainer import Trainer
 
@@ -96,7 +96,7 @@ def run(argv: list[str], rank: int, world: int) -> None:
     before = rss_mb()
     trainer = Trainer(cfg, loader=loader)
     report: dict = {"rss_before_mb": before, "peak_after_init_mb": peak_mb(),
-                    "tables_row_sharded": bool(sharded_tables(trainer.model))}
+                    "tables_row_sharded": bool(row_tables(trainer.model)) and trainer.dist.mesh is not None}
     locals_ = {name: local_slices(t) for name, t in trainer.model.state_dict().items()}
     report["local_bytes"] = sum(t.numel() * t.element_size() for t, _ in locals_.values())
     report["global_bytes"] = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())

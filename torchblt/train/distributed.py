@@ -5,8 +5,8 @@ One process needs no process group. Under ``torchrun`` (``WORLD_SIZE`` > 1) we i
 or ``gloo`` on CPU and build a 1-D device mesh. With ``data_parallel: fsdp`` every transformer block and
 cross-attention layer is its own ``fully_shard`` unit, then the root; a BLT's hash n-gram tables are
 sharded by rows instead (``hash_sharding="rows"``, :mod:`torchblt.train.hash_sharding`: lookups exchange
-only the rows a batch touches) and kept out of FSDP; ``hash_sharding="fsdp"`` leaves them in the root
-unit. With ``data_parallel: replicate`` the same code runs on a 2-D (replicate, shard=1) mesh, i.e.
+only the rows a batch touches, gradients stay rows; in one process too) and kept out of FSDP;
+``hash_sharding="fsdp"`` leaves them plain parameters in the root unit. With ``data_parallel: replicate`` the same code runs on a 2-D (replicate, shard=1) mesh, i.e.
 DDP-equivalent replication with FSDP2's hooks (tables included). On GPU, parameters are gathered in bf16
 and gradients reduced in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); a single
 GPU uses ``torch.autocast``. Parameter names never change (no wrapper modules), so checkpoints stay in
@@ -102,6 +102,10 @@ def parallelize(model: nn.Module, mesh, *, compile: bool = False, activation_che
         for block in blocks(model):
             block.compile()
     if mesh is None:
+        if hash_sharding == "rows":  # one process: the tables keep row gradients (no dense gradient memory)
+            from torchblt.train.hash_sharding import shard_hash_tables
+
+            shard_hash_tables(model, None)
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -1,9 +1,11 @@
-"""Hash n-gram embedding tables sharded by rows across the data-parallel ranks.
+"""Hash n-gram embedding tables for training: sharded by rows across the data-parallel ranks, with
+row-sparse gradients.
 
 The hash tables are most of a BLT's parameters (blt-1b: 3.07 B of 4.53 B) but a step reads a few of
 their rows. Under FSDP every step would all-gather each table whole and reduce-scatter its dense
 gradient; here each rank *owns* a contiguous block of rows of every table (a ``DTensor`` with placement
-``Shard(0)``, kept out of FSDP) and a lookup exchanges only the rows the batch touches:
+``Shard(0)``, kept out of FSDP; in one process the whole table) and a lookup exchanges only the rows
+the batch touches:
 
 1. every rank hashes its tokens (``ids (B, T)`` per table) and keeps the distinct ``(table, row)`` keys,
    ordered by the rank that owns the row (owner = ``row // rows_per_rank``);
@@ -11,25 +13,32 @@ gradient; here each rank *owns* a contiguous block of rows of every table (a ``D
 3. the owner gathers them from its local shards and ``all_to_all`` sends them back; every position then
    reads its row from the received ones, and the embeddings are added in the reference's table order;
 4. backward: the row gradients (summed over the positions of a rank) go back to their owners by the
-   reverse ``all_to_all``; the owner adds them into its shard's gradient and divides by the world size,
-   which is FSDP's gradient averaging, so the result is the plain path's within fp32 summation order.
+   reverse ``all_to_all`` and are divided by the world size (FSDP's gradient averaging). They are kept
+   as rows (``table.row_grads``), never as a dense gradient: ``param.grad`` stays ``None``.
 
-Neither a table nor its gradient is ever gathered whole, and the optimizer (AdamW) state of a row lives
-on its owner only. The parameter names do not change and the tables are ordinary DTensors, so DCP
-saves and reshards them like FSDP's parameters and ``get_model_state_dict(full_state_dict=True)``
-exports them. Per step and rank the tables cost ``2 * keys * dim * bytes`` (forward rows + backward
-gradients) instead of about ``3 * params * bytes`` (all-gather in forward and backward, reduce-scatter).
+:func:`clip_gradients` + :func:`optimizer_step` then do what ``clip_grad_norm_`` + ``AdamW.step`` do,
+exactly in math: the gradient norm over the dense gradients and the rows, one clip factor, the optimizer's AdamW step for the
+dense parameters and the same AdamW update for every row of the tables (untouched rows get the zero
+gradient's update: their moments decay and the weight decay applies), in chunks, with the optimizer's
+own state entries (``step``, ``exp_avg``, ``exp_avg_sq``), so DCP checkpoints hold them like any
+other parameter's and reshard them. Neither a table nor its gradient is ever gathered whole or
+materialised dense, and a row's AdamW state lives on its owner only. Per step and rank the tables
+communicate ``2 * keys * dim * 4`` bytes (forward rows + backward gradients) instead of about
+``2-3 * params * bytes`` (all-gathers, reduce-scatter), and need no gradient memory.
 """
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["local_slices", "shard_hash_tables", "sharded_tables"]
+__all__ = ["clip_gradients", "local_slices", "optimizer_step", "row_tables", "shard_hash_tables", "zero_row_grads"]
+
+_UPDATE_CHUNK = 1 << 24  # elements of a table updated at once (bounds the AdamW step's temporary)
 
 
 def local_slices(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -44,21 +53,27 @@ def local_slices(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def sharded_tables(model: nn.Module) -> list[nn.Parameter]:
-    """The row-sharded hash tables of ``model`` (empty if :func:`shard_hash_tables` was not applied)."""
+def row_tables(model: nn.Module) -> list[nn.Embedding]:
+    """The hash tables of ``model`` handled here (empty unless :func:`shard_hash_tables` was applied)."""
     emb = getattr(model, "encoder_hash_tok_embedding", None)
-    return [t.weight for t in emb] if emb is not None and getattr(emb, "row_mesh", None) is not None else []
+    return list(emb) if emb is not None and getattr(emb, "row_sharded", False) else []
 
 
-def shard_hash_tables(model: nn.Module, mesh) -> list[nn.Parameter]:
-    """Make ``model``'s hash tables row-sharded DTensors over the 1-D ``mesh`` and route lookups through
-    the row exchange. Returns the table parameters (to keep out of FSDP). Works on the meta device."""
+def shard_hash_tables(model: nn.Module, mesh=None) -> list[nn.Parameter]:
+    """Make ``model``'s hash tables row-sharded DTensors over the 1-D ``mesh`` (``None``: one process,
+    the tables stay whole) with row-sparse gradients, and route lookups through the row exchange.
+    Returns the table parameters (to keep out of FSDP). Works on the meta device. The training step
+    must then use :func:`clip_gradients`, :func:`optimizer_step` and :func:`zero_row_grads` (the tables'
+    ``.grad`` stays None)."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     emb = getattr(model, "encoder_hash_tok_embedding", None)
     if emb is None:
         return []
     for table in emb:
+        table.row_grads = []  # (rows, gradients) of this rank's rows, per backward
+        if mesh is None:
+            continue
         w = table.weight.detach()
         if w.is_meta:
             dt = distribute_tensor(w, mesh, [Shard(0)])
@@ -67,7 +82,8 @@ def shard_hash_tables(model: nn.Module, mesh) -> list[nn.Parameter]:
             _, index = local_slices(probe)
             dt = DTensor.from_local(w[index].clone(), mesh, [Shard(0)], shape=w.shape, stride=w.stride())
         table.weight = nn.Parameter(dt)
-    emb.row_mesh = mesh
+    emb.row_sharded = True
+    emb.row_group = mesh.get_group() if mesh is not None else None
     emb.add_to = types.MethodType(_sharded_add_to, emb)  # instance attribute: the module's code is unchanged
     return [t.weight for t in emb]
 
@@ -75,8 +91,8 @@ def shard_hash_tables(model: nn.Module, mesh) -> list[nn.Parameter]:
 def _sharded_add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[torch.Tensor] | None = None):
     """``HashNgramEmbedding.add_to`` with row-sharded tables (see the module docstring)."""
     ids = ids if ids is not None else self.ids(tokens)
-    group = self.row_mesh.get_group()
-    world = dist.get_world_size(group)
+    group = self.row_group
+    world = dist.get_world_size(group) if group is not None else 1
     n_tables, vocab = len(ids), self.vocab_size
     per_rank = -(-vocab // world)  # rows of every table on each rank (the last ranks may hold fewer)
     span = n_tables * per_rank  # keys of one owner: table * per_rank + local row
@@ -86,8 +102,8 @@ def _sharded_add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[
     keys = owner * span + table_index * per_rank + (flat - owner * per_rank)
     unique, inverse = torch.unique(keys.reshape(-1), sorted=True, return_inverse=True)  # grouped by owner
     send_counts = torch.bincount(unique // span, minlength=world)
-    shards = [t.weight.to_local() for t in self]
-    rows = _RowExchange.apply(unique % span, send_counts, group, per_rank, *shards)  # (U, E)
+    shards = [local_slices(t.weight)[0] for t in self]
+    rows = _RowExchange.apply(unique % span, send_counts, group, per_rank, list(self), *shards)  # (U, E)
     looked_up = rows[inverse].reshape(n_tables, *ids[0].shape, rows.shape[-1])  # (tables, B, T, E)
     for t in range(n_tables):
         embeds = embeds + looked_up[t].to(embeds.dtype)
@@ -95,19 +111,25 @@ def _sharded_add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[
 
 
 def _all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    if group is None:
+        return send
     recv = send.new_empty((sum(recv_counts), *send.shape[1:]))
     dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=group)
     return recv
 
 
 class _RowExchange(torch.autograd.Function):
-    """Rows ``keys`` (local keys, grouped by owner) of the row-sharded tables; gradients go back to the owners."""
+    """Rows ``keys`` (local keys, grouped by owner) of the row-sharded tables; their gradients go back to
+    the owners and are kept as rows on the tables (``row_grads``)."""
 
     @staticmethod
-    def forward(ctx, keys, send_counts, group, per_rank, *shards):  # type: ignore[override]
-        world = dist.get_world_size(group)
-        recv_counts_t = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts_t, send_counts, group=group)
+    def forward(ctx, keys, send_counts, group, per_rank, tables, *shards):  # type: ignore[override]
+        world = dist.get_world_size(group) if group is not None else 1
+        if group is not None:
+            recv_counts_t = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts_t, send_counts, group=group)
+        else:
+            recv_counts_t = send_counts
         send, recv = send_counts.tolist(), recv_counts_t.tolist()
         wanted = _all_to_all(keys, send, recv, group)  # keys of rows this rank owns, from every rank
         table, row = wanted // per_rank, wanted % per_rank
@@ -116,18 +138,101 @@ class _RowExchange(torch.autograd.Function):
             m = table == t
             out[m] = shard[row[m]]
         ctx.save_for_backward(table, row)
-        ctx.meta = (send, recv, group, world, [s.shape for s in shards])
+        ctx.meta = (send, recv, group, world, tables)
         return _all_to_all(out, recv, send, group)
 
     @staticmethod
     def backward(ctx, grad_rows):  # type: ignore[override]
         table, row = ctx.saved_tensors
-        send, recv, group, world, shapes = ctx.meta
+        send, recv, group, world, tables = ctx.meta
         grads_in = _all_to_all(grad_rows, send, recv, group)  # (R, E): gradients of the rows this rank owns
-        grads = []
-        for t, shape in enumerate(shapes):
+        for t, module in enumerate(tables):
             m = table == t
-            g = grad_rows.new_zeros(shape)
-            g.index_add_(0, row[m], grads_in[m])
-            grads.append(g.div_(world))  # FSDP averages gradients over ranks; so do we
-        return (None, None, None, None, *grads)
+            if bool(m.any()):
+                module.row_grads.append((row[m], grads_in[m] / world))  # FSDP averages over ranks; so do we
+        return (None,) * (5 + len(tables))
+
+
+# ------------------------------------------------------------------ the optimizer step with row gradients
+
+
+def _coalesced(module: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The table's row gradients of this step, one per distinct row (summed over backwards and ranks)."""
+    if not module.row_grads:
+        return None
+    rows = torch.cat([r for r, _ in module.row_grads])
+    grads = torch.cat([g for _, g in module.row_grads])
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    summed = grads.new_zeros((len(unique), grads.shape[1])).index_add_(0, inverse, grads)
+    return unique, summed
+
+
+def zero_row_grads(model: nn.Module) -> None:
+    for module in row_tables(model):
+        module.row_grads = []
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """``clip_grad_norm_(model.parameters(), max_norm)`` for a model whose hash tables may have row
+    gradients (the rows are summed per row and clipped too); returns the total norm of all gradients."""
+    tables = row_tables(model)
+    table_params = {id(m.weight) for m in tables}
+    dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in table_params]
+    dense_norm = torch.nn.utils.get_total_norm(dense) if dense else torch.zeros(())
+    if hasattr(dense_norm, "full_tensor"):
+        dense_norm = dense_norm.full_tensor()
+    rows_sq = torch.zeros((), dtype=torch.float32, device=dense_norm.device)
+    for module in tables:
+        c = _coalesced(module)
+        module.row_grads = [c] if c is not None else []
+        if c is not None:
+            rows_sq = rows_sq + c[1].float().pow(2).sum().to(rows_sq.device)
+    group = model.encoder_hash_tok_embedding.row_group if tables else None
+    if group is not None:  # every row lives on exactly one rank: the squares add up over ranks
+        dist.all_reduce(rows_sq, group=group)
+    total = math.sqrt(float(dense_norm.float()) ** 2 + float(rows_sq))
+    coef = min(1.0, max_norm / (total + 1e-6)) if math.isfinite(total) else 1.0
+    if coef < 1.0:
+        for g in [*dense, *(c[1] for m in tables for c in m.row_grads)]:
+            g.mul_(coef)
+    return total
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` (AdamW), plus the same AdamW update of the hash tables from their row gradients."""
+    optimizer.step()
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for module in row_tables(model):
+        grads = module.row_grads[0] if module.row_grads else None
+        _adamw_rows(module.weight, optimizer, group_of[id(module.weight)], grads)
+
+
+@torch.no_grad()
+def _adamw_rows(param: torch.Tensor, optimizer: torch.optim.Optimizer, group: dict,
+                grads: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """AdamW (decoupled weight decay, bias correction; torch.optim.AdamW's formulas) on every row of one
+    table whose gradient is zero except on ``grads = (rows, gradients)``."""
+    state = optimizer.state[param]
+    if not state:
+        fused = bool(group.get("fused"))
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    step = float(state["step"])
+    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    p, m, v = (local_slices(t)[0] for t in (param, state["exp_avg"], state["exp_avg_sq"]))
+    p.mul_(1 - lr * wd)
+    m.mul_(beta1)
+    v.mul_(beta2)
+    if grads is not None:
+        rows, g = grads
+        g = g.to(m.dtype)
+        m.index_add_(0, rows, g, alpha=1 - beta1)
+        v.index_add_(0, rows, g * g, alpha=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    bias2_sqrt = math.sqrt(1 - beta2**step)
+    chunk = max(1, _UPDATE_CHUNK // max(1, p.shape[1] if p.dim() > 1 else 1))
+    for a in range(0, p.shape[0], chunk):
+        denom = v[a : a + chunk].sqrt().div_(bias2_sqrt).add_(eps)
+        p[a : a + chunk].addcdiv_(m[a : a + chunk], denom, value=-step_size)

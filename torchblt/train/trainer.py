@@ -41,6 +41,7 @@ from torchblt.train import checkpoint as ckpt
 from torchblt.train import materialize
 from torchblt.train.config import TrainConfig, config_to_yaml
 from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
+from torchblt.train.hash_sharding import clip_gradients, optimizer_step, zero_row_grads
 from torchblt.train.kinds import get_kind
 from torchblt.train.metrics import MetricsLogger, device_peak_flops, training_flops_per_byte
 from torchblt.train.schedule import lr_factor
@@ -303,10 +304,7 @@ class Trainer:
             n_patches += out.n_patches or 0
             patched += out.patched_bytes or 0
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        grad_norm = clip_gradients(model, clip)  # (hash tables: row gradients, see train/hash_sharding.py)
         signalled = self.signal_received  # read once: the handler may fire at any time
         data_stats = getattr(self.loader, "stats", None) or {}  # cumulative bad-record counts of this rank's data
         sums = all_reduce_sum([loss_sum, float(local_tokens), float(n_bytes), float(n_patches), float(patched),
@@ -315,6 +313,7 @@ class Trainer:
         loss = sums[0] / max(sums[1], 1.0)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            zero_row_grads(model)
             last = ckpt.latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
                 f"step {self.state.step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
@@ -322,8 +321,9 @@ class Trainer:
                 "optim.warmup_steps or check the data; re-running resumes from that checkpoint)")
         if sums[5] > 0:  # some rank was signalled before this reduction: all ranks stop after this step
             self.stop_signal = signalled or signal.SIGTERM
-        self.optimizer.step()
+        optimizer_step(model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+        zero_row_grads(model)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0

@@ -104,6 +104,29 @@ def test_row_gradients_train_like_dense_adamw(tmp_path):
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-12)
 
 
+def test_training_memory_per_rank(capsys):
+    """The states are exact: fp32 weights, gradients (not for row-sharded tables), 2 AdamW moments, of this
+    rank's padded shards; `blt info --train` prints them for the real configs without allocating them."""
+    from torchblt.cli import main as blt_main
+    from torchblt.train.memory import training_memory
+
+    config = named_config("tiny-blt")
+    model = build_model(config, device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    n_tables = sum(t.weight.numel() for t in model.encoder_hash_tok_embedding)
+    one = training_memory(config, world_size=1, hash_sharding="fsdp")
+    assert one["parameters"] == 4 * n and one["gradients"] == 4 * n and one["adamw"] == 8 * n
+    rows = training_memory(config, world_size=1)
+    assert rows["gradients"] == 4 * (n - n_tables)
+    four = training_memory(config, world_size=4)
+    assert 4 * n / 4 <= four["parameters"] <= 4 * n / 4 * 1.1
+    big = training_memory(named_config("blt-7b"), world_size=8)
+    assert big["parameters"] == pytest.approx(4 * 10.55e9 / 8, rel=0.01)
+    assert blt_main(["info", "blt-7b", "--train", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "training memory per rank: 8 ranks, FSDP2" in out and "adamw" in out and "total" in out
+
+
 def test_init_from_a_training_checkpoint(tmp_path):
     """init_from a DCP checkpoint (no export needed): the run starts from its weights exactly."""
     train, _ = write_corpus(tmp_path / "data")

@@ -3,6 +3,10 @@
 MODEL is a named configuration (``blt-1b``, ``blt-7b``, ``entropy-100m``, ``tiny-blt``, ``tiny-entropy``) —
 built on the meta device, so even blt-7b costs no memory — or anything :func:`torchblt.load_model` reads
 (only its config is read for the counts).
+
+``--train --world-size N`` adds the memory one training rank needs (:mod:`torchblt.train.memory`):
+parameters, gradients and AdamW state of its shards, gathered weights, and an activation estimate for
+``--batch-size`` rows of ``--bytes-per-row`` bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +23,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt, tiny-entropy) or model folder")
     p.add_argument("--patch-size", type=positive_float, default=None, help="mean patch size for FLOPs (default: config's, 4.5)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    t = p.add_argument_group("training memory per rank (--train)")
+    t.add_argument("--train", action="store_true", help="also print the memory one training rank needs")
+    t.add_argument("--world-size", type=_positive, default=1, help="data-parallel processes (FSDP2; default 1)")
+    t.add_argument("--batch-size", type=_positive, default=2, help="rows per rank and micro-batch (default 2)")
+    t.add_argument("--bytes-per-row", type=_positive, default=8192, help="bytes per row (default 8192)")
+    t.add_argument("--no-activation-checkpointing", action="store_true", help="estimate without recomputation")
+    t.add_argument("--hash-sharding", choices=("rows", "fsdp"), default="rows", help="train.hash_sharding")
     p.set_defaults(func=run)
 
 
-def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, Any]:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def describe(name_or_path: str, patch_size: float | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
     from torchblt.formats.common import build_model
     from torchblt.formats.native import model_type
     from torchblt.model.blt import BLT
@@ -53,6 +74,10 @@ def describe(name_or_path: str, patch_size: float | None = None) -> dict[str, An
         info["flops_per_byte"] = flops.blt_flops_per_byte(config, ps)
     else:
         info["flops_per_byte"] = flops.entropy_flops_per_byte(config)
+    if train is not None:
+        from torchblt.train.memory import training_memory
+
+        info["training_memory"] = training_memory(config, patch_size=patch_size, **train)
     return info
 
 
@@ -63,7 +88,12 @@ def _fmt(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.model, args.patch_size)
+    train = None
+    if args.train:
+        train = {"world_size": args.world_size, "batch_size": args.batch_size, "bytes_per_row": args.bytes_per_row,
+                 "activation_checkpointing": not args.no_activation_checkpointing,
+                 "hash_sharding": args.hash_sharding}
+    info = describe(args.model, args.patch_size, train)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -76,4 +106,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"FLOPs per byte{extra}:")
         for part, value in info["flops_per_byte"].items():
             print(f"  {part:<20} {value:>15,.0f}  ({_fmt(value)})")
+    if "training_memory" in info:
+        mem = info["training_memory"]
+        st = mem["setting"]
+        ac = "with" if st["activation_checkpointing"] else "without"
+        how = f"{st['world_size']} ranks, FSDP2" if st["world_size"] > 1 else "1 process"
+        print(f"training memory per rank: {how}, hash tables by {st['hash_sharding']}, AdamW fp32, bf16 compute; "
+              f"{st['batch_size']} x {st['bytes_per_row']} bytes per rank, {ac} activation checkpointing:")
+        for part in ("parameters", "gradients", "adamw", "gathered_weights", "activations", "embeddings_and_logits",
+                     "total"):
+            note = "  (estimate)" if part in ("activations", "embeddings_and_logits", "total") else ""
+            print(f"  {part:<22} {mem[part] / 2**30:>9.2f} GiB{note}")
     return 0

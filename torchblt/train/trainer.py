@@ -439,7 +439,10 @@ class Trainer:
 
     def _autocast(self):
         if self.bf16 and self.dist.mesh is None:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            # with activation checkpointing the blocks keep no bf16 weight copies for the backward; without
+            # the cache neither does autocast (blt-1b on one GPU: 2.7 GiB less at the peak, same numbers)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  cache_enabled=not self.cfg.train.activation_checkpointing)
         return contextlib.nullcontext()
 
     def _maybe_profile(self) -> None:

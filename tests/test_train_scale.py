@@ -256,3 +256,25 @@ def test_each_of_four_ranks_holds_a_quarter_of_a_300mb_model(tmp_path):
         peaks[vocab] = _peaks(tmp_path / str(vocab))
     growth = [b - t for b, t in zip(peaks[400_009], peaks[1021])]
     assert size_mb > 290 and all(g < 0.3 * size_mb for g in growth), (size_mb, growth)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_gradients_on_cuda(tmp_path):
+    """On a GPU (fused AdamW for the dense parameters, the row step for the tables; fp32, no TF32): the
+    losses of plain tables under fused AdamW, and a bf16 run that stays finite."""
+    train, _ = write_corpus(tmp_path / "data")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda = {"train.device": "cuda", "train.dtype": "fp32"}
+        train_in_process(overrides(tmp_path / "rows", train, steps=4, **cuda))
+        train_in_process(overrides(tmp_path / "plain", train, steps=4, **cuda, **{"train.hash_sharding": "fsdp"}))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "rows")
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+    bf16 = train_in_process(overrides(tmp_path / "bf16", train, steps=3, **{
+        "train.device": "cuda", "train.dtype": "bf16", "train.activation_checkpointing": True}))
+    assert all(r["loss"] == r["loss"] for r in read_metrics(tmp_path / "bf16")) and bf16.state.step == 3

@@ -167,13 +167,29 @@ def test_sharded_loading_of_released_checkpoints(tmp_path, world, source):
     args = lambda name, **kw: overrides(tmp_path / name, train, steps=2, **{"model.init_from": str(source),  # noqa: E731
                                                                             "data.batch_size": 4, **kw})
     train_in_process(args("one"))
-    runs = args("many", **{"checkpoint.every": 2}) + [f"check={source}"]
-    if world == 2:
-        runs += ["--", *overrides(tmp_path / "from_dcp", train, steps=1, **{
-            "model.init_from": str(tmp_path / "many"), "data.batch_size": 4}), f"check={tmp_path / 'many'}"]
+    runs = args("many", **{"checkpoint.every": 2, "checkpoint.export": "true"}) + [f"check={source}"]
+    extra = []
+    if world == 2:  # + a run from that DCP checkpoint, + one from the transformers layout (rank 0 reads, broadcast)
+        from torchblt import load_model
+        from torchblt.formats.transformers import save_transformers
+
+        hf = save_transformers(load_model(source, entropy_model=FIXTURES / "05_blt_forward" / "entropy_model"),
+                               tmp_path / "hf")
+        extra = ["from_dcp", "from_hf"]
+        for name, init in (("from_dcp", tmp_path / "many"), ("from_hf", hf)):
+            runs += ["--", *overrides(tmp_path / name, train, steps=1, **{"model.init_from": str(init),
+                                                                          "data.batch_size": 4}), f"check={init}"]
     launch(world, runs)
     assert_same_losses(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "many"))
-    for run in ["many"] + (["from_dcp"] if world == 2 else []):
+    # the export at the end gathers the FSDP shards and the row-sharded tables into the full model
+    from torchblt import load_model
+    from torchblt.train import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(tmp_path / "many")
+    saved = ckpt.read_weights(last, ckpt.checkpoint_model_config(last)[0])
+    exported = load_model(tmp_path / "many" / "model").state_dict()
+    assert sorted(exported) == sorted(saved) and all(torch.equal(exported[k], saved[k]) for k in saved)
+    for run in ["many", *extra]:
         rep = reports(tmp_path / run)
         assert len(rep) == world and all(r["shards_equal"] for r in rep), rep
         assert all(r["tables_row_sharded"] for r in rep)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.train import overrides, read_metrics, write_corpus
+from tests.helpers.train import overrides, read_metrics, train_run, write_corpus
 from torchblt.cli import main as blt_main
 from torchblt.train import checkpoint as ckpt
 from torchblt.train.config import load_config
@@ -31,19 +31,7 @@ def corpus(tmp_path):
 
 
 def run(tmp_path, train, name="run", kind="blt", steps=6, stop_after=None, **extra) -> Trainer:
-    cfg = load_config(None, overrides(tmp_path / name, train, kind, steps, **extra))
-    trainer = Trainer(cfg)
-    if stop_after is not None:  # act as if SIGTERM arrived during step `stop_after`
-        step = trainer.train_step
-
-        def train_step():
-            if trainer.state.step + 1 == stop_after:
-                trainer.signal_received = signal.SIGTERM
-            return step()
-
-        trainer.train_step = train_step
-    trainer.fit()
-    return trainer
+    return train_run(overrides(tmp_path / name, train, kind, steps, **extra), stop_after)
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -9,14 +9,13 @@ the order of fp32 additions in the reductions differs).
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.train import overrides, read_metrics, train_run, write_corpus
 from tests.test_train_distributed import launch
-from tests.train_helpers import overrides, read_metrics, write_corpus
 from torchblt.formats.common import build_model
 from torchblt.formats.lazy import open_weights
 from torchblt.model.config import named_config
@@ -34,18 +33,7 @@ def reports(run_dir: Path) -> list[dict]:
 
 
 def train_in_process(args: list[str], stop_after: int | None = None) -> Trainer:
-    trainer = Trainer(load_config(None, args))
-    if stop_after is not None:  # as if SIGTERM arrived during step `stop_after`
-        step = trainer.train_step
-
-        def train_step():
-            if trainer.state.step + 1 == stop_after:
-                trainer.signal_received = signal.SIGTERM
-            return step()
-
-        trainer.train_step = train_step
-    trainer.fit()
-    return trainer
+    return train_run(args, stop_after)
 
 
 def assert_same_losses(a: list[dict], b: list[dict]) -> None:

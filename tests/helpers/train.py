@@ -37,3 +37,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+
+
+def train_run(args: list[str], stop_after: int | None = None):
+    """Train in this process from dotted overrides; ``stop_after=N``: as if SIGTERM arrived during step N."""
+    import signal
+
+    from torchblt.train.config import load_config
+    from torchblt.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, args))
+    if stop_after is not None:
+        step = trainer.train_step
+
+        def train_step():
+            if trainer.state.step + 1 == stop_after:
+                trainer.signal_received = signal.SIGTERM
+            return step()
+
+        trainer.train_step = train_step
+    trainer.fit()
+    return trainer

@@ -264,7 +264,7 @@ def _rows(batches: list[Batch]) -> list[tuple]:
 def test_resume_on_another_world_size_continues_every_shard(corpus: Path, workers: int) -> None:
     """2 ranks -> 1 process (another batch size, with or without workers) -> 2 ranks: each shard's
     sequences are exactly those of an uninterrupted 2-rank run (nothing skipped, nothing repeated)."""
-    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], kind="blt", patching="space",
+    cfg = DataConfig(sources=[str(corpus / "txt"), str(corpus / "b.jsonl")], kind="blt", patching=PatchingConfig("space"),
                      seq_len=8, max_bytes=30, batch_size=2, shuffle_buffer=5, interleave=3, seed=1)
     uninterrupted = [_rows(_take(iter(build_loader(cfg, rank=r, world_size=2)), 10)) for r in range(2)]
 
@@ -306,21 +306,22 @@ def test_documents_longer_than_a_segment_resume_exactly(corpus: Path, entropy_mo
 
     monkeypatch.setattr(loader_module, "SEGMENT_TOKENS", 37)
     r = random.Random(seed)
-    patching = r.choice(["space", "static", "entropy"])
+    mode = r.choice(["space", "static", "entropy"])
+    kind = r.choice(["blt", "bytes"]) if mode != "entropy" else "blt"
+    patching = PatchingConfig(mode, threshold=1.5 if mode == "entropy" else None,
+                              max_patch_length=r.choice([None, 3]))
     cfg = DataConfig(
         sources=[str(corpus / "txt"), str(corpus / "b.jsonl")],
-        kind=r.choice(["blt", "bytes"]) if patching != "entropy" else "blt",
+        kind=kind,
         patching=patching,
-        threshold=1.5 if patching == "entropy" else None,
         seq_len=r.randint(2, 20),
         batch_size=r.randint(1, 3),
         shuffle_buffer=r.choice([0, 3, 7]),
         interleave=r.choice([1, 3]),
         max_bytes=r.choice([None, 3, 30]),
-        max_patch_length=r.choice([None, 3]),
         max_doc_bytes=r.choice([16, 1000]),
     )
-    em = entropy_model if patching == "entropy" else None
+    em = entropy_model if mode == "entropy" else None
     n, m = r.randint(1, 12), r.randint(1, 8)
     reference = _take(iter(build_loader(cfg, entropy_model=em)), n + m)
     for b in reference:
@@ -342,11 +343,12 @@ _HUGE = """
 import json, os, resource, sys
 import torch
 from torchblt.data import DataConfig, build_loader
+from torchblt.patching import PatchingConfig
 
 torch.set_num_threads(1)
 out = {}
 for name in sys.argv[1:]:
-    cfg = DataConfig(sources=[name], kind="blt", patching="space", seq_len=64, max_bytes=512, batch_size=4,
+    cfg = DataConfig(sources=[name], kind="blt", patching=PatchingConfig("space"), seq_len=64, max_bytes=512, batch_size=4,
                      shuffle_buffer=16, max_doc_bytes=8 * 2**20)
     dl = build_loader(cfg)
     it = iter(dl)
@@ -388,7 +390,7 @@ def test_a_huge_one_line_document_streams_with_a_tiny_state(tmp_path: Path) -> N
 def test_a_huge_jsonl_record_has_a_tiny_state(tmp_path: Path) -> None:
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"text": "lorem ipsum dolor sit amet " * 150_000}) + "\n", encoding="utf-8")
-    cfg = DataConfig(sources=[str(path)], kind="blt", patching="space", seq_len=32, max_bytes=256, batch_size=2,
+    cfg = DataConfig(sources=[str(path)], kind="blt", patching=PatchingConfig("space"), seq_len=32, max_bytes=256, batch_size=2,
                      shuffle_buffer=4, interleave=2, max_doc_bytes=2**20)
     dl = build_loader(cfg)
     it = iter(dl)

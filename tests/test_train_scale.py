@@ -92,6 +92,26 @@ def test_row_gradients_train_like_dense_adamw(tmp_path):
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-12)
 
 
+def test_adamw_state_made_up_front_is_adamws():
+    """What init_adamw_state creates is what torch's AdamW creates at its first step (so DCP loads into it
+    instead of stepping with dense zero gradients for the hash tables)."""
+    from torchblt.train.hash_sharding import init_adamw_state
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    ours, theirs = torch.optim.AdamW(params, lr=1e-3), torch.optim.AdamW(params, lr=1e-3)
+    init_adamw_state(ours)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    theirs.param_groups[0]["lr"] = 0.0
+    theirs.step()
+    for p in params:
+        a, b = ours.state[p], theirs.state[p]
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].device == b[k].device and a[k].shape == b[k].shape
+            assert torch.equal(a[k], torch.zeros_like(b[k])) and (k == "step" or torch.equal(b[k], a[k]))
+
+
 def test_training_memory_per_rank(capsys):
     """The states are exact: fp32 weights, gradients (not for row-sharded tables), 2 AdamW moments, of this
     rank's padded shards; `blt info --train` prints them for the real configs without allocating them."""

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["clip_gradients", "local_slices", "optimizer_step", "row_tables", "shard_hash_tables", "zero_row_grads"]
+__all__ = ["clip_gradients", "init_adamw_state", "local_slices", "optimizer_step", "row_tables", "shard_hash_tables",
+           "zero_row_grads"]
 
 _UPDATE_CHUNK = 1 << 24  # elements of a table updated at once (bounds the AdamW step's temporary)
 
@@ -167,6 +168,24 @@ def _coalesced(module: nn.Embedding) -> tuple[torch.Tensor, torch.Tensor] | None
     return unique, summed
 
 
+def _init_adamw(param: torch.Tensor, state: dict, group: dict) -> None:
+    """The state ``torch.optim.AdamW`` creates for ``param`` at its first step."""
+    fused = bool(group.get("fused")) or bool(group.get("capturable"))
+    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
+    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create every parameter's AdamW state (zeros, step 0) as AdamW would. Loading a checkpoint into an
+    optimizer without state otherwise makes DCP take a step with zero gradients for every parameter,
+    which allocates a dense gradient for each hash table."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and not optimizer.state[p]:
+                _init_adamw(p, optimizer.state[p], group)
+
+
 def zero_row_grads(model: nn.Module) -> None:
     for module in row_tables(model):
         module.row_grads = []
@@ -214,10 +233,7 @@ def _adamw_rows(param: torch.Tensor, optimizer: torch.optim.Optimizer, group: di
     table whose gradient is zero except on ``grads = (rows, gradients)``."""
     state = optimizer.state[param]
     if not state:
-        fused = bool(group.get("fused"))
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        _init_adamw(param, state, group)
     state["step"] += 1
     step = float(state["step"])
     lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]

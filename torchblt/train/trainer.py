@@ -41,7 +41,7 @@ from torchblt.train import checkpoint as ckpt
 from torchblt.train import materialize
 from torchblt.train.config import TrainConfig, config_to_yaml
 from torchblt.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize
-from torchblt.train.hash_sharding import clip_gradients, optimizer_step, zero_row_grads
+from torchblt.train.hash_sharding import clip_gradients, init_adamw_state, optimizer_step, zero_row_grads
 from torchblt.train.kinds import get_kind
 from torchblt.train.metrics import MetricsLogger, device_peak_flops, training_flops_per_byte
 from torchblt.train.schedule import lr_factor
@@ -218,6 +218,8 @@ class Trainer:
                 raise ValueError(f"{path}: checkpoint architecture differs from model.arch; use a new run_dir "
                                  "(or init_from to fine-tune from exported weights)")
 
+        if ckpt.latest_checkpoint(self.run_dir) is not None:
+            init_adamw_state(self.optimizer)  # (else DCP would step with zero gradients, dense for the hash tables)
         found = ckpt.resume_latest(self.run_dir, self.model, self.optimizer, self.dist, check=same_architecture)
         if found is None:
             return None

@@ -17,14 +17,15 @@ the batch touches:
    as rows (``table.row_grads``), never as a dense gradient: ``param.grad`` stays ``None``.
 
 :func:`clip_gradients` + :func:`optimizer_step` then do what ``clip_grad_norm_`` + ``AdamW.step`` do,
-exactly in math: the gradient norm over the dense gradients and the rows, one clip factor, the optimizer's AdamW step for the
-dense parameters and the same AdamW update for every row of the tables (untouched rows get the zero
-gradient's update: their moments decay and the weight decay applies), in chunks, with the optimizer's
-own state entries (``step``, ``exp_avg``, ``exp_avg_sq``), so DCP checkpoints hold them like any
-other parameter's and reshard them. Neither a table nor its gradient is ever gathered whole or
-materialised dense, and a row's AdamW state lives on its owner only. Per step and rank the tables
-communicate ``2 * keys * dim * 4`` bytes (forward rows + backward gradients) instead of about
-``2-3 * params * bytes`` (all-gathers, reduce-scatter), and need no gradient memory.
+exactly in math: the gradient norm over the dense gradients and the rows, one clip factor, the
+optimizer's AdamW step for the dense parameters, and for the tables torch's fused AdamW kernel on one
+chunk of rows at a time, fed the chunk's gradient (zero except on the touched rows: untouched rows get
+the zero gradient's update, their moments decay and the weight decay applies), in the optimizer's own
+state entries (``step``, ``exp_avg``, ``exp_avg_sq``), so DCP checkpoints hold them like any other
+parameter's and reshard them. Neither a table nor its gradient is ever gathered whole, the gradient is
+never dense beyond one chunk (2^26 elements), and a row's AdamW state lives on its owner only. Per step
+and rank the tables communicate ``2 * keys * dim * 4`` bytes (forward rows + backward gradients)
+instead of about ``2-3 * params * bytes`` (all-gathers, reduce-scatter).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import nn
 __all__ = ["clip_gradients", "init_adamw_state", "local_slices", "optimizer_step", "row_tables", "shard_hash_tables",
            "zero_row_grads"]
 
-_UPDATE_CHUNK = 1 << 24  # elements of a table updated at once (bounds the AdamW step's temporary)
+_UPDATE_CHUNK = 1 << 26  # elements of a table updated at once (its dense gradient chunk: 256 MB in fp32)
 
 
 def local_slices(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -229,26 +230,24 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 @torch.no_grad()
 def _adamw_rows(param: torch.Tensor, optimizer: torch.optim.Optimizer, group: dict,
                 grads: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """AdamW (decoupled weight decay, bias correction; torch.optim.AdamW's formulas) on every row of one
-    table whose gradient is zero except on ``grads = (rows, gradients)``."""
+    """AdamW on every row of one table whose gradient is zero except on ``grads = (rows, gradients)``:
+    torch's fused AdamW kernel, chunk by chunk, on a dense gradient of one chunk at a time."""
+    from torch.optim.adamw import adamw
+
     state = optimizer.state[param]
     if not state:
         _init_adamw(param, state, group)
-    state["step"] += 1
-    step = float(state["step"])
-    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
     p, m, v = (local_slices(t)[0] for t in (param, state["exp_avg"], state["exp_avg_sq"]))
-    p.mul_(1 - lr * wd)
-    m.mul_(beta1)
-    v.mul_(beta2)
-    if grads is not None:
-        rows, g = grads
-        g = g.to(m.dtype)
-        m.index_add_(0, rows, g, alpha=1 - beta1)
-        v.index_add_(0, rows, g * g, alpha=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    bias2_sqrt = math.sqrt(1 - beta2**step)
-    chunk = max(1, _UPDATE_CHUNK // max(1, p.shape[1] if p.dim() > 1 else 1))
+    rows, g = grads if grads is not None else (None, None)
+    step = state["step"].to(p.device)  # (the functional call increments a copy, once per chunk)
+    chunk = max(1, _UPDATE_CHUNK // max(1, p[0].numel() if p.dim() else 1))
     for a in range(0, p.shape[0], chunk):
-        denom = v[a : a + chunk].sqrt().div_(bias2_sqrt).add_(eps)
-        p[a : a + chunk].addcdiv_(m[a : a + chunk], denom, value=-step_size)
+        b = min(a + chunk, p.shape[0])
+        dense = torch.zeros_like(p[a:b])
+        if rows is not None:  # rows are sorted: this chunk's are one slice of them
+            lo, hi = (int(i) for i in torch.searchsorted(rows, torch.tensor([a, b], device=rows.device)))
+            dense.index_add_(0, rows[lo:hi] - a, g[lo:hi].to(dense.dtype))
+        adamw([p[a:b]], [dense], [m[a:b]], [v[a:b]], [], [step.clone()], fused=True, amsgrad=False,
+              beta1=group["betas"][0], beta2=group["betas"][1], lr=float(group["lr"]),
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+    state["step"] += 1

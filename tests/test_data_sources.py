@@ -191,3 +191,70 @@ def test_loader_reports_bad_records_and_error_mode(tmp_path: Path) -> None:
     cfg.on_bad_record = "error"
     with pytest.raises(ValueError, match=r"mixed\.jsonl: record 0: bad record \(empty"):
         next(iter(build_loader(cfg)))
+
+
+_TRICKY = [
+    {"text": "plain ascii", "id": 1},
+    {"meta": {"a": [1, "}\"]", {"b": None}, [], {}], "t": True}, "text": "after nested values", "n": -1.5e3},
+    {"text": "escapes \" \\ / \b \f \n \r \t and unicode é ✓ \U0001F600", "x": "y"},
+    {"text": "a surrogate pair \ud83d\ude00 kept, a lone one \ud800 dropped \udc01 twice"},
+    {"text": "first value", "other": 1, "text": "the repeated key keeps the last"},  # noqa: F601
+    {"text": ""},
+    {"text": None},
+    {"text": 3},
+    {"text": ["a", "list"]},
+    {"no_text": "here"},
+    {"te\u0078t": "an escaped key"},
+    {"text": "x" * 300 + "é" * 40 + "long enough to be split in pieces"},
+]
+
+
+def test_jsonl_lines_streamed_equal_parsed_lines(tmp_path: Path, monkeypatch) -> None:
+    """Every record read as a stream (threshold forced down to 8 bytes) gives the documents, pieces, stats
+    and positions of json.loads: nested values, escapes, surrogates, repeated keys, bad records, raw
+    invalid UTF-8, malformed lines."""
+    from torchblt.data import sources
+
+    def dump(i: int, r: dict) -> bytes:  # both ways of writing non-ASCII (lone surrogates only escaped)
+        text = json.dumps(r, ensure_ascii=True)
+        return (text if i % 2 == 0 or "\\ud8" in text.lower() else json.dumps(r, ensure_ascii=False)).encode()
+
+    lines = [dump(i, r) for i, r in enumerate(_TRICKY)] + [b'{"text": "slash \\/ escaped"}']
+    lines += [b'{"text": "raw invalid utf-8 \xff\xfe kept"}', b'{"text": "raw \xff kept, a lone \\ud800 dropped"}',
+              b'{"text": "unterminated', b"[1, 2]", b"", b"   ",
+              b'{"text": "tab\tinside"}', b'{"text": "ok" } trailing', b'{"text": "ok",}', b'{"text": NaN}',
+              b'{"text": "bad \\x escape"}', b'{"text": "bad \\u12g4 escape"}', b'{"text": "last line"}']
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    def read():
+        stats = sources.new_stats()
+        reader = sources.DocumentReader([str(path)], loop=False, max_doc_bytes=100, stats=stats)
+        out = []
+        while (doc := reader.next_document()) is not None:
+            out.append((doc.data, doc.row, reader.position()))
+        return out, stats
+
+    parsed, parsed_stats = read()
+    monkeypatch.setattr(sources, "STREAM_LINE_BYTES", 8)
+    streamed, streamed_stats = read()
+    assert streamed == parsed
+    assert streamed_stats == parsed_stats
+    counts = {k: parsed_stats[k] for k in ("bad_json", "not_text", "empty", "missing_field", "too_long", "non_utf8")}
+    assert counts == {"bad_json": 7, "not_text": 3, "empty": 3, "missing_field": 2, "too_long": 1, "non_utf8": 4}
+    assert b"raw \xff kept, a lone  dropped" in [d for d, _, _ in parsed]  # (the raw byte survives the drop)
+    # gzip: the same documents and positions, streamed without seeking back (the stream stops at the newline)
+    import gzip
+
+    path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path = path.with_suffix(".jsonl.gz")
+    gz, gz_stats = read()
+    assert [(d, r, p) for d, r, p in gz] == streamed and gz_stats == streamed_stats
+    path = tmp_path / "tricky.jsonl"
+    # resuming inside a streamed, split record re-reads it from its position
+    reader = sources.DocumentReader([str(path)], loop=False, max_doc_bytes=100)
+    pos = next(p for _, _, p in streamed if p["piece"] > 0)
+    again = reader.at(pos)
+    first = again.next_document()
+    i = next(i for i, (_, _, p) in enumerate(streamed) if p == pos)
+    assert first.data == streamed[i + 1][0]

@@ -80,7 +80,8 @@ class _Doc:
     """A document being packed, and where it was read: ``ref = {"at": reader position before the read,
     "n": documents in that read, "i": its index}`` (what a state saves instead of its bytes).
 
-    A long piece of a plain text file does not keep its bytes: each segment's are read from the file."""
+    A long piece of a plain text file or of a streamed JSONL record does not keep its bytes: each
+    segment's are read from the file."""
 
     def __init__(self, ref: dict[str, Any], doc: Document) -> None:
         self.ref = ref
@@ -89,8 +90,9 @@ class _Doc:
         self.lengths: np.ndarray | None = None  # patch lengths of the whole document, when patched with its read
         self.file: tuple[str, int] | None = None
         self.data: bytes | None = doc.data
-        if self.n_segments > 1 and doc.file_offset is not None:
-            self.file, self.data = (doc.source, doc.file_offset), None
+        self.backing = doc.backing  # (a temporary file the text lives in stays while this document does)
+        if self.n_segments > 1 and doc.byte_source is not None:
+            self.file, self.data = doc.byte_source, None
 
     @property
     def n_segments(self) -> int:

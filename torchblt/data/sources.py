@@ -18,7 +18,8 @@ Bad records are handled by one policy and counted in ``stats`` (never silently l
 ``too_long``     a document longer than ``max_doc_bytes`` is split into pieces of at most that many
                  bytes (cut on a UTF-8 character boundary); each piece becomes a document. Counted
                  once per split document. Text files are read piece by piece, so a 1 GB file never
-                 sits in memory whole.
+                 sits in memory whole; so is a JSONL line longer than 16 MiB (``STREAM_LINE_BYTES``):
+                 its text is decoded as a stream into a temporary file (:mod:`.jsonl_stream`).
 ``missing_field`` a JSONL object without ``text_field`` (or with null), a null Parquet/Arrow cell:
                  skipped.
 ``not_text``     a field that is neither a string nor bytes (e.g. a number): skipped.
@@ -56,6 +57,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from torchblt.data.jsonl_stream import json_text_bytes, skip_record, stream_record
+
 __all__ = [
     "BAD_RECORD_REASONS",
     "Document",
@@ -71,6 +74,7 @@ SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet", ".ar
 BAD_RECORD_REASONS = ("non_utf8", "empty", "too_long", "missing_field", "not_text", "bad_json")
 SKIPPED_REASONS = ("empty", "missing_field", "not_text", "bad_json")  # records dropped (the others are kept)
 _TABLE_BATCH_ROWS = 256
+STREAM_LINE_BYTES = 1 << 24  # a JSONL line longer than this is read as a stream (bounded memory)
 
 
 def new_stats() -> dict[str, int]:
@@ -103,7 +107,8 @@ class Document:
     source: str  # file path
     row: int  # record index in the file (line / row number; 0 for a text file)
     entropies: np.ndarray | None = None  # (len(data) + 2,) float16, when read from entropy shards
-    file_offset: int | None = None  # plain .txt: where ``data`` starts in the file (ranges can be re-read)
+    byte_source: tuple[str, int] | None = None  # (file, offset) where ``data`` lies, for re-reading ranges
+    backing: Any = None  # keeps a temporary file holding the text alive (a streamed JSONL record)
 
 
 def _suffix(path: str) -> str | None:
@@ -392,7 +397,7 @@ class DocumentReader:
                 else:
                     after = {"offset": 0, "piece": -1, "counter": counter + 1}
                 doc = self._emit(data, path, 0)
-                doc.file_offset = data_offset
+                doc.byte_source = None if data_offset is None else (path, data_offset)
                 yield doc, after
 
     def _read_jsonl(
@@ -403,10 +408,19 @@ class DocumentReader:
         with opener(path, "rb") as f:  # type: ignore[operator]
             row = self._row_of(path, offset)
             f.seek(offset)
-            for line in f:
-                next_offset = offset + len(line)
-                if self._mine(counter):
-                    for doc, nxt in self._jsonl_record(line, path, row, piece):
+            while line := f.readline(STREAM_LINE_BYTES):
+                if len(line) == STREAM_LINE_BYTES and not line.endswith(b"\n"):  # too long to parse in memory
+                    records = self._streamed_record(f, line, path, row, piece) if self._mine(counter) else None
+                    if records is None:
+                        next_offset = offset + skip_record(f, line)
+                    else:
+                        next_offset, records = offset + records[0], records[1]
+                elif self._mine(counter):
+                    next_offset, records = offset + len(line), self._jsonl_record(line, path, row, piece)
+                else:
+                    next_offset, records = offset + len(line), None
+                if records is not None:
+                    for doc, nxt in records:
                         if nxt >= 0:
                             after = {"offset": offset, "piece": nxt, "counter": counter, "row": row}
                         else:
@@ -436,12 +450,47 @@ class DocumentReader:
                 left -= len(block)
         return n
 
+    def _streamed_record(self, f: IO[bytes], head: bytes, path: str, row: int,
+                         piece: int) -> tuple[int, Iterator[tuple[Document, int]]]:
+        """A line longer than :data:`STREAM_LINE_BYTES`: its text decoded to a temporary file
+        (:mod:`torchblt.data.jsonl_stream`), pieces read from there. Returns (line length, documents)."""
+        rec = stream_record(f, head, self.text_field)
+        if rec.status != "ok":
+            self._bad(rec.status, path, row, rec.detail)
+            return rec.length, iter(())
+        if rec.lone_surrogates and piece == 0:
+            self._bad("non_utf8", path, row, "lone surrogates dropped")
+        return rec.length, self._file_pieces(rec, path, row, piece)
+
+    def _file_pieces(self, rec: Any, path: str, row: int, piece: int) -> Iterator[tuple[Document, int]]:
+        """:meth:`_pieces` of a streamed record (:class:`~torchblt.data.jsonl_stream.RecordText`), its text
+        in a temporary file."""
+        text, n = rec.text, rec.text.size
+        if piece == 0 and n > self.max_doc_bytes:
+            self._bad("too_long", path, row, f"{n} bytes > max_doc_bytes={self.max_doc_bytes}")
+        if piece == 0 and rec.invalid_utf8:
+            self._bad("non_utf8", path, row)
+        with open(text.path, "rb") as f:
+            start = piece
+            while start < n:
+                f.seek(start)
+                chunk = f.read(self.max_doc_bytes + 1)
+                end = start + _utf8_boundary(chunk, min(self.max_doc_bytes, n - start))
+                if end <= start:
+                    end = min(start + self.max_doc_bytes, n)
+                doc = self._emit(chunk[: end - start], path, row)
+                doc.byte_source, doc.backing = (text.path, start), text
+                yield doc, (end if end < n else -1)
+                start = end
+
     def _jsonl_record(self, line: bytes, path: str, row: int, piece: int) -> Iterator[tuple[Document, int]]:
         if not line.strip():
             self._bad("empty", path, row, "blank line")
             return
-        # invalid UTF-8 bytes survive as surrogate escapes and are restored below (kept, counted)
-        text = line.decode("utf-8", errors="surrogateescape")
+        try:
+            text, raw_invalid = line.decode("utf-8"), False
+        except UnicodeDecodeError:  # invalid UTF-8 bytes survive as surrogate escapes, restored below (kept)
+            text, raw_invalid = line.decode("utf-8", errors="surrogateescape"), True
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -455,12 +504,9 @@ class DocumentReader:
             self._bad("missing_field", path, row, f"no field {self.text_field!r}")
             return
         if isinstance(value, str):
-            try:
-                data = value.encode("utf-8", errors="surrogateescape")
-            except UnicodeEncodeError:  # lone surrogates from JSON escapes: dropped, as the tokenizer does
-                data = value.encode("utf-8", errors="ignore")
-                if piece == 0:
-                    self._bad("non_utf8", path, row, "lone surrogates dropped")
+            data, dropped = json_text_bytes(value, raw_invalid)
+            if dropped and piece == 0:
+                self._bad("non_utf8", path, row, "lone surrogates dropped")
         else:
             self._bad("not_text", path, row, f"field {self.text_field!r} is a {type(value).__name__}")
             return

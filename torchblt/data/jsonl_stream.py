@@ -77,6 +77,7 @@ class TempText:
         fd, self.path = tempfile.mkstemp(prefix="torchblt-record-", suffix=".txt")
         os.close(fd)
         self.size = 0
+        self.record: tuple[int, bool, bool] = (0, False, False)  # (line length, lone surrogates, invalid UTF-8)
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
 

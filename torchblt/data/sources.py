@@ -50,6 +50,7 @@ import glob
 import gzip
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from torchblt.data.jsonl_stream import json_text_bytes, skip_record, stream_record
+from torchblt.data.jsonl_stream import RecordText, TempText, json_text_bytes, skip_record, stream_record
 
 __all__ = [
     "BAD_RECORD_REASONS",
@@ -223,6 +224,8 @@ class DocumentReader:
         self._gen: Iterator[tuple[Document, dict[str, int]]] | None = None
         self._end_counter = 0
         self._line_of: dict[str, tuple[int, int]] = {}
+        # streamed JSONL records whose text file is still in use, by (file, line offset); shared with at()
+        self._streamed: weakref.WeakValueDictionary[tuple[str, int], TempText] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -410,7 +413,7 @@ class DocumentReader:
             f.seek(offset)
             while line := f.readline(STREAM_LINE_BYTES):
                 if len(line) == STREAM_LINE_BYTES and not line.endswith(b"\n"):  # too long to parse in memory
-                    records = self._streamed_record(f, line, path, row, piece) if self._mine(counter) else None
+                    records = self._streamed_record(f, line, path, offset, row, piece) if self._mine(counter) else None
                     if records is None:
                         next_offset = offset + skip_record(f, line)
                     else:
@@ -450,11 +453,21 @@ class DocumentReader:
                 left -= len(block)
         return n
 
-    def _streamed_record(self, f: IO[bytes], head: bytes, path: str, row: int,
+    def _streamed_record(self, f: IO[bytes], head: bytes, path: str, offset: int, row: int,
                          piece: int) -> tuple[int, Iterator[tuple[Document, int]]]:
         """A line longer than :data:`STREAM_LINE_BYTES`: its text decoded to a temporary file
-        (:mod:`torchblt.data.jsonl_stream`), pieces read from there. Returns (line length, documents)."""
-        rec = stream_record(f, head, self.text_field)
+        (:mod:`torchblt.data.jsonl_stream`), pieces read from there. Returns (line length, documents).
+        While a document of the record lives, re-reading it (a resume, :meth:`at`) reuses its file."""
+        cached = self._streamed.get((path, offset))
+        if cached is not None:
+            length, lone, invalid = cached.record
+            f.seek(offset + length)
+            rec = RecordText("ok", length, text=cached, lone_surrogates=lone, invalid_utf8=invalid)
+        else:
+            rec = stream_record(f, head, self.text_field)
+            if rec.text is not None:
+                rec.text.record = (rec.length, rec.lone_surrogates, rec.invalid_utf8)
+                self._streamed[(path, offset)] = rec.text
         if rec.status != "ok":
             self._bad(rec.status, path, row, rec.detail)
             return rec.length, iter(())

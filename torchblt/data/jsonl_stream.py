@@ -71,7 +71,8 @@ def _char_start(buf: bytes, lo: int, end: int) -> int:
 
 
 class TempText:
-    """A temporary file holding one record's text; deleted when no document refers to it any more."""
+    """A temporary file holding a document's text (a streamed record's, or one the loader spilled); deleted when
+    nothing refers to it any more."""
 
     def __init__(self) -> None:
         fd, self.path = tempfile.mkstemp(prefix="torchblt-record-", suffix=".txt")

@@ -50,6 +50,7 @@ import torch
 
 from torchblt.data.config import DataConfig
 from torchblt.data.entropies import ENTROPIES_FIELD, check_entropy_folder, document_entropies, document_tokens
+from torchblt.data.jsonl_stream import TempText
 from torchblt.data.packing import Batch, Sequence, SequencePacker, collate
 from torchblt.data.sources import Document, DocumentReader, new_stats
 from torchblt.patching import Patcher, PatchingConfig
@@ -80,8 +81,9 @@ class _Doc:
     """A document being packed, and where it was read: ``ref = {"at": reader position before the read,
     "n": documents in that read, "i": its index}`` (what a state saves instead of its bytes).
 
-    A long piece of a plain text file or of a streamed JSONL record does not keep its bytes: each
-    segment's are read from the file."""
+    A document longer than a segment does not keep its bytes: each segment's are read from the file it
+    lies in (a plain text file, a streamed JSONL record's temporary file), or from a temporary file it is
+    written to (other sources), so a packer holds one segment whatever the document."""
 
     def __init__(self, ref: dict[str, Any], doc: Document) -> None:
         self.ref = ref
@@ -91,8 +93,15 @@ class _Doc:
         self.file: tuple[str, int] | None = None
         self.data: bytes | None = doc.data
         self.backing = doc.backing  # (a temporary file the text lives in stays while this document does)
-        if self.n_segments > 1 and doc.byte_source is not None:
-            self.file, self.data = doc.byte_source, None
+        if self.n_segments > 1:
+            if doc.byte_source is None:  # (gzip, Parquet/Arrow, a JSONL line read whole): spilled to a file
+                self.backing = TempText()
+                with open(self.backing.path, "wb") as f:
+                    self.backing.size = f.write(doc.data)
+                self.file = (self.backing.path, 0)
+            else:
+                self.file = doc.byte_source
+            self.data = None
 
     @property
     def n_segments(self) -> int:

@@ -45,6 +45,7 @@ that way instead of saving their bytes).
 
 from __future__ import annotations
 
+import codecs
 import copy
 import glob
 import gzip
@@ -171,9 +172,14 @@ def _utf8_boundary(data: bytes | memoryview, cut: int) -> int:
     return cut
 
 
-def _is_utf8(data: bytes) -> bool:
+def _is_utf8(data: bytes, block: int = 1 << 20) -> bool:
+    """Whether ``data`` is valid UTF-8 (decoded a block at a time: no str of the whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
     try:
-        data.decode("utf-8")
+        for i in range(0, len(data), block):
+            decoder.decode(view[i : i + block])
+        decoder.decode(b"", final=True)
         return True
     except UnicodeDecodeError:
         return False
@@ -370,8 +376,47 @@ class DocumentReader:
         self._end_counter = counter + 1
         if not self._mine(counter):
             return
-        opener = gzip.open if path.lower().endswith(".gz") else open
-        with opener(path, "rb") as f:  # type: ignore[operator]
+        if path.lower().endswith(".gz"):
+            yield from self._read_text_gz(path, piece, counter)
+            return
+        # a plain file: pieces read one by one (their segments can be re-read from the file)
+        size = os.path.getsize(path)
+        if piece == 0 and size == 0:
+            self._bad("empty", path, 0)
+            return
+        if piece == 0 and size > self.max_doc_bytes:
+            self._bad("too_long", path, 0, f"{size} bytes > max_doc_bytes={self.max_doc_bytes}")
+        bad_utf8 = False
+        for start, end, data in self._file_range_pieces(path, size, piece):
+            if not bad_utf8 and not _is_utf8(data):
+                bad_utf8 = True
+                self._bad("non_utf8", path, 0)
+            doc = self._emit(data, path, 0)
+            doc.byte_source = (path, start)
+            del data
+            yield doc, ({"offset": 0, "piece": end, "counter": counter} if end < size
+                        else {"offset": 0, "piece": -1, "counter": counter + 1})
+
+    def _file_range_pieces(self, path: str, size: int, start: int) -> Iterator[tuple[int, int, bytes]]:
+        """The pieces of the plain file ``path`` (``size`` bytes) from byte ``start``: (start, end, bytes).
+        Each end is found from the 4 bytes around its cut (as :meth:`_pieces` cuts), then the piece is read
+        in one go: nothing but the piece itself is held."""
+        with open(path, "rb") as f:
+            while start < size:
+                end = min(start + self.max_doc_bytes, size)
+                if end < size:
+                    f.seek(end - 3)
+                    end = end - 3 + _utf8_boundary(f.read(4), 3)
+                f.seek(start)
+                data = f.read(end - start)
+                if len(data) != end - start:
+                    raise ValueError(f"{path}: the file changed while it was read")
+                yield start, end, data
+                del data
+                start = end
+
+    def _read_text_gz(self, path: str, piece: int, counter: int) -> Iterator[tuple[Document, dict[str, int]]]:
+        with gzip.open(path, "rb") as f:
             f.seek(piece)
             chunk = f.read(self.max_doc_bytes + 1)
             if piece == 0 and not chunk:
@@ -388,19 +433,20 @@ class DocumentReader:
                     data, rest = chunk[:cut], chunk[cut:]
                 else:
                     data, rest = chunk, b""
+                del chunk
                 if not bad_utf8 and not _is_utf8(data):
                     bad_utf8 = True
                     self._bad("non_utf8", path, 0)
-                data_offset = None if opener is gzip.open else start
                 start += len(data)
                 more = f.read(self.max_doc_bytes + 1 - len(rest)) if len(rest) <= self.max_doc_bytes else b""
                 chunk = rest + more
+                del rest, more
                 if chunk:
                     after = {"offset": 0, "piece": start, "counter": counter}
                 else:
                     after = {"offset": 0, "piece": -1, "counter": counter + 1}
                 doc = self._emit(data, path, 0)
-                doc.byte_source = None if data_offset is None else (path, data_offset)
+                del data
                 yield doc, after
 
     def _read_jsonl(
@@ -483,18 +529,11 @@ class DocumentReader:
             self._bad("too_long", path, row, f"{n} bytes > max_doc_bytes={self.max_doc_bytes}")
         if piece == 0 and rec.invalid_utf8:
             self._bad("non_utf8", path, row)
-        with open(text.path, "rb") as f:
-            start = piece
-            while start < n:
-                f.seek(start)
-                chunk = f.read(self.max_doc_bytes + 1)
-                end = start + _utf8_boundary(chunk, min(self.max_doc_bytes, n - start))
-                if end <= start:
-                    end = min(start + self.max_doc_bytes, n)
-                doc = self._emit(chunk[: end - start], path, row)
-                doc.byte_source, doc.backing = (text.path, start), text
-                yield doc, (end if end < n else -1)
-                start = end
+        for start, end, data in self._file_range_pieces(text.path, n, piece):
+            doc = self._emit(data, path, row)
+            del data
+            doc.byte_source, doc.backing = (text.path, start), text
+            yield doc, (end if end < n else -1)
 
     def _jsonl_record(self, line: bytes, path: str, row: int, piece: int) -> Iterator[tuple[Document, int]]:
         if not line.strip():

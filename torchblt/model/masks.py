@@ -322,6 +322,12 @@ def patch_cross_mask(
     return PatchCrossMask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
 
 
+def cross_attention_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:
+    """:func:`cross_attention_mask`'s rule on broadcastable patch indices of slots and bytes (a decoding
+    step's cached slots are not ``0..P-1``)."""
+    return _cross_visible(slot_patch, byte_patch, slots_read, window)
+
+
 def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:
     """The cross-attention rule (dense masks and FlexAttention ``mask_mod`` alike)."""
     if window is None:

@@ -250,7 +250,7 @@ def bench_decode(name: str, threads: int, n_new: int, repeats: int, baseline: st
         row["compiled"] = median_run(engine_factory(model, patcher, n_new, True), rows, n_new, device, repeats)
     row["eager"] = median_run(engine_factory(model, patcher, n_new, False), rows, n_new, device, repeats)
     if baseline:
-        row["baseline"] = run_baseline(baseline, model, em, threshold, rows, n_new, threads, repeats)
+        row["baseline"] = run_baseline(baseline, name, model, em, threshold, rows, n_new, threads, repeats)
     if full:
         row["full"] = timed_run(lambda: FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new,
                                 device)
@@ -270,16 +270,19 @@ def bench_decode(name: str, threads: int, n_new: int, repeats: int, baseline: st
     return row
 
 
-def run_baseline(root: str, model, em, threshold: float, rows, n_new: int, threads: int, repeats: int) -> dict:
-    """Today's engine from another checkout, in a subprocess, on these weights."""
+def run_baseline(root: str, name: str, model, em, threshold: float, rows, n_new: int, threads: int,
+                 repeats: int) -> dict:
+    """Today's engine from another checkout, in a subprocess, on these weights (the worker builds the
+    config with the other checkout's classes and loads the state dicts)."""
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
-        torch.save({"model": model.state_dict(), "em": em.state_dict(), "blt_config": model.config,
-                    "em_config": em.config, "threshold": threshold, "rows": rows, "n_new": n_new,
-                    "threads": threads, "repeats": repeats}, weights)
+        torch.save({"config": name, "model": model.state_dict(), "em": em.state_dict(), "threshold": threshold,
+                    "rows": rows, "n_new": n_new, "threads": threads, "repeats": repeats}, weights)
         env = {**os.environ, "BENCH_TORCHBLT_ROOT": root, "PYTHONPATH": root}
-        out = subprocess.run([sys.executable, __file__, "--_baseline-worker", str(weights)], env=env, check=True,
+        out = subprocess.run([sys.executable, __file__, "--_baseline-worker", str(weights)], env=env,
                              capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the baseline worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -288,7 +291,8 @@ def baseline_worker(path: str) -> None:
 
     spec = torch.load(path, weights_only=False)
     torch.set_num_threads(spec["threads"])
-    model, em = build_model(spec["blt_config"], device="cpu"), build_model(spec["em_config"], device="cpu")
+    blt_cfg, em_cfg = CONFIGS[spec["config"]]()
+    model, em = build_model(blt_cfg, device="cpu"), build_model(em_cfg, device="cpu")
     model.load_state_dict(spec["model"])
     em.load_state_dict(spec["em"])
     model, em = model.eval(), em.eval()

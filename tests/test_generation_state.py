@@ -164,6 +164,7 @@ def test_extend_joins_a_running_batch_and_select_keeps_rows():
     for key in "abc":
         seq = torch.stack(got[key])
         torch.testing.assert_close(seq, alone[key][: len(seq)], atol=ATOL, rtol=0)
+        assert torch.equal(seq.argmax(-1), alone[key][: len(seq)].argmax(-1)), key  # the same greedy bytes
     with pytest.raises(ValueError, match="same engine"):
         run.extend(IncrementalEngine(model, patcher, 8, lookahead=2).prefill([p1])[0])
 
@@ -209,6 +210,38 @@ def test_prefill_attention_is_bounded_by_windows_and_chunks(monkeypatch):
     torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
 
 
+def test_long_prompt_prefill_is_banded_with_bounded_masks(monkeypatch):
+    """A 5 KB prompt prefilled in chunks much longer than the windows: the local stacks and the entropy
+    model attend banded (:class:`~torchblt.model.masks.BandedMask` after the cached window), the encoder's
+    closing slots gather their bytes (:class:`~torchblt.model.masks.PatchCrossMask`), so the largest
+    attention mask is bounded by the chunk and the windows (and the global model's patches), not the
+    prompt; the logits, boundaries and the next steps equal the full recompute's."""
+    from tests.test_long_inputs import record_attention_masks
+    from torchblt.generation import incremental
+    from torchblt.model import masks
+
+    model, patcher = entropy_setup(9, window=12)
+    prompt = prompts_ids((TEXT + " ") * 50)  # ~5 KB
+    chunk = 512
+    monkeypatch.setattr(incremental, "DENSE_CROSS_MAX", 1 << 12)
+    calls = record_attention_masks(monkeypatch)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=8, prefill_chunk=chunk)
+    state, logits, starts = engine.prefill(prompt)
+    assert calls["banded"] > 0 and calls["gathered"] > 0, calls
+    # the banded blocks' masks, the decoder's and the global model's per-chunk masks; never prompt x prompt
+    P = sum(starts[0])
+    bound = max(chunk * (masks.BAND_BLOCK + 14), chunk * 4 * (state.patch_slots.capacity + chunk), chunk * (P + chunk))
+    assert calls["largest_mask"] <= bound < len(prompt[0]) ** 2 // 4, (calls, bound)
+    assert state.encoder.capacity == state.decoder.capacity == 12 and state.entropy.capacity == 14
+    monkeypatch.undo()
+    full = FullRecomputeEngine(model, patcher)
+    torch.testing.assert_close(logits, full.start(prompt), atol=ATOL, rtol=0)
+    assert starts == full.prompt_starts
+    for t in text_bytes("!"):
+        torch.testing.assert_close(engine.step(state, torch.tensor([t])), full.advance(torch.tensor([t])),
+                                   atol=ATOL, rtol=0)
+
+
 def test_decide_starts_many_positions_equals_one_at_a_time():
     g = torch.Generator().manual_seed(0)
     j = torch.arange(2, 40)[None]
@@ -244,6 +277,31 @@ def test_compiled_step_equals_full_recompute():
     patcher = Patcher("space", max_patch_length=4)
     out = assert_same(model, patcher, prompts_ids(TEXT[:19], "Ok"), n_new=14, compile=True)
     assert sum(out.patch_starts[0]) >= 3
+
+
+def test_compile_failure_falls_back_to_eager_logged_once(monkeypatch, caplog):
+    """A compiler that fails (e.g. inductor without a C++ compiler): the step runs eager with the same
+    results, the state is untouched by the failed try, and the fallback is logged once per process."""
+    from torchblt.generation import incremental
+
+    def broken(self, part, n):
+        def fail(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(incremental, "_compile_failure", None)
+    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", broken)
+    model, patcher = SETUPS["pooling"]()
+    runs = []
+    with caplog.at_level("WARNING", logger=incremental.__name__):
+        for compiled in (True, True, False):
+            cfg = GenerationConfig(max_new_bytes=12, stop_at_eos=False, compile=compiled)
+            runs.append(generate_tokens(model, prompts_ids(TEXT[:20], "ab c"), patcher, config=cfg, return_logits=True))
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    for r in range(2):
+        torch.testing.assert_close(runs[0].logits[r], runs[2].logits[r], atol=ATOL, rtol=0)
+    warned = [rec for rec in caplog.records if "eager step" in rec.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler" in warned[0].getMessage()
 
 
 def test_generation_config_compile_and_deprecated_fused_step(monkeypatch):

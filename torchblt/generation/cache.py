@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchblt.model.masks import SelfAttentionMask, self_attention_mask_dense
+from torchblt.model.masks import SelfAttentionMask, band_pays, banded_mask_after, self_attention_mask_dense
 
 
 def last_kept(keep: torch.Tensor | None, positions: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -162,10 +162,15 @@ class _LayerWriter:
     slots: torch.Tensor
     view: int
     write_first: bool
+    before: torch.Tensor | None = None  # (B, window - 1) slots of the entries before the new ones, in order
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_all, v_all = self.cache.tensors[self.index], self.cache.tensors[self.index + 1]
-        k_old, v_old = k_all[:, : self.view], v_all[:, : self.view]
+        if self.before is not None:  # the window before the new entries, in position order (banded)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_old, v_old = k_all[rows, self.before], v_all[rows, self.before]
+        else:
+            k_old, v_old = k_all[:, : self.view], v_all[:, : self.view]
         if not self.write_first:  # read the old entries before the new ones overwrite them
             k_old, v_old = torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1)
         self.cache.store(self.slots, [k, v], self.index)
@@ -219,6 +224,8 @@ class StackKV(Ring):
         which a masked-out value would still carry into the other rows' weighted sums."""
         first = self.write_first(positions.shape[1])
         view = self.capacity if view is None else min(view, self.capacity)
+        if not first and keep is None and self.window is not None and band_pays(positions.shape[1], self.window):
+            return self._prepare_banded(positions, docs)
         if not first:
             stored = positions if keep is None else torch.where(keep, positions, -1)
             kpos, kdoc = torch.cat([self.pos[:, :view], stored], 1), torch.cat([self.tag[:, :view], docs], 1)
@@ -233,3 +240,23 @@ class StackKV(Ring):
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         layers = [_LayerWriter(self, 2 * i, slots, view, first) for i in range(self.n_layers)]
         return PreparedStack(positions, SelfAttentionMask(dense=allowed), layers)
+
+    def _prepare_banded(self, positions: torch.Tensor, docs: torch.Tensor) -> PreparedStack:
+        """A call over many more new entries than the window (a long prefill chunk): each layer attends over
+        the ``window - 1`` stored entries before the new ones (gathered in position order) and the new
+        ones, under a :class:`~torchblt.model.masks.BandedMask` (``O(n * window)``, no ``(n, C + n)`` mask);
+        the last ``C`` new entries are stored."""
+        W = self.window
+        assert W is not None
+        before = positions[:, :1] - (W - 1) + torch.arange(W - 1, device=positions.device)  # (B, W-1)
+        slots_before = before % self.capacity
+        stored = torch.gather(self.pos, 1, slots_before)
+        kpos = torch.cat([torch.where((stored == before) & (before >= 0), before, -1), positions], 1)
+        kdoc = torch.cat([torch.gather(self.tag, 1, slots_before), docs], 1)
+        band = banded_mask_after(positions, kpos, docs if self.documents else None,
+                                 kdoc if self.documents else None, W)
+        keep = last_kept(None, positions, self.capacity)
+        slots = self.slots(positions, keep)
+        layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before) for i in range(self.n_layers)]
+        self.store_meta(slots, positions, docs, keep)
+        return PreparedStack(positions, SelfAttentionMask(dense=None, banded=band), layers)

@@ -49,14 +49,25 @@ from torchblt.generation.cache import Ring, StackKV
 from torchblt.generation.state import Cursor, DecodeState
 from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel, entropy
-from torchblt.model.local import pool_patches
-from torchblt.model.masks import cross_attention_mask, cross_attention_visible, uses_documents, uses_window
+from torchblt.model.local import concat_patches, pool_patches
+from torchblt.model.masks import (
+    PatchCrossMask,
+    cross_attention_mask,
+    cross_attention_visible,
+    uses_documents,
+    uses_window,
+)
 from torchblt.model.transformer import StackConfig
 from torchblt.patching import Patcher
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # prompt bytes per prefill call (memory ~ chunk x (window + chunk) per attention)
+# Prompt bytes per prefill call. A chunk much longer than the local windows attends banded (O(chunk x window):
+# :func:`torchblt.model.masks.banded_mask_after`) and its closing patches' encoder slots gather their bytes
+# (:class:`~torchblt.model.masks.PatchCrossMask`), so memory is bounded by the chunk, the windows and the
+# global model's patches, and time is linear in the prompt (test_generation_state.py checks both).
+PREFILL_CHUNK = 2048  # light config, 32 KB prompt, 1 thread (busy machine): 512: 32.5 s, 2048: 21.3 s, 4096: 23.3 s
+DENSE_CROSS_MAX = 1 << 18  # slots x bytes of the encoder's closing cross-attention kept as a dense mask
 
 
 # Inductor on CPU: one- and two-row matrix products become a multiply-and-sum that inductor generates
@@ -85,13 +96,24 @@ def bucket(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()
 
 
-def _in_math_sdpa(fn: Any) -> Any:
-    def run(*args: Any) -> Any:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+# What a failed compilation raises (no C++ compiler for inductor, an unsupported op, a recompile limit):
+# the engine then runs the eager step, which gives the same results, and says so once per process.
+def compile_errors() -> tuple[type[Exception], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
 
-        with sdpa_kernel([SDPBackend.MATH]):
-            return fn(*args)
-    return run
+    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError
+
+
+_compile_failure: str | None = None  # why compiling failed in this process (then every engine runs eager)
+
+
+def _compiling_failed(err: Exception) -> None:
+    global _compile_failure
+    if _compile_failure is None:
+        _compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.warning("torchblt: the compiled decoding step is unavailable (%s); decoding runs the eager step "
+                    "(same results, slower)", _compile_failure)
 
 
 def _view_marker(size: int, device: torch.device) -> torch.Tensor:
@@ -179,6 +201,7 @@ class IncrementalEngine:
         # module structure) and the patcher's rule
         self.model_key = hash((id(model), id(self.em), repr(cfg), repr(patcher), str(model)))
         self._compiled: dict[tuple[str, int], Any] = {}
+        self._compiled_shapes: set[tuple] = set()  # call shapes compiled without error
         # the driver interface's state
         self.state: DecodeState | None = None
         self.prompt_starts: list[list[bool]] = []
@@ -272,6 +295,19 @@ class IncrementalEngine:
 
     # ------------------------------------------------------------------ one call
     def _call(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
+        if compiled and _compile_failure is None:
+            # the first call of each shape compiles: try it on a copy, so that a failure leaves the state
+            # as it was for the eager step
+            shape = (tuple(tokens.shape), tuple(r.capacity for r in state.rings()))
+            if shape not in self._compiled_shapes:
+                try:
+                    self._run(state.copy(), tokens, compiled=True)
+                    self._compiled_shapes.add(shape)
+                except compile_errors() as err:
+                    _compiling_failed(err)
+        return self._run(state, tokens, compiled and _compile_failure is None)
+
+    def _run(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
         n = tokens.shape[1]
         spans = self._reserve(state, n)
         # attention reads the slots that can hold an entry after this call (bytes, patches)
@@ -282,8 +318,11 @@ class IncrementalEngine:
             front, close, back = (self._compiled_part(p, n) for p in ("front", "close", "back"))
         else:
             front, close, back = self._front, self._close, self._back
-        h, before, after, any_close = front(state, tokens, views[0])
-        closed = close(state, before, after, views[1]) if bool(any_close) else None
+        h, before, after, n_close = front(state, tokens, views[0])
+        # closing patches per row, padded to the most among the rows: n in a compiled call (one graph),
+        # the real count in an eager one (a prefill chunk of n bytes closes ~n / patch size)
+        width = int(n_close)
+        closed = close(state, before, after, views[1], n if compiled else width) if width else None
         logits, state.spans = back(state, tokens, h, after, closed, views[0])
         return logits, after
 
@@ -346,7 +385,7 @@ class IncrementalEngine:
             else:
                 fn = torch.compile(getattr(self, f"_{part}"), fullgraph=True, dynamic=False,
                                    options={**CPU_OPTIONS, **options})
-            self._compiled[key] = fn = _in_math_sdpa(fn) if getattr(self, "_sdpa_math", False) else fn
+            self._compiled[key] = fn
         return fn
 
     # ------------------------------------------------------------------ the three parts
@@ -377,46 +416,51 @@ class IncrementalEngine:
         if self.enc_cross:
             values += [t for kv in enc.cross_kv(states) for t in kv]
         state.patch_bytes.write(pos, values, before.n_closed)  # each byte's patch: the open one when it came
-        return h, before, after, starts.any()
+        return h, before, after, starts.sum(1).max()
 
-    def _close(self, state: DecodeState, before: Cursor, after: Cursor, view: Any) -> _Closed | None:
-        """Every patch closing among the call's bytes, padded to ``n`` per row: slots, global, decoder slots."""
+    def _close(self, state: DecodeState, before: Cursor, after: Cursor, view: Any, m: int) -> _Closed | None:
+        """Every patch closing among the call's bytes, padded to ``m`` per row (at least the most that close
+        in a row): slots, global, decoder slots."""
         model, cfg, c = self.model, self.cfg, state.cursor
         torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
         enc, dec = model.local_encoder, model.local_decoder
         starts = after.next_start  # (B, n): the patch holding byte i closes
-        B, n = starts.shape
+        B = starts.shape[0]
         dev = starts.device
-        order = torch.argsort((~starts).to(torch.int8), dim=1, stable=True)  # closing bytes first, in order
-        k = torch.arange(n, device=dev)[None]
-        valid = k < starts.sum(1, keepdim=True)  # (B, n) real closing patches
+        order = torch.argsort((~starts).to(torch.int8), dim=1, stable=True)[:, :m]  # closing bytes first, in order
+        k = torch.arange(m, device=dev)[None]
+        valid = k < starts.sum(1, keepdim=True)  # (B, m) real closing patches
         patch = c.n_closed[:, None] + k  # their indices
         gdoc = torch.gather(before.global_doc, 1, order)  # their global documents
 
         ring = state.patch_bytes
-        rel = torch.where(ring.pos >= 0, ring.tag - c.n_closed[:, None], n)  # stored byte -> closing patch 0..
-        ids = torch.where((rel >= 0) & (rel < n), rel, n)
+        rel = torch.where(ring.pos >= 0, ring.tag - c.n_closed[:, None], m)  # stored byte -> closing patch 0..
+        rel = rel.clamp(max=m)  # m: no closing patch
+        ids = torch.where(rel >= 0, rel, m)
         if self.enc_cross:
             K = cfg.cross_attn.k
-            mask = cross_attention_mask(rel, n, K, patches_as_queries=True, window=self.enc_window, dense=True)
+            if m * K * ring.capacity > DENSE_CROSS_MAX:  # a long prefill chunk: linear in the bytes
+                mask: Any = PatchCrossMask(rel, m, K, patches_as_queries=True, window=self.enc_window)
+            else:
+                mask = cross_attention_mask(rel, m, K, patches_as_queries=True, window=self.enc_window, dense=True)
             kv = [(ring.tensors[j], ring.tensors[j + 1]) for j in range(1, len(ring.tensors), 2)]
-            vectors = enc.patch_slots(ring.tensors[0], kv, ids, n, mask).reshape(B, n, -1)  # (B, n, K*E)
+            vectors = enc.patch_slots(ring.tensors[0], kv, ids, m, mask).reshape(B, m, -1)  # (B, m, K*E)
         elif cfg.pooling:
-            vectors = pool_patches(ring.tensors[0], ids, n, cfg.pooling_modes)
-        else:  # concatenation: the patch_size bytes up to each patch's last byte (position 0 repeated before it)
-            ends = c.pos[:, None] + order
-            offsets = torch.arange(1 - self.concat_size, 1, device=dev)
-            rows = (ends[:, :, None] + offsets).clamp(min=0) % ring.capacity  # (B, n, S)
-            gathered = torch.gather(ring.tensors[0], 1, rows.reshape(B, -1, 1).expand(-1, -1, ring.tensors[0].shape[-1]))
-            vectors = gathered.reshape(B, n, -1)
+            vectors = pool_patches(ring.tensors[0], ids, m, cfg.pooling_modes)
+        else:  # concatenation: the patch_size bytes up to each patch's last byte, in ring slots
+            ends = c.pos[:, None] + order + 1  # (B, m) each closing patch's end
+            vectors = concat_patches(ring.tensors[0], ends, self.concat_size, wrap=ring.capacity)
 
-        h = model.global_transformer(vectors, None, cache=state.global_.prepare(patch, gdoc, valid, view=_size(view)))  # (B, n, G)
-        slots = dec.patch_slots(h)  # (B, n*K, D) or (B, n, D)
+        h = model.global_transformer(vectors, None, cache=state.global_.prepare(patch, gdoc, valid, view=_size(view)))  # (B, m, G)
+        slots = dec.patch_slots(h)  # (B, m*K, D) or (B, m, D)
         if self.dec_cross:
-            values = [t.unflatten(1, (n, dec.slots_per_patch)) for kv in dec.cross_kv(slots) for t in kv]  # (B, n, K, H, Dh)
+            values = [t.unflatten(1, (m, dec.slots_per_patch)) for kv in dec.cross_kv(slots) for t in kv]  # (B, m, K, H, Dh)
         else:
             values = [slots]
-        if n <= state.patch_slots.capacity - self.dec_window + 1:
+        # written now if that overwrites no patch the call's bytes still read (the first byte reads up to
+        # dec_window patches back unless it closes one itself, which all n closing implies)
+        spare = state.patch_slots.capacity - self.dec_window
+        if m <= spare or (m == starts.shape[1] and m <= spare + 1):
             state.patch_slots.write(patch, values, patch, valid)
             return None
         return _Closed(patch, values, valid)

@@ -119,7 +119,7 @@ class BLT(nn.Module):
             return slots.reshape(B, P, -1)  # (B, P*K, E) -> (B, P, K*E)
         if self.config.pooling:
             return pool_patches(h_enc, patch_ids, P, self.config.pooling_modes)
-        return concat_patches(h_enc, patch_lengths, self.config.concat_patch_size)
+        return concat_patches(h_enc, torch.cumsum(patch_lengths, dim=1), self.config.concat_patch_size)
 
     def forward(
         self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None, *, patcher: Patcher | None = None

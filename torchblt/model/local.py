@@ -38,12 +38,15 @@ def pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, reduc
     return torch.cat(pooled, dim=-1)
 
 
-def concat_patches(h: torch.Tensor, patch_lengths: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Concatenate the last ``patch_size`` byte states before each patch end: ``(B, P, patch_size * E)``."""
+def concat_patches(h: torch.Tensor, ends: torch.Tensor, patch_size: int, wrap: int | None = None) -> torch.Tensor:
+    """Concatenate the last ``patch_size`` byte states before each patch end ``ends (B, P)`` (exclusive; the
+    cumulative patch lengths): ``(B, P, patch_size * E)``; positions before 0 repeat position 0.
+
+    ``wrap``: ``h`` is a ring of recent byte states (decoding) where position ``p`` sits at ``p % wrap``."""
     B, T, E = h.shape
-    ends = torch.cumsum(patch_lengths, dim=1)  # (B, P)
     offsets = torch.arange(-patch_size, 0, device=h.device)
-    rows = (ends[:, :, None] + offsets).clamp(min=0, max=T - 1)  # (B, P, S)
+    rows = (ends[:, :, None] + offsets).clamp(min=0)  # (B, P, S)
+    rows = rows.clamp(max=T - 1) if wrap is None else rows % wrap
     gathered = torch.gather(h, 1, rows.reshape(B, -1, 1).expand(B, rows.shape[1] * patch_size, E))
     return gathered.reshape(B, rows.shape[1], patch_size * E)
 

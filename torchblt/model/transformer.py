@@ -228,22 +228,25 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
     ``(B, T, H, Dh)``.
 
     Queries in blocks of ``band.block`` attend to the ``block + window - 1`` keys that can be visible to
-    the block (gathered as overlapping windows of the left-padded keys), with ``band``'s per-block mask;
+    the block (gathered as overlapping windows of the left-padded keys, or with ``band.prefix`` of the
+    ``window - 1`` keys given before the queries), with ``band``'s per-block mask;
     one SDPA call over all blocks. Masked keys get exactly zero weight, so every query sees the same keys
     with the same weights as under the dense ``(T, T)`` mask."""
     B, T, H, Dh = q.shape
-    if k.shape[1] != T or band.T != T:
-        raise ValueError(f"banded attention needs keys for exactly the {T} queries (got {k.shape[1]}, mask {band.T})")
     Bq, W, n, L = band.block, band.window, band.n_blocks, band.n_keys
+    before = W - 1 if band.prefix else 0  # keys given before the first query (a chunk after cached ones)
+    if k.shape[1] != T + before or band.T != T:
+        raise ValueError(f"banded attention needs keys for exactly the {T} queries (+ {before} before them); "
+                         f"got {k.shape[1]}, mask {band.T}")
     pad = n * Bq - T
     n_rep = H // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
     qb = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).reshape(B, n, Bq, H, Dh)
-    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded by W-1 on the left
-    kb = F.pad(k, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
-    vb = F.pad(v, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
+    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded to W-1 before the first query
+    kb = F.pad(k, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
+    vb = F.pad(v, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
     mask = band.additive(q.dtype)
     if band.allowed.shape[0] == 1:  # one mask for every row: batch rows and heads share it, blocks lead
         qb = qb.permute(1, 0, 3, 2, 4).reshape(n, B * H, Bq, Dh)

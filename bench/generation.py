@@ -3,7 +3,9 @@
 For every model config and thread count, batch 1, greedy, after a 64-byte prompt, in one run:
 
 * ``compiled`` — :class:`torchblt.generation.IncrementalEngine` with ``compile=True`` (its compile time is
-  reported apart: a warm-up run first);
+  reported apart: a warm-up run first, with an empty inductor cache; within one process the compiled
+  graphs serve every later engine of the same model, so a config's second thread count compiles
+  nothing); ``compile_break_even_bytes``: the new bytes after which compiling has paid for itself;
 * ``eager`` — the same engine, ``compile=False``;
 * ``baseline`` — the engine of another checkout (``--baseline PATH``, e.g. a git worktree of main at the
   commit before engine v2), run in a subprocess on the same weights;
@@ -263,6 +265,10 @@ def bench_decode(name: str, threads: int, n_new: int, repeats: int, baseline: st
         ar = step_arithmetic(name, row["eager"]["mean_patch_bytes"], 64 + n_new / 2)
         row["arithmetic"] = {**ar, "ms_flops": 1000 * ar["flops_per_byte"] / (row["machine"]["gemm_gflops"] * 1e9),
                              "ms_bytes": 1000 * ar["bytes_read_per_byte"] / (row["machine"]["read_gb_s"] * 1e9)}
+    if compiled:
+        # new bytes after which compiling has paid for itself (cold compile time / time saved per byte)
+        saved = 1 / row["eager"]["bytes_per_second"] - 1 / row["compiled"]["bytes_per_second"]
+        row["compile_break_even_bytes"] = row["compile_seconds"] / saved if saved > 0 else None
     for k in ("baseline", "full"):
         for mine in ("compiled", "eager"):
             if k in row and mine in row:
@@ -406,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         prefill_worker(args.prefill_worker)
         return 0
     device = torch.device(args.device)
+    # a cold compile, as a user's first call sees it (not kernels cached on disk by an earlier run)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-generation-inductor-"))
     meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "argv": sys.argv[1:], "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "inductor_cache": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
     print(json.dumps(meta))
     results: dict = {"meta": meta, "decode": [], "prefill": []}
     if args.gpu:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torchblt.generation.incremental import IncrementalEngine
+from torchblt.generation.incremental import IncrementalEngine, compiled_before
 from torchblt.generation.reference import FullRecomputeEngine
 from torchblt.generation.sampling import row_generators, sample, validate_sampling
 from torchblt.generation.stream import StopCondition, StreamPiece, TextStream
@@ -105,10 +105,11 @@ def encode_prompts(prompts: list[str | bytes] | str | bytes) -> list[list[int]]:
 
 def compile_pays(model: BLT, n_rows: int, max_new_bytes: int) -> bool:
     """Whether compiling the step is worth its one-off cost for this call: always on CUDA (a step is launch
-    bound there); on CPU when the call decodes enough bytes to earn back the compile time
-    (:data:`CPU_COMPILE_MIN_BYTES`, measured with ``bench/generation.py``)."""
+    bound there) and for a model already compiled in this process (the graphs are reused); on CPU when
+    the call decodes enough bytes to earn back the compile time (:data:`CPU_COMPILE_MIN_BYTES`, measured
+    with ``bench/generation.py``)."""
     device = next(model.parameters()).device
-    if device.type == "cuda":
+    if device.type == "cuda" or compiled_before(model):
         return True
     return device.type == "cpu" and n_rows * max_new_bytes >= CPU_COMPILE_MIN_BYTES
 

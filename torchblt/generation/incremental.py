@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,12 @@ def compile_errors() -> tuple[type[Exception], ...]:
 
 
 _compile_failure: str | None = None  # why compiling failed in this process (then every engine runs eager)
+_compiled_models: weakref.WeakSet = weakref.WeakSet()  # models whose step compiled in this process
+
+
+def compiled_before(model: BLT) -> bool:
+    """Has a step of ``model`` been compiled in this process? (Later engines reuse the compiled graphs.)"""
+    return model in _compiled_models
 
 
 def _compiling_failed(err: Exception) -> None:
@@ -303,6 +310,7 @@ class IncrementalEngine:
                 try:
                     self._run(state.copy(), tokens, compiled=True)
                     self._compiled_shapes.add(shape)
+                    _compiled_models.add(self.model)
                 except compile_errors() as err:
                     _compiling_failed(err)
         return self._run(state, tokens, compiled and _compile_failure is None)

@@ -55,12 +55,12 @@ PROMPT_BYTES = 64
 
 def serve_child(args: argparse.Namespace) -> int:
     """The server process: the small model behind ``blt serve``'s server."""
-    from torchblt.serve import BLTServer, CohortEngine, ServeConfig, run
+    from torchblt.serve import BatchEngine, BLTServer, ServeConfig, run
 
     torch.set_num_threads(args.threads)
     model, patcher = build("small", torch.device("cpu"), torch.float32)
     server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
-                                          drain_timeout=5), engine=CohortEngine(model, patcher))
+                                          drain_timeout=5), engine=BatchEngine(model, patcher))
     return run(server, port=args.port, log_level="warning")
 
 

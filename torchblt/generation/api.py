@@ -114,7 +114,10 @@ def compile_pays(model: BLT, n_rows: int, max_new_bytes: int) -> bool:
     return device.type == "cpu" and n_rows * max_new_bytes >= CPU_COMPILE_MIN_BYTES
 
 
-CPU_COMPILE_MIN_BYTES = 1 << 62  # placeholder until measured
+# New bytes (rows x max_new_bytes) from which compiling pays on CPU: bench/generation.py's break-even (a cold
+# compile of 28-68 s against the time it saves per byte) measured 3.5 K - 10.2 K bytes on its configs
+# (bench/generation_cpu.json, 2-core VM); below it the eager step finishes first.
+CPU_COMPILE_MIN_BYTES = 10_240
 
 
 def _engine(model: BLT, patcher: Patcher, cfg: GenerationConfig, n_rows: int):

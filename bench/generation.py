@@ -1,20 +1,35 @@
-"""Generation speed: incremental (KV-cached) decoding vs full recompute, same model, same run.
+"""Generation speed and memory: the compiled and the eager step against today's engine and the full recompute.
 
-For every batch size and number of new bytes (after a 64-byte prompt per row) both engines generate
-greedily from random-weight models; the table gives new bytes per second, the speed-up (the ratio of
-the two, measured in this run; the cached path's time is the median of 3 runs, the full recompute's one
-run of minutes), how each path's cost per byte grows (ms per step over the first and the
-last 10% of the steps), the peak cache memory of the cached path, and whether both produced the same
-bytes. The full-recompute baseline is the plain generator; with equal-length rows it runs the rows as
-one batch (a stronger baseline than one row at a time).
+For every model config and thread count, batch 1, greedy, after a 64-byte prompt, in one run:
 
-    python bench/generation.py                       # small config on CPU: 256/512/1024 new bytes, batch 1 and 8,
-                                                     # with 1 thread and with torch's default thread count
-    python bench/generation.py --lengths 512 --batch-sizes 1 --threads 2
-    python bench/generation.py --kernels             # the one-row product kernels behind the decoding step
-    python bench/generation.py --device cuda          # + blt-1b (random weights) when CUDA is available
+* ``compiled`` — :class:`torchblt.generation.IncrementalEngine` with ``compile=True`` (its compile time is
+  reported apart: a warm-up run first, with an empty inductor cache; within one process the compiled
+  graphs serve every later engine of the same model, so a config's second thread count compiles
+  nothing); ``compile_break_even_bytes``: the new bytes after which compiling has paid for itself;
+* ``eager`` — the same engine, ``compile=False``;
+* ``baseline`` — the engine of another checkout (``--baseline PATH``, e.g. a git worktree of main at the
+  commit before engine v2), run in a subprocess on the same weights;
+* ``full`` — the plain generator (re-patch and re-run everything per byte; quadratic), once.
 
-Writes a JSON file (``--json``, default ``generation_bench.json``) and prints a table.
+The cached paths are timed as the median of ``--repeats`` runs (a few seconds each; a busy moment of the
+machine would otherwise decide the ratio), the full recompute once. Every time includes building the
+engine and the prefill. Per path: new bytes/s, mean ms per step, the median step that closes a patch
+(runs the global model) and one that does not, the mean patch size, peak cache memory per row, and
+whether every path produced the same bytes.
+
+"Arithmetic" of a step: the FLOPs per byte of :func:`torchblt.flops.blt_flops_per_byte` (entropy model
+included, attention over the mean context) at the GEMM throughput this machine measures, and the bytes a
+step must read (every local weight per byte, the global weights once per patch, the caches' keys and
+values) at the read bandwidth it measures. The table gives a step's time against both.
+
+``--prefill`` rows: prefill time and peak memory (resident set of a fresh process, minus that process
+with a one-byte prompt) for prompts of 1 KB .. 1 MB; a prompt over ``--prefill-doc-bytes`` is made of
+documents of that size (the global model attends within a document: one 1 MB document is
+quadratic in its ~250 K patches, see docs/generation.md).
+
+    python bench/generation.py --baseline /work/wt-baseline --json bench/generation_cpu.json
+    python bench/generation.py --configs light --threads 2 --new-bytes 128 --no-full
+    python bench/generation.py --device cuda --gpu        # + blt-1b (random weights), bf16, batch 1 and 8
 """
 
 from __future__ import annotations
@@ -23,18 +38,21 @@ import argparse
 import json
 import os
 import platform
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" or "torchblt" not in sys.modules:
+    sys.path.insert(0, os.environ.get("BENCH_TORCHBLT_ROOT", str(ROOT)))
 
 from torchblt.formats.common import build_model  # noqa: E402
-from torchblt.generation import FullRecomputeEngine, IncrementalEngine  # noqa: E402
-from torchblt.generation.fused import onednn_pack, onednn_product  # noqa: E402
 from torchblt.model.config import (  # noqa: E402
     BLTConfig,
     CrossAttentionConfig,
@@ -75,24 +93,38 @@ def small_config() -> tuple[BLTConfig, EntropyModelConfig]:
     return blt, em
 
 
+def light_config() -> tuple[BLTConfig, EntropyModelConfig]:
+    """The reference's small benchmark shape: global 384 x 6, encoder 256 x 1, decoder 256 x 4, entropy
+    model 128 x 2 (23M parameters with the hash tables)."""
+    blt, _ = small_config()
+    blt.global_ = _stack(384, 6, 6, None, "block_causal")
+    em = EntropyModelConfig(transformer=StackConfig(dim=128, n_layers=2, n_heads=4, multiple_of=64,
+                                                    attention="local_block_causal", window=512))
+    return blt, em
+
+
+CONFIGS = {"small": small_config, "light": light_config, "blt-1b": lambda: (blt_1b(), entropy_100m())}
+
+
 def build(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    blt_cfg, em_cfg = small_config() if name == "small" else (blt_1b(), entropy_100m())
+    """The config's random-weight model and an entropy patcher whose threshold starts a patch at ~1 byte in
+    4.5 of :data:`TEXT` (the paper's mean patch size)."""
+    blt_cfg, em_cfg = CONFIGS[name]()
     torch.manual_seed(seed)
     model = build_model(blt_cfg, device=device)
     model.init_weights()
     em = build_model(em_cfg, device=device)
     em.init_weights()
     model, em = model.to(dtype).eval(), em.to(dtype).eval()
-    # a threshold that starts a patch at ~1 byte in 4.5 (the paper's mean patch size) on this text
     ids = torch.tensor([ByteTokenizer().encode(TEXT * 2, add_eos=False)], device=device)
     ent = em.entropies(ids)[0].float()
     threshold = float(torch.quantile(ent, 1 - 1 / 4.5))
-    return model, Patcher("entropy", threshold=threshold, entropy_model=em)
+    return model, em, threshold
 
 
 def prompts(batch: int, n_bytes: int) -> list[list[int]]:
     tok = ByteTokenizer()
-    data = (TEXT * 4).encode()
+    data = (TEXT * (4 + n_bytes // len(TEXT))).encode()
     return [tok.encode(data[37 * i : 37 * i + n_bytes - 1], add_eos=False) for i in range(batch)]  # BOS + bytes
 
 
@@ -103,17 +135,16 @@ def sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def timed_run(make_engine, rows: list[list[int]], n_new: int, device: torch.device) -> dict:
-    """Greedy generation of ``n_new`` bytes per row: total time (building the engine included: the cached
-    one lays out its step weights), per-step times, the bytes."""
+    """Greedy generation of ``n_new`` bytes per row: total time (engine and prefill included), per-step
+    times split by whether the step closed a patch, the bytes, peak cache memory."""
     sync(device)
     t0 = time.perf_counter()
     engine = make_engine()
     logits = engine.start(rows)
     sync(device)
     prefill = time.perf_counter() - t0
-    steps, out = [], []
+    steps, closing, out = [], [], []
     peak_cache = 0
-    new_starts = sum(engine.next_starts)  # does the first new byte start a patch (per row)
     for i in range(n_new):
         nxt = logits.argmax(-1)
         out.append(nxt.tolist())
@@ -123,200 +154,293 @@ def timed_run(make_engine, rows: list[list[int]], n_new: int, device: torch.devi
         logits = engine.advance(nxt)
         sync(device)
         steps.append(time.perf_counter() - t)
-        new_starts += sum(engine.next_starts)
+        closing.append(sum(engine.next_starts))
         if hasattr(engine, "cache_bytes") and (i % 64 == 0 or i == n_new - 2):
             peak_cache = max(peak_cache, sum(engine.cache_bytes().values()))
     total = time.perf_counter() - t0
-    k = max(1, len(steps) // 10)
-    # growth of the cost per step with the text: least-squares slope of step time against step index
-    n = len(steps)
-    mean_i, mean_t = (n - 1) / 2, sum(steps) / max(1, n)
-    var_i = sum((i - mean_i) ** 2 for i in range(n))
-    slope = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(steps)) / var_i if var_i else 0.0
+    close = [t for t, c in zip(steps, closing) if c]
+    plain = [t for t, c in zip(steps, closing) if not c]
+    weights = engine.step_weight_bytes() if hasattr(engine, "step_weight_bytes") else 0
     return {
         "seconds": total,
         "prefill_seconds": prefill,
         "bytes_per_second": len(rows) * n_new / total,
-        "ms_per_step_first10pct": 1000 * sum(steps[:k]) / k,
-        "ms_per_step_last10pct": 1000 * sum(steps[-k:]) / k,
-        "ms_per_step_growth_per_100_bytes": 1000 * 100 * slope,
-        "peak_cache_mib": peak_cache / 2**20,
-        "mean_patch_bytes_generated": len(rows) * n_new / max(1, new_starts),
+        "ms_per_step": 1000 * sum(steps) / max(1, len(steps)),
+        "ms_closing_step": 1000 * statistics.median(close) if close else None,
+        "ms_plain_step": 1000 * statistics.median(plain) if plain else None,
+        "mean_patch_bytes": len(rows) * max(1, len(steps)) / max(1, sum(closing)),
+        "peak_cache_mib_per_row": peak_cache / 2**20 / len(rows),
+        "step_weight_copies_mib": weights / 2**20,
         "tokens": [list(col) for col in zip(*out)],
-        "cache_breakdown_mib": {k2: v / 2**20 for k2, v in engine.cache_bytes().items()}
-        if hasattr(engine, "cache_bytes") else None,
-        "step_weights_mib": engine.step_weight_bytes() / 2**20 if hasattr(engine, "step_weight_bytes") else None,
     }
 
 
-def median_run(make_engine, rows: list[list[int]], n_new: int, device: torch.device, repeats: int) -> dict:
-    """The run with the median total time of ``repeats`` (a few-second run is at the mercy of a busy
-    machine; the full recompute runs for minutes and is timed once). Every repeat must give the same bytes."""
+def median_run(make_engine, rows, n_new, device, repeats: int) -> dict:
     runs = sorted((timed_run(make_engine, rows, n_new, device) for _ in range(repeats)), key=lambda r: r["seconds"])
     if any(r["tokens"] != runs[0]["tokens"] for r in runs):
-        raise RuntimeError("repeated cached runs produced different bytes")
+        raise RuntimeError("repeated runs produced different bytes")
     out = runs[len(runs) // 2]
     out["seconds_all"] = [r["seconds"] for r in runs]
     return out
 
 
-def bench_config(name: str, device: torch.device, dtype: torch.dtype, lengths: list[int], batch_sizes: list[int],
-                 prompt_bytes: int, full_max_work: int, threads: int | None, repeats: int = 3) -> list[dict]:
-    model, patcher = build(name, device, dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    rows_out = []
-    # warm-up (allocator, kernels) on every path
-    timed_run(lambda: IncrementalEngine(model, patcher, 8), prompts(1, prompt_bytes), 8, device)
-    timed_run(lambda: IncrementalEngine(model, patcher, 8, fused=False), prompts(1, prompt_bytes), 8, device)
-    timed_run(lambda: FullRecomputeEngine(model, patcher, True), prompts(1, prompt_bytes), 4, device)
-    for batch in batch_sizes:
-        for n_new in lengths:
-            rows = prompts(batch, prompt_bytes)
-            cached = median_run(lambda n=n_new: IncrementalEngine(model, patcher, n), rows, n_new, device, repeats)
-            modules = median_run(lambda n=n_new: IncrementalEngine(model, patcher, n, fused=False), rows, n_new,
-                                 device, repeats)
-            full = None
-            if not full_max_work or batch * n_new <= full_max_work:
-                full = timed_run(lambda: FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new,
-                                 device)
-            row = {
-                "config": name,
-                "device": str(device),
-                "threads": threads,
-                "dtype": str(dtype).replace("torch.", ""),
-                "params_blt": n_params,
-                "batch": batch,
-                "prompt_bytes": prompt_bytes,
-                "new_bytes": n_new,
-                "cached": {k: v for k, v in cached.items() if k != "tokens"},
-                "cached_modules": {k: v for k, v in modules.items() if k != "tokens"},
-                "full": {k: v for k, v in full.items() if k != "tokens"} if full else None,
-                "speedup": full["seconds"] / cached["seconds"] if full else None,
-                "speedup_modules": full["seconds"] / modules["seconds"] if full else None,
-                "identical_bytes": (full["tokens"] == cached["tokens"] == modules["tokens"]) if full
-                else cached["tokens"] == modules["tokens"],
-            }
-            rows_out.append(row)
-            print_row(row)
-    return rows_out
+# ----------------------------------------------------------------------------- the machine
+def machine_rates(device: torch.device) -> dict:
+    """GEMM throughput (a 2048^3 fp32 product) and read bandwidth (summing 256 MiB) at this thread count."""
+    if device.type == "cuda":
+        return {}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    gflops = 3 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    x = torch.randn(64 * 2**20)
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        x.sum()
+    gbs = 5 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+    return {"gemm_gflops": gflops, "read_gb_s": gbs}
 
 
-HEADER = (
-    f"{'config':<7} {'dev':<5} {'thr':>3} {'B':>2} {'new':>5} | {'cached B/s':>10} {'modules':>8} {'full B/s':>9} "
-    f"{'speedup':>8} | {'cached ms/step':>14} {'/100B':>6} {'full ms/step':>14} {'/100B':>6} | {'cache MiB':>9} "
-    f"{'patch':>5} {'same':>5}"
-)
+def step_arithmetic(name: str, patch_bytes: float, context: float) -> dict:
+    """FLOPs and bytes read per generated byte (fp32) for the config at mean patch size ``patch_bytes``."""
+    from torchblt.flops import blt_flops_per_byte
+
+    blt, em = CONFIGS[name]()
+    flops = blt_flops_per_byte(blt, patch_bytes, em, context_bytes=context)["inference"]
+    model = build_model(blt, device="meta")
+    ent = build_model(em, device="meta")
+    hash_params = sum(p.numel() for n, p in model.named_parameters() if "hash_tok" in n or "tok_embeddings" in n)
+    glob = sum(p.numel() for n, p in model.named_parameters() if n.startswith("global_transformer"))
+    local = sum(p.numel() for p in model.parameters()) - glob - hash_params
+    em_params = sum(p.numel() for n, p in ent.named_parameters() if "tok_embeddings" not in n)
+    kv = 0.0  # keys and values read per byte: every local layer over its window, the global over the patches
+    for stack in (blt.encoder, blt.decoder, em.transformer):
+        kv += stack.n_layers * 2 * min(stack.window or context, context) * stack.resolved_n_kv_heads * stack.resolved_head_dim
+    kv += blt.global_.n_layers * 2 * (context / patch_bytes) * blt.global_.resolved_n_kv_heads \
+        * blt.global_.resolved_head_dim / patch_bytes
+    weights = local + em_params + glob / patch_bytes
+    return {"flops_per_byte": flops, "bytes_read_per_byte": 4 * (weights + kv)}
 
 
-def print_row(row: dict) -> None:
-    c, m, f = row["cached"], row["cached_modules"], row["full"]
-    cs = f"{c['ms_per_step_first10pct']:.2f}->{c['ms_per_step_last10pct']:.2f}"
-    fs = f"{f['ms_per_step_first10pct']:.1f}->{f['ms_per_step_last10pct']:.1f}" if f else "-"
-    fg = f"{f['ms_per_step_growth_per_100_bytes']:+6.1f}" if f else "-"
-    print(
-        f"{row['config']:<7} {row['device'][:5]:<5} {row['threads'] or '-':>3} {row['batch']:>2} {row['new_bytes']:>5} | "
-        f"{c['bytes_per_second']:>10.1f} {m['bytes_per_second']:>8.1f} "
-        f"{(f['bytes_per_second'] if f else float('nan')):>9.1f} "
-        f"{(row['speedup'] or float('nan')):>7.1f}x | {cs:>14} {c['ms_per_step_growth_per_100_bytes']:+6.2f} "
-        f"{fs:>14} {fg:>6} | {c['peak_cache_mib']:>9.2f} {c['mean_patch_bytes_generated']:>5.2f} "
-        f"{str(row['identical_bytes']):>5}",
-        flush=True,
-    )
+# ----------------------------------------------------------------------------- one table
+def engine_factory(model, patcher, n_new: int, compile_step: bool):
+    from torchblt.generation import IncrementalEngine
+
+    return lambda: IncrementalEngine(model, patcher, n_new, compile=compile_step)
 
 
-def _products(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [fn(x, w) for w in weights]
+def bench_decode(name: str, threads: int, n_new: int, repeats: int, baseline: str | None, full: bool,
+                 device: torch.device, dtype: torch.dtype, batch: int = 1, compiled: bool = True) -> dict:
+    from torchblt.generation import FullRecomputeEngine
+
+    torch.set_num_threads(threads)
+    model, em, threshold = build(name, device, dtype)
+    patcher = Patcher("entropy", threshold=threshold, entropy_model=em)
+    rows = prompts(batch, 64)
+    row: dict = {"config": name, "threads": threads, "batch": batch, "new_bytes": n_new, "device": str(device),
+                 "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
+                 "weights_mib": sum(p.numel() * p.element_size() for p in [*model.parameters(), *em.parameters()])
+                 / 2**20, "machine": machine_rates(device)}
+    row["compile_seconds"] = None
+    if compiled:
+        t = time.perf_counter()
+        timed_run(engine_factory(model, patcher, n_new, True), rows, n_new, device)  # compiles
+        row["compile_seconds"] = time.perf_counter() - t
+        row["compiled"] = median_run(engine_factory(model, patcher, n_new, True), rows, n_new, device, repeats)
+    row["eager"] = median_run(engine_factory(model, patcher, n_new, False), rows, n_new, device, repeats)
+    if baseline:
+        row["baseline"] = run_baseline(baseline, name, model, em, threshold, rows, n_new, threads, repeats)
+    if full:
+        row["full"] = timed_run(lambda: FullRecomputeEngine(model, patcher, batch_equal_lengths=True), rows, n_new,
+                                device)
+    ref = row["eager"]["tokens"]
+    row["identical_bytes"] = all(row[k]["tokens"] == ref for k in ("compiled", "baseline", "full") if k in row)
+    for k in ("compiled", "eager", "baseline", "full"):
+        if k in row:
+            row[k].pop("tokens")
+    if row["machine"]:
+        ar = step_arithmetic(name, row["eager"]["mean_patch_bytes"], 64 + n_new / 2)
+        row["arithmetic"] = {**ar, "ms_flops": 1000 * ar["flops_per_byte"] / (row["machine"]["gemm_gflops"] * 1e9),
+                             "ms_bytes": 1000 * ar["bytes_read_per_byte"] / (row["machine"]["read_gb_s"] * 1e9)}
+    if compiled:
+        # new bytes after which compiling has paid for itself (cold compile time / time saved per byte)
+        saved = 1 / row["eager"]["bytes_per_second"] - 1 / row["compiled"]["bytes_per_second"]
+        row["compile_break_even_bytes"] = row["compile_seconds"] / saved if saved > 0 else None
+    for k in ("baseline", "full"):
+        for mine in ("compiled", "eager"):
+            if k in row and mine in row:
+                row[f"{mine}_vs_{k}"] = row[mine]["bytes_per_second"] / row[k]["bytes_per_second"]
+    return row
 
 
-KERNEL_SHAPES = [(256, 768), (256, 1408), (704, 256), (768, 2304), (768, 768), (768, 4096), (2048, 768)]  # (in, out)
+def run_baseline(root: str, name: str, model, em, threshold: float, rows, n_new: int, threads: int,
+                 repeats: int) -> dict:
+    """Today's engine from another checkout, in a subprocess, on these weights (the worker builds the
+    config with the other checkout's classes and loads the state dicts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save({"config": name, "model": model.state_dict(), "em": em.state_dict(), "threshold": threshold,
+                    "rows": rows, "n_new": n_new, "threads": threads, "repeats": repeats}, weights)
+        env = {**os.environ, "BENCH_TORCHBLT_ROOT": root, "PYTHONPATH": root}
+        out = subprocess.run([sys.executable, __file__, "--_baseline-worker", str(weights)], env=env,
+                             capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the baseline worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_kernels(threads: list[int], shapes: list[tuple[int, int]] = KERNEL_SHAPES) -> list[dict]:
-    """One-row products (what a decoding step does) with the small config's matrix shapes: ``nn.Linear``
-    vs the step's input-major ``x @ W_t`` vs oneDNN's packed layout; 40 matrices of a shape per round, so
-    the weights come from memory, not from the cache. Backs the choices in ``torchblt.generation.fused``."""
-    out = []
-    print(f"{'thr':>3} {'in x out':>11} | {'nn.Linear':>10} {'x @ W_t':>10} {'oneDNN':>10}  (GiB/s of weights read)")
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
-        for d_in, d_out in shapes:
-            ws = [torch.randn(d_out, d_in) for _ in range(40)]
-            wts = [w.t().contiguous() for w in ws]
-            x = torch.randn(1, 1, d_in)
-            fns = {"linear": partial(_products, torch.nn.functional.linear, x, ws),
-                   "input_major": partial(_products, torch.matmul, x, wts)}
-            if torch.backends.mkldnn.is_available():
-                packed = [onednn_pack(w) for w in ws]
-                fns["onednn"] = partial(_products, onednn_product, x, packed)
-            gib = 40 * d_in * d_out * 4 / 2**30
-            rates = {}
-            with torch.inference_mode():
-                for k, fn in fns.items():
-                    fn()
-                    reps = max(3, int(2e8 / (40 * d_in * d_out * 4)))
-                    t = time.perf_counter()
-                    for _ in range(reps):
-                        fn()
-                    rates[k] = gib * reps / (time.perf_counter() - t)
-            out.append({"threads": n_threads, "in": d_in, "out": d_out, "gib_per_s": rates})
-            print(f"{n_threads:>3} {f'{d_in}x{d_out}':>11} | {rates['linear']:>10.1f} {rates['input_major']:>10.1f} "
-                  f"{rates.get('onednn', float('nan')):>10.1f}", flush=True)
-    return out
+def baseline_worker(path: str) -> None:
+    from torchblt.generation import IncrementalEngine
+
+    spec = torch.load(path, weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    blt_cfg, em_cfg = CONFIGS[spec["config"]]()
+    model, em = build_model(blt_cfg, device="cpu"), build_model(em_cfg, device="cpu")
+    model.load_state_dict(spec["model"])
+    em.load_state_dict(spec["em"])
+    model, em = model.eval(), em.eval()
+    patcher = Patcher("entropy", threshold=spec["threshold"], entropy_model=em)
+    make = lambda: IncrementalEngine(model, patcher, spec["n_new"])  # noqa: E731
+    timed_run(make, spec["rows"], 8, torch.device("cpu"))  # warm-up
+    print(json.dumps(median_run(make, spec["rows"], spec["n_new"], torch.device("cpu"), spec["repeats"])))
+
+
+# ----------------------------------------------------------------------------- prefill
+def prefill_prompt(n_bytes: int, doc_bytes: int) -> list[int]:
+    """``n_bytes`` of text (BOS first); over ``doc_bytes`` it is made of documents of that size (EOS-ended)."""
+    tok = ByteTokenizer()
+    data = (TEXT * (n_bytes // len(TEXT) + 1)).encode()[: n_bytes - 1]
+    if n_bytes <= doc_bytes:
+        return tok.encode(data, add_eos=False)
+    out = [tok.bos_id]  # BOS, then documents that each end with an EOS
+    for a in range(0, len(data), doc_bytes):
+        piece = tok.encode(data[a : a + doc_bytes - 1], add_bos=False, add_eos=True)
+        out += piece
+    return out[:n_bytes]
+
+
+def bench_prefill(name: str, sizes: list[int], doc_bytes: int, threads: int) -> list[dict]:
+    rows = []
+    base = prefill_worker_run(name, 1, doc_bytes, threads)
+    for n in sizes:
+        r = prefill_worker_run(name, n, doc_bytes, threads)
+        r["peak_mib_over_1_byte"] = r["max_rss_mib"] - base["max_rss_mib"]
+        rows.append(r)
+        print(f"prefill {name:6s} thr {threads} {n:>8} bytes ({r['documents']} docs): {r['seconds']:8.2f} s "
+              f"{r['bytes_per_second']:>9.0f} B/s  peak +{r['peak_mib_over_1_byte']:.0f} MiB  "
+              f"global cache {r['global_cache_mib']:.0f} MiB", flush=True)
+    return rows
+
+
+def prefill_worker_run(name: str, n: int, doc_bytes: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_prefill-worker", json.dumps([name, n, doc_bytes, threads])],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prefill_worker(arg: str) -> None:
+    from torchblt.generation import IncrementalEngine
+
+    name, n, doc_bytes, threads = json.loads(arg)
+    torch.set_num_threads(threads)
+    model, em, threshold = build(name, torch.device("cpu"), torch.float32)
+    patcher = Patcher("entropy", threshold=threshold, entropy_model=em)
+    ids = prefill_prompt(n, doc_bytes)
+    engine = IncrementalEngine(model, patcher, 1)
+    t = time.perf_counter()
+    state, _, starts = engine.prefill([ids])
+    seconds = time.perf_counter() - t
+    print(json.dumps({"config": name, "bytes": n, "documents": ids.count(2) + (ids[-1] != 2), "threads": threads,
+                      "seconds": seconds, "bytes_per_second": n / seconds, "patches": sum(starts[0]),
+                      "global_cache_mib": state.global_.nbytes() / 2**20,
+                      "cache_mib": sum(state.cache_bytes().values()) / 2**20,
+                      "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+# ----------------------------------------------------------------------------- output
+def print_row(r: dict) -> None:
+    e = r["eager"]
+    c = r.get("compiled") or e
+    b, f = r.get("baseline"), r.get("full")
+
+    def bps(x):
+        return f"{x['bytes_per_second']:7.1f}" if x else "      -"
+
+    ar = r.get("arithmetic")
+    arith = (f"{c['ms_per_step'] / ar['ms_flops']:5.1f}x flops {c['ms_per_step'] / ar['ms_bytes']:4.1f}x bytes"
+             if ar else "-")
+    print(f"{r['config']:<6} {r['threads']:>3} {r['batch']:>2} {r['new_bytes']:>4} | {bps(c)} {bps(e)} {bps(b)} {bps(f)} | "
+          f"{r.get('compiled_vs_baseline', float('nan')):5.2f}x {r.get('eager_vs_baseline', float('nan')):5.2f}x "
+          f"{r.get('compiled_vs_full', float('nan')):6.1f}x | {c['ms_per_step']:5.2f} {c['ms_closing_step'] or 0:6.2f} "
+          f"{c['ms_plain_step'] or 0:5.2f} {(b or {}).get('ms_per_step', float('nan')):6.2f} | {arith} | "
+          f"{c['peak_cache_mib_per_row']:5.1f} {r['weights_mib']:6.1f} {(b or {}).get('step_weight_copies_mib', 0):6.1f} | "
+          f"{r['compile_seconds'] or 0:5.0f} {c['mean_patch_bytes']:4.2f} {r['identical_bytes']}", flush=True)
+
+
+HEADER = ("config thr  B  new | compiled   eager baseline   full | comp/base eager/base comp/full | "
+          "ms/step closing plain base | step vs arithmetic | cache/row weights copies | compile_s patch same")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--prompt-bytes", type=int, default=64)
-    ap.add_argument("--threads", type=int, nargs="+", default=None,
-                    help="torch CPU thread counts to run the CPU table with, one table each (default: 1 and torch's "
-                         "default)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda; the blt-1b row runs only on CUDA")
-    ap.add_argument("--full-max-work", type=int, default=4096,
-                    help="run the full-recompute baseline only when batch x new bytes <= this (it is quadratic; "
-                         "default 4096 skips batch 8 x 1024, ~40 min on one CPU core); 0 = always")
-    ap.add_argument("--gpu-lengths", type=int, nargs="+", default=None, help="lengths for blt-1b (default: --lengths)")
-    ap.add_argument("--kernels", action="store_true",
-                    help="only the one-row matrix-product kernels (nn.Linear vs the decoding step's layouts)")
-    ap.add_argument("--json", default="generation_bench.json", help="where to write the results")
+    ap.add_argument("--configs", nargs="+", default=["small", "light"], choices=["small", "light"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--new-bytes", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", default=None, help="a checkout of today's engine (e.g. a git worktree of main)")
+    ap.add_argument("--no-full", dest="full", action="store_false", help="skip the full recompute")
+    ap.add_argument("--no-compile", dest="compiled", action="store_false", help="skip the compiled step")
+    ap.add_argument("--full-threads", type=int, nargs="+", default=None,
+                    help="thread counts that run the full recompute (default: all)")
+    ap.add_argument("--prefill", type=int, nargs="*", default=None, metavar="BYTES",
+                    help="prefill rows for these prompt sizes (light config), e.g. 1024 10240 102400 1048576")
+    ap.add_argument("--prefill-doc-bytes", type=int, default=1 << 17)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu", action="store_true", help="blt-1b rows (random weights, bf16, batch 1 and 8) on CUDA")
+    ap.add_argument("--json", default="generation_bench.json")
+    ap.add_argument("--_baseline-worker", dest="baseline_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_prefill-worker", dest="prefill_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    default_threads = torch.get_num_threads()
-    threads = args.threads or sorted({1, default_threads})
-    if any(t < 1 for t in threads):
-        ap.error(f"--threads must be positive, got {threads}")
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, threads {threads}")
-    meta = {"torch": torch.__version__, "threads": threads, "argv": sys.argv[1:],
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    if args.kernels:
-        Path(args.json).write_text(json.dumps({"meta": meta, "kernels": bench_kernels(threads)}, indent=1))
-        print(f"wrote {args.json}")
+    if args.baseline_worker:
+        baseline_worker(args.baseline_worker)
         return 0
-    print("cached: the fused decode-layout step; modules: the same engine on the model's modules (fused=False); "
-          "speedup = full / cached seconds")
-    print("per-step columns: mean ms of one decoding step over the first -> the last 10% of the steps; /100B: "
-          "least-squares growth of the step time per 100 bytes of text; patch: mean patch size of the generated bytes")
-    print(HEADER)
-    results = []
-    if device.type == "cuda":
-        results += bench_config("small", device, torch.float32, args.lengths, args.batch_sizes, args.prompt_bytes,
-                                args.full_max_work, None)
+    if args.prefill_worker:
+        prefill_worker(args.prefill_worker)
+        return 0
+    device = torch.device(args.device)
+    # a cold compile, as a user's first call sees it (not kernels cached on disk by an earlier run)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-generation-inductor-"))
+    meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "argv": sys.argv[1:], "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "inductor_cache": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+    print(json.dumps(meta))
+    results: dict = {"meta": meta, "decode": [], "prefill": []}
+    if args.gpu:
+        if device.type != "cuda":
+            ap.error("--gpu needs --device cuda")
+        for batch in (1, 8):
+            r = bench_decode("blt-1b", torch.get_num_threads(), args.new_bytes, args.repeats, None, False, device,
+                             torch.bfloat16, batch)
+            results["decode"].append(r)
+            print(f"blt-1b bf16 batch {batch}: compiled {r['compiled']['bytes_per_second']:.0f} B/s, eager "
+                  f"{r['eager']['bytes_per_second']:.0f} B/s, compile {r['compile_seconds']:.0f} s", flush=True)
     else:
-        for n_threads in threads:
-            torch.set_num_threads(n_threads)
-            results += bench_config("small", device, torch.float32, args.lengths, args.batch_sizes,
-                                    args.prompt_bytes, args.full_max_work, n_threads)
-    if torch.cuda.is_available() and device.type == "cuda":
-        from torchblt.model.masks import set_attention_backend
-
-        set_attention_backend("sdpa")  # full recompute: no per-shape FlexAttention recompiles
-        results += bench_config("blt-1b", device, torch.bfloat16, args.gpu_lengths or args.lengths,
-                                args.batch_sizes, args.prompt_bytes, args.full_max_work, None)
-    else:
-        print("blt-1b on GPU: skipped (CUDA is not available here); run with --device cuda on a GPU machine")
-    Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(HEADER)
+        for name in args.configs:
+            for threads in args.threads:
+                full = args.full and (args.full_threads is None or threads in args.full_threads)
+                r = bench_decode(name, threads, args.new_bytes, args.repeats, args.baseline, full, device,
+                                 torch.float32, args.batch, args.compiled)
+                results["decode"].append(r)
+                print_row(r)
+        if args.prefill:
+            results["prefill"] = bench_prefill("light", args.prefill, args.prefill_doc_bytes, max(args.threads))
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.json}")
     return 0
 

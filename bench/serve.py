@@ -48,6 +48,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from generation import TEXT, build  # noqa: E402
 
+
+def build_small():
+    """bench/generation.py's small config and its entropy patcher: ``(model, patcher)``."""
+    from torchblt.patching import Patcher
+
+    model, em, threshold = build("small", torch.device("cpu"), torch.float32)
+    return model, Patcher("entropy", threshold=threshold, entropy_model=em)
+
+
 MODEL_NAME = "small"
 LENGTHS = (32, 48, 64, 80, 96)
 PROMPT_BYTES = 64
@@ -55,12 +64,12 @@ PROMPT_BYTES = 64
 
 def serve_child(args: argparse.Namespace) -> int:
     """The server process: the small model behind ``blt serve``'s server."""
-    from torchblt.serve import BLTServer, CohortEngine, ServeConfig, run
+    from torchblt.serve import BatchEngine, BLTServer, ServeConfig, run
 
     torch.set_num_threads(args.threads)
-    model, patcher = build("small", torch.device("cpu"), torch.float32)
+    model, patcher = build_small()
     server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
-                                          drain_timeout=5), engine=CohortEngine(model, patcher))
+                                          drain_timeout=5), engine=BatchEngine(model, patcher))
     return run(server, port=args.port, log_level="warning")
 
 
@@ -195,7 +204,7 @@ def engine_section(threads: int, n_rows: int = 16, n_steps: int = 48) -> dict:
     from torchblt.tokenizer import ByteTokenizer
 
     torch.set_num_threads(threads)
-    model, patcher = build("small", torch.device("cpu"), torch.float32)
+    model, patcher = build_small()
     tok = ByteTokenizer()
     prompts = [tok.encode(prompt_for(i, 0), add_eos=False) for i in range(n_rows)]
     template = IncrementalEngine(model, patcher, n_steps)

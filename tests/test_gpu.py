@@ -1,13 +1,13 @@
 """CUDA-only paths against the CPU-tested ones (``python -m pytest -m gpu``; deselected by default, CI has
 no GPU): compiled FlexAttention vs SDPA, cached generation vs full recompute on the GPU (fp32 and bf16),
-the decode-layout step on the GPU. ``bench/gpu_checks.sh`` runs these with the GPU benchmarks."""
+the compiled step (CUDA graphs) on the GPU. ``bench/gpu_checks.sh`` runs these with the GPU benchmarks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.helpers.generation import TEXT, assert_same, median_entropy, paths_agree, prompts_ids, tiny_em, tiny_model
+from tests.helpers.generation import TEXT, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
 from tests.helpers.models import make, variants
 from torchblt import ByteTokenizer, Patcher
 from torchblt.generation import GenerationConfig, generate_tokens
@@ -52,20 +52,34 @@ def test_cached_generation_equals_full_recompute_on_cuda():
     assert_same(model.cuda(), patcher, prompts_ids(TEXT[:33], TEXT[3:7], "x"), n_new=48)
 
 
-def test_fused_and_module_steps_on_cuda():
+def test_compiled_step_on_cuda():
+    """The compiled step (``mode="reduce-overhead"``: CUDA graphs) equals the full recompute, rows finishing
+    early included (the batch keeps its bucket), and a multi-byte step + roll-back works on the GPU."""
     model, em = tiny_model(seed=3, window=10), tiny_em(seed=4, window=12)
     patcher = _entropy_patcher(em)
     patcher.entropy_model = em.cuda()
-    results = paths_agree(model.cuda(), patcher, prompts_ids(TEXT[:23], TEXT[5:9]))
-    assert results[True][0].step_weight_bytes() > 0
+    model = model.cuda()
+    assert_same(model, patcher, prompts_ids(TEXT[:23], TEXT[5:9], "abc"), n_new=40, compile=True)
+    from torchblt.generation import IncrementalEngine
+
+    engine = IncrementalEngine(model, patcher, 16, compile=True, lookahead=4)
+    state, _, _ = engine.prefill(prompts_ids(TEXT[:23]))
+    clean = state.copy()
+    real = torch.tensor([[101, 102, 103, 104]], device="cuda")
+    want = engine.step(clean, real)
+    engine.step(state, torch.tensor([[101, 102, 50, 51]], device="cuda"))
+    state.truncate(2)
+    torch.testing.assert_close(engine.step(state, real[:, 2:]), want[:, 2:], atol=1e-4, rtol=0)
 
 
-def test_bf16_generation_on_cuda():
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
+def test_bf16_generation_on_cuda(compile_step):
     model, em = tiny_model(seed=0, window=8), tiny_em(seed=1, window=12)
     patcher = _entropy_patcher(em)
     model, patcher.entropy_model = model.cuda().to(torch.bfloat16), em.cuda().to(torch.bfloat16)
     outs = [generate_tokens(model, prompts_ids(TEXT[:40]), patcher, return_logits=True,
-                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, use_cache=c))
+                            config=GenerationConfig(max_new_bytes=30, stop_at_eos=False, use_cache=c,
+                                                    compile=compile_step))
             for c in (False, True)]
     assert outs[0].tokens == outs[1].tokens
     assert (outs[0].logits[0] - outs[1].logits[0]).abs().max() < 0.25

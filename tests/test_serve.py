@@ -33,7 +33,7 @@ from torchblt import generate, load_model, save_model  # noqa: E402
 from torchblt.formats.common import build_model  # noqa: E402
 from torchblt.model.config import tiny_blt, tiny_entropy  # noqa: E402
 from torchblt.patching import Patcher, split_first_patch  # noqa: E402
-from torchblt.serve import BLTServer, CohortEngine, ServeConfig, ThreadedServer  # noqa: E402
+from torchblt.serve import BatchEngine, BLTServer, ServeConfig, ThreadedServer  # noqa: E402
 from torchblt.tokenizer import ByteTokenizer  # noqa: E402
 
 TOK = ByteTokenizer()
@@ -319,6 +319,49 @@ def test_sixteen_staggered_clients_each_equal_their_single_run(server, model):
     wait_until(lambda: srv.engine.n_rows == 0)
 
 
+def test_a_row_joining_a_running_batch_gets_its_solo_output(model):
+    """Continuous batching in the engine: rows join a batch that is already decoding (one batch, not one
+    per arrival) and leave it, and every row's greedy bytes and logits are those it gets alone."""
+    engine = BatchEngine(model)
+    prompts = [TOK.encode(t, add_eos=False) for t in (TEXT[:30], "Hi", TEXT[40:60])]
+    n_new = 24
+    solo = []
+    for p in prompts:
+        alone_engine = BatchEngine(model)
+        logits, seq = alone_engine.join([p], [n_new]), []
+        for _ in range(n_new):
+            nxt = logits.argmax(-1)
+            seq.append((int(nxt[0]), logits[0]))
+            logits = alone_engine.step(nxt).logits
+        solo.append(seq)
+    got: list[list] = [[], [], []]
+    joins = {0: [0], 5: [1, 2]}  # step -> rows that join before it
+    live: list[int] = []
+    logits = None
+    for step in range(n_new + 5):
+        if step in joins:
+            new = engine.join([prompts[r] for r in joins[step]], [n_new] * len(joins[step]))
+            logits = new if logits is None else torch.cat([logits, new])
+            live += joins[step]
+        nxt = logits.argmax(-1)
+        for i, r in enumerate(live):
+            got[r].append((int(nxt[i]), logits[i]))
+        done = [i for i, r in enumerate(live) if len(got[r]) == n_new]
+        if done:
+            engine.leave(done)
+            keep = [i for i in range(len(live)) if i not in done]
+            live, nxt = [live[i] for i in keep], nxt[keep]
+        if not live:
+            break
+        assert engine.n_batches == 1 and engine.n_rows == len(live)
+        logits = engine.step(nxt).logits
+    assert engine.n_rows == 0 and engine.cache_bytes() == 0
+    for r in range(3):
+        assert [t for t, _ in got[r]] == [t for t, _ in solo[r]], f"row {r}"
+        torch.testing.assert_close(torch.stack([lg for _, lg in got[r]]), torch.stack([lg for _, lg in solo[r]]),
+                                   atol=1e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -429,27 +472,38 @@ def test_disconnects_cancel_rows_and_free_memory(server, client, model):
         model, "Hi", 5)
 
 
-class _FaultyEngine(CohortEngine):
-    """Fails the prefill of prompts holding "BOOM" and the steps of the cohort holding a "STEP" prompt."""
+class _FaultyEngine(BatchEngine):
+    """Fails the prefill of prompts holding "BOOM" and every step of a row holding a "STEP" prompt."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faulty: list[bool] = []  # per row of the batch
 
     def join(self, prompts, max_new_bytes):
         texts = [TOK.decode(p) for p in prompts]
         if any("BOOM" in t for t in texts):
             raise RuntimeError("prefill exploded")
         logits = super().join(prompts, max_new_bytes)
-        self.cohorts[-1].faulty = any("STEP" in t for t in texts)
+        self.faulty += ["STEP" in t for t in texts]
         return logits
 
+    def _step(self, state, next_ids, rows):
+        if any(self.faulty[r] for r in rows):
+            raise RuntimeError("step exploded")
+        return super()._step(state, next_ids, rows)
+
     def step(self, next_ids):
-        for c in self.cohorts:
-            if getattr(c, "faulty", False) and not hasattr(c.engine, "_armed"):
-                c.engine._armed = True
-                c.engine.advance = _raise
-        return super().step(next_ids)
+        out = super().step(next_ids)
+        self.faulty = [f for i, f in enumerate(self.faulty) if i not in out.failed]
+        return out
 
+    def leave(self, rows):
+        super().leave(rows)
+        self.faulty = [f for i, f in enumerate(self.faulty) if i not in set(rows)]
 
-def _raise(*args, **kwargs):
-    raise RuntimeError("step exploded")
+    def reset(self):
+        super().reset()
+        self.faulty = []
 
 
 def test_failing_rows_do_not_take_down_the_others(model):

@@ -15,9 +15,11 @@ from torchblt.generation.api import (
 from torchblt.generation.incremental import IncrementalEngine
 from torchblt.generation.reference import FullRecomputeEngine
 from torchblt.generation.sampling import filter_logits, sample
+from torchblt.generation.state import DecodeState
 from torchblt.generation.stream import StreamPiece
 
 __all__ = [
+    "DecodeState",
     "FullRecomputeEngine",
     "GenerationConfig",
     "GenerationOutput",

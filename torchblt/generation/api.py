@@ -10,12 +10,13 @@ what it gets alone (sampling too: row ``i`` draws from a generator seeded ``seed
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from torchblt.generation.incremental import IncrementalEngine
+from torchblt.generation.incremental import IncrementalEngine, compiled_before
 from torchblt.generation.reference import FullRecomputeEngine
 from torchblt.generation.sampling import row_generators, sample, validate_sampling
 from torchblt.generation.stream import StopCondition, StreamPiece, TextStream
@@ -29,9 +30,9 @@ from torchblt.tokenizer import ByteTokenizer
 class GenerationConfig:
     """How to generate. ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters.
 
-    ``fused_step`` (cached decoding only): run the steps on decode-layout copies of the layer weights
-    (faster; memory equal to the transformer layers' weights, see :mod:`torchblt.generation.fused`);
-    ``False`` runs the model's modules; ``None`` picks fused unless a forward hook is registered.
+    ``compile`` (cached decoding only): run the decoding step ``torch.compile``'d (inductor on CPU, CUDA
+    graphs on GPU); ``None`` (default) compiles where it pays (see :func:`compile_pays`); ``False`` is the
+    eager step (same results). ``fused_step``: deprecated, ignored (the step weights are the model's).
     """
 
     max_new_bytes: int = 256
@@ -42,6 +43,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
     use_cache: bool = True
+    compile: bool | None = None
     fused_step: bool | None = None
 
     def validate(self) -> None:
@@ -101,9 +103,30 @@ def encode_prompts(prompts: list[str | bytes] | str | bytes) -> list[list[int]]:
     return out
 
 
-def _engine(model: BLT, patcher: Patcher, cfg: GenerationConfig):
+def compile_pays(model: BLT, n_rows: int, max_new_bytes: int) -> bool:
+    """Whether compiling the step is worth its one-off cost for this call: always on CUDA (a step is launch
+    bound there) and for a model already compiled in this process (the graphs are reused); on CPU when
+    the call decodes enough bytes to earn back the compile time (:data:`CPU_COMPILE_MIN_BYTES`, measured
+    with ``bench/generation.py``)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" or compiled_before(model):
+        return True
+    return device.type == "cpu" and n_rows * max_new_bytes >= CPU_COMPILE_MIN_BYTES
+
+
+# New bytes (rows x max_new_bytes) from which compiling pays on CPU: bench/generation.py's break-even (a cold
+# compile of 28-68 s against the time it saves per byte) measured 3.5 K - 10.2 K bytes on its configs
+# (bench/generation_cpu.json, 2-core VM); below it the eager step finishes first.
+CPU_COMPILE_MIN_BYTES = 10_240
+
+
+def _engine(model: BLT, patcher: Patcher, cfg: GenerationConfig, n_rows: int):
+    if cfg.fused_step is not None:
+        warnings.warn("GenerationConfig(fused_step=...) is deprecated and ignored; use compile=...",
+                      DeprecationWarning, stacklevel=3)
     if cfg.use_cache:
-        return IncrementalEngine(model, patcher, cfg.max_new_bytes, fused=cfg.fused_step)
+        compile_step = cfg.compile if cfg.compile is not None else compile_pays(model, n_rows, cfg.max_new_bytes)
+        return IncrementalEngine(model, patcher, cfg.max_new_bytes, compile=compile_step)
     return FullRecomputeEngine(model, patcher)
 
 
@@ -118,7 +141,7 @@ def _steps(model, prompt_ids, patcher, cfg, generator, record_logits):
         device = next(model.parameters()).device
         gens = row_generators(len(prompt_ids), device, cfg.seed, generator)
         stops = StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos)
-        engine = _engine(model, patcher, cfg)
+        engine = _engine(model, patcher, cfg, len(prompt_ids))
         with torch.inference_mode():
             logits = engine.start(prompt_ids)
         yield ("prompt_starts", engine.prompt_starts)

@@ -23,8 +23,6 @@ uses, so ties resolve identically.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from torchblt.patching import Patcher, space_like, split_long_patches
@@ -71,8 +69,62 @@ def finish_starts(patcher: Patcher, raw: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def decide_starts(
+    patcher: Patcher,
+    j: torch.Tensor,
+    e1: torch.Tensor | None,
+    e2: torch.Tensor | None,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    last_raw: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start flags of positions ``j (B, n)`` (consecutive per row) once the bytes before them are known:
+    ``e1, e2 (B, n)`` = ``E[j-1], E[j-2]``, ``x1, x2 (B, n)`` = bytes ``j-1, j-2``, ``last_raw (B,)`` = the
+    last rule start before ``j[:, 0]``. Returns the flags and, per position, the last rule start up to it
+    (what ``max_patch_length`` counts from). Tensor operations only (no host round trip): a compiled
+    decoding step runs it inside its graph."""
+    p = patcher
+    early = j < 2
+    if p.mode == "entropy":
+        assert e1 is not None and e2 is not None
+        if p.monotonicity:
+            raw = ((e1 - e2) > p.threshold) | (j == 2)
+        elif p.threshold_add is not None:
+            raw = (((e1 - e2) > p.threshold_add) & (e1 > p.threshold) & (j >= 4)) | (j == 2)
+        else:
+            raw = e1 > p.threshold
+    elif p.mode == "space":
+        raw = (space_like(x1) & ~space_like(x2)) | (x1 < OFFSET)
+    elif p.mode == "bpe":
+        raw = x1 == BPE_ID
+    elif p.mode == "static":
+        raw = static_boundaries(j, float(p.patch_size))  # type: ignore[arg-type]
+    else:
+        raw = torch.ones_like(j, dtype=torch.bool)
+    if p.mode in ("entropy", "space", "bpe"):
+        raw = raw | early
+    running = torch.cummax(torch.where(raw, j, -1), dim=1).values  # the last rule start so far
+    last = torch.maximum(running, last_raw[:, None])
+    starts = raw
+    if p.max_patch_length is not None:
+        starts = starts | ((j - last) % p.max_patch_length == 0)
+    return starts | early, last
+
+
+def static_boundaries(j: torch.Tensor, patch_size: float) -> torch.Tensor:
+    """Is ``j`` one of ``floor(i * patch_size)``? In float64, as :meth:`Patcher.static_starts` computes them:
+    the only candidates are the integers next to ``j / patch_size``."""
+    jf = j.to(torch.float64)
+    i = torch.ceil(jf / patch_size)
+    hit = torch.zeros_like(j, dtype=torch.bool)
+    for d in (-1.0, 0.0, 1.0):
+        c = (i + d).clamp(min=0)
+        hit = hit | (torch.floor(c * patch_size) == jf)
+    return hit
+
+
 class IncrementalStarts:
-    """Decides, per row, whether position ``j`` starts a patch once byte ``j - 1`` (and its entropy) is known."""
+    """:func:`decide_starts` one position at a time, keeping the last rule start per row (tests, tools)."""
 
     def __init__(self, patcher: Patcher, last_raw: torch.Tensor) -> None:
         """``last_raw (B,)``: per row, the last position where the rule itself (not the length split)
@@ -92,40 +144,7 @@ class IncrementalStarts:
         x2: torch.Tensor,
     ) -> torch.Tensor:
         """Start flags ``(B,)`` for positions ``j (B,)``; ``e1, e2`` = ``E[j-1], E[j-2]``, ``x1, x2`` = bytes ``j-1, j-2``."""
-        p = self.patcher
-        early = j < 2
-        if p.mode == "entropy":
-            assert e1 is not None and e2 is not None
-            if p.monotonicity:
-                raw = ((e1 - e2) > p.threshold) | (j == 2)
-            elif p.threshold_add is not None:
-                raw = (((e1 - e2) > p.threshold_add) & (e1 > p.threshold) & (j >= 4)) | (j == 2)
-            else:
-                raw = e1 > p.threshold
-        elif p.mode == "space":
-            sl1, sl2 = space_like(x1), space_like(x2)
-            raw = (sl1 & ~sl2) | (x1 < OFFSET)
-        elif p.mode == "bpe":
-            raw = x1 == BPE_ID
-        elif p.mode == "static":
-            raw = torch.tensor([_static_boundary(int(v), float(p.patch_size)) for v in j.tolist()], device=j.device)
-        else:
-            raw = torch.ones_like(j, dtype=torch.bool)
-        raw = raw | early if p.mode in ("entropy", "space", "bpe") else raw
-        self.last_raw = torch.where(raw, j, self.last_raw)
-        starts = raw
-        if p.max_patch_length is not None:
-            starts = starts | ((j - self.last_raw) % p.max_patch_length == 0)
-        return starts | early
-
-
-def _static_boundary(j: int, patch_size: float) -> bool:
-    """Is ``j`` one of ``floor(i * patch_size)`` (float64, as :meth:`Patcher.static_starts` computes them)?"""
-    i = max(0, int(j / patch_size) - 1)
-    while True:
-        b = math.floor(i * patch_size)
-        if b == j:
-            return True
-        if b > j:
-            return False
-        i += 1
+        e1, e2 = (None if e is None else e[:, None] for e in (e1, e2))
+        starts, last = decide_starts(self.patcher, j[:, None], e1, e2, x1[:, None], x2[:, None], self.last_raw)
+        self.last_raw = last[:, 0]
+        return starts[:, 0]

@@ -1,236 +1,262 @@
-"""Typed caches for incremental BLT decoding, one kind per network.
+"""Static-shape caches for incremental BLT decoding: per-row ring buffers over positions.
 
-Shape legend: B rows, C cache capacity (positions), Hkv key/value heads, Dh head width, K slots per
-patch, W patches kept for the decoder's cross-attention, D width.
+Shape legend: B rows, C capacity (entries), n new entries of one call, Hkv key/value heads, Dh head width.
 
-* :class:`StackKV` — self-attention keys/values of one byte-level stack (the entropy model, the local
-  encoder or the local decoder), every layer. A ring buffer of ``C`` positions: position ``p`` lives in
-  slot ``p % C``. With a sliding window ``C = window`` (a query never sees a key ``window`` or more
-  positions back, so the overwritten key is never needed): memory is bounded however long the text.
-  Without a window ``C`` is the longest sequence the call can reach. Every layer of a stack shares one
-  set of key metadata (position, document, filled), so the step mask is built once per stack.
-* :class:`GlobalKV` — the global transformer's keys/values, one entry per *closed* patch; rows close
-  patches at different steps, so each row keeps its own count and a step can update a subset of rows.
-  Grows by doubling.
-* :class:`PatchSlotKV` — the decoder's cross-attention keys/values of the last ``W`` closed patches
-  (``W = cross_attn.window_decoder`` or 1): what a decoder step reads. Projected once, when the patch
-  closes.
-* :class:`Recorder` — captures a layer's keys/values during a parallel prefill.
+:class:`Ring` is the one storage rule: the entry of position ``p`` (a byte position, or a patch index)
+lives in slot ``p % C`` of its row, next to its position (``pos``, -1 = empty) and a tag (``tag``: its
+document, or its patch). Slot ``C`` is a *discard* slot that is never visible (its ``pos`` stays -1):
+entries that must not be stored (rows that close no patch this step, padding) are written there, so
+every write is one ``index_copy_`` of fixed shape, whichever rows take part. Tensors never change shape
+from one decoding step to the next, so a compiled step compiles once; a ring only grows (``grow``,
+re-laying every entry out at ``p % C'``) when its caller reserves more than its capacity.
+
+Attention reads only the leading ``view`` slots that can hold an entry yet (until the positions wrap
+around): the caller knows the largest position stored. Keys and values are stored head-major
+``(B, Hkv, C + 1, Dh)`` and handed to attention as ``(B, C + 1, Hkv, Dh)`` views, so the attention
+kernel reads them in place.
+
+Why a ring is exact: a call over new positions ``p0 .. p0+n-1`` needs the entries a query can see —
+within the sliding window (``p0 - window + 1`` onward) and within the query's document. Writing the new
+entries first overwrites positions ``C`` back, which no query sees as long as ``C >= span + n - 1``
+(``span``: the window, or for stacks without one the live document's length, which the caller
+:meth:`Ring.reserve`\\ s). A call with more new entries than that (a long prefill chunk) attends over the
+old entries and the new ones side by side, then stores the last ``C`` (:meth:`StackKV.prepare`,
+``write_first=False``). Rolling back (:meth:`Ring.truncate`) forgets entries from a position on; the
+entries they replaced are still there when ``C`` has ``n`` positions to spare (the state's
+``lookahead``).
+
+* :class:`StackKV` — the keys/values of every layer of one transformer stack (entropy model, local
+  encoder/decoder: byte positions; global model: patch indices), with the step's self-attention mask
+  built from the stored positions and documents (:func:`torchblt.model.masks.self_attention_mask_dense`).
+* plain :class:`Ring`\\ s hold the encoder's recent byte states (for the patches still to close) and the
+  decoder's per-patch cross-attention keys/values (see :mod:`.state`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from torchblt.model.masks import SelfAttentionMask
+from torchblt.model.masks import SelfAttentionMask, band_pays, banded_mask_after, self_attention_mask_dense
 
 
-class Recorder:
-    """A ``KVCacheLike`` that keeps what it was given (prefill: keys equal the queries' positions)."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k, self.v = k, v
-        return k, v
+def last_kept(keep: torch.Tensor | None, positions: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``keep (B, n)`` limited to each row's last ``capacity`` kept entries (the earlier ones would be
+    overwritten by later ones in the same write)."""
+    kept = torch.ones_like(positions, dtype=torch.bool) if keep is None else keep
+    return kept & (kept.flip(1).to(torch.int64).cumsum(1).flip(1) <= capacity)
 
 
-class _RowSlotWriter:
-    """``KVCacheLike`` for one decoding step: writes row ``rows[j]``'s new key at slot ``slots[j]`` and returns
-    the cache up to ``view`` positions — of ``rows`` only (``subset``) or of every row."""
+class Ring:
+    """Per-row ring storage: ``tensors[i] (B, C + 1, ...)``, ``pos (B, C + 1)``, ``tag (B, C + 1)``."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, view: int,
-                 subset: bool):
-        self.k, self.v, self.rows, self.slots, self.view, self.subset = k, v, rows, slots, view, subset
+    def __init__(self, tensors: list[torch.Tensor], pos: torch.Tensor, tag: torch.Tensor) -> None:
+        self.tensors, self.pos, self.tag = tensors, pos, tag
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[self.rows, self.slots] = k[:, 0]
-        self.v[self.rows, self.slots] = v[:, 0]
-        if self.subset:
-            return self.k[self.rows, : self.view], self.v[self.rows, : self.view]
-        return self.k[:, : self.view], self.v[:, : self.view]
+    @classmethod
+    def empty(cls, batch: int, capacity: int, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+              device: torch.device, **kwargs) -> Ring:  # noqa: ANN003 - the subclass's fields
+        """``capacity`` entries (+ the discard slot) of the given per-entry ``shapes``, zeroed."""
+        ring = cls([], torch.full((batch, capacity + 1), -1, dtype=torch.int64, device=device),
+                   torch.zeros(batch, capacity + 1, dtype=torch.int64, device=device), **kwargs)
+        ring.tensors = [ring.layout(torch.zeros(batch, capacity + 1, *s, dtype=dtype, device=device)) for s in shapes]
+        return ring
 
-
-class _LayerKV:
-    """What every cache shares: per-layer keys ``k[i]`` and values ``v[i]``, batch rows first."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-
-    def _select_layers(self, rows: torch.Tensor) -> None:
-        self.k = [t[rows] for t in self.k]
-        self.v = [t[rows] for t in self.v]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-class StackKV(_LayerKV):
-    """Ring-buffer self-attention cache of a byte-level stack (all layers)."""
-
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        capacity: int,
-        n_kv_heads: int,
-        head_dim: int,
-        window: int | None,
-        documents: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (batch, capacity, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.pos = torch.full((batch, capacity), -1, dtype=torch.int64, device=device)
-        self.doc = torch.zeros(batch, capacity, dtype=torch.int64, device=device)
-        self.capacity, self.window, self.documents = capacity, window, documents
-        self._slots: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None
-        self._view = capacity
-
-    def load_row(self, row: int, layers: list[Recorder], positions: torch.Tensor, docs: torch.Tensor) -> None:
-        """Store a prefilled row: ``layers[i]`` holds ``(1, L, Hkv, Dh)`` keys/values at ``positions (L,)``."""
-        keep = slice(max(0, positions.shape[0] - self.capacity), None)  # the last C positions
-        slots = positions[keep] % self.capacity
-        for i, rec in enumerate(layers):
-            assert rec.k is not None and rec.v is not None
-            self.k[i][row, slots] = rec.k[0, keep].to(self.k[i].dtype)
-            self.v[i][row, slots] = rec.v[0, keep].to(self.v[i].dtype)
-        self.pos[row, slots] = positions[keep]
-        self.doc[row, slots] = docs[keep]
-
-    def begin_step(self, pos: torch.Tensor, doc: torch.Tensor) -> SelfAttentionMask:
-        """Register every row's new key at ``pos (B,)`` (document ``doc (B,)``) and return the step mask
-        ``(B, 1, 1, N)``: filled slots, not in the future, inside the window, same document. ``N`` is the
-        capacity, or only the slots used so far while no row has wrapped around (less cache to read)."""
-        slots = pos % self.capacity
-        idx = torch.arange(pos.shape[0], device=pos.device)
-        self.pos[idx, slots] = pos
-        self.doc[idx, slots] = doc
-        self._slots, self._rows = slots, idx
-        self._view = min(self.capacity, int(pos.max()) + 1)
-        kp, kd = self.pos[:, : self._view], self.doc[:, : self._view]
-        qp = pos[:, None]
-        allowed = (kp >= 0) & (kp <= qp)
-        if self.window is not None:
-            allowed &= qp - kp < self.window
-        if self.documents:
-            allowed &= kd == doc[:, None]
-        return SelfAttentionMask(dense=allowed[:, None, None, :])
-
-    def layer(self, i: int) -> _RowSlotWriter:
-        assert self._slots is not None and self._rows is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], self._rows, self._slots, self._view, subset=False)
-
-    def select(self, rows: torch.Tensor) -> None:
-        self._select_layers(rows)
-        self.pos, self.doc = self.pos[rows], self.doc[rows]
-
-
-class GlobalKV(_LayerKV):
-    """The global transformer's cache: one key/value per closed patch and layer, per-row counts."""
-
-    def __init__(
-        self, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int, documents: bool,
-        dtype: torch.dtype, device: torch.device,
-    ) -> None:
-        shape = (batch, max(capacity, 1), n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.doc = torch.zeros(batch, shape[1], dtype=torch.int64, device=device)
-        self.count = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.documents = documents
-        self._rows: torch.Tensor | None = None
-        self._subset = False
-        self._slots: torch.Tensor | None = None
-        self._view = 0
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """The memory layout of a stored tensor ``(B, C + 1, ...)`` (entries contiguous here)."""
+        return t
 
     @property
     def capacity(self) -> int:
-        return self.doc.shape[1]
+        return self.pos.shape[1] - 1
 
-    def _grow(self, needed: int) -> None:
-        new = self.capacity
-        while new < needed:
-            new *= 2
-        if new == self.capacity:
-            return
-        pad = new - self.capacity
+    def slots(self, positions: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Where entries at ``positions (B, n)`` go: slot ``p % C``, or the discard slot where ``keep`` is False."""
+        slots = positions % self.capacity
+        return slots if keep is None else torch.where(keep, slots, self.capacity)
 
-        def widen(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+    def store(self, slots: torch.Tensor, values: list[torch.Tensor], first: int = 0) -> None:
+        """``values[j] (B, n, ...)`` into ``tensors[first + j]`` at ``slots (B, n)`` (:meth:`slots`)."""
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        for store, value in zip(self.tensors[first : first + len(values)], values, strict=True):
+            store.index_put_((rows, slots), value.to(store.dtype))
 
-        self.k = [widen(t) for t in self.k]
-        self.v = [widen(t) for t in self.v]
-        self.doc = widen(self.doc)
+    def store_meta(self, slots: torch.Tensor, positions: torch.Tensor, tag: torch.Tensor,
+                   keep: torch.Tensor | None) -> None:
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.pos.index_put_((rows, slots), positions if keep is None else torch.where(keep, positions, -1))
+        self.tag.index_put_((rows, slots), tag.to(self.tag.dtype))
+        self.pos[:, -1] = -1  # the discard slot never holds an entry
 
-    def load_row(self, row: int, layers: list[Recorder], docs: torch.Tensor) -> None:
-        n = docs.shape[0]
-        self._grow(n)
-        for i, rec in enumerate(layers):
-            assert rec.k is not None and rec.v is not None
-            self.k[i][row, :n] = rec.k[0].to(self.k[i].dtype)
-            self.v[i][row, :n] = rec.v[0].to(self.v[i].dtype)
-        self.doc[row, :n] = docs
-        self.count[row] = n
+    def write(self, positions: torch.Tensor, values: list[torch.Tensor], tag: torch.Tensor,
+              keep: torch.Tensor | None = None) -> None:
+        """Store ``values[i] (B, n, ...)`` at ``positions (B, n)`` with ``tag (B, n)`` (``keep (B, n)``: only
+        where True). Kept entries of a row must be at most ``C``, at distinct positions modulo ``C``."""
+        slots = self.slots(positions, keep)
+        self.store(slots, values)
+        self.store_meta(slots, positions, tag, keep)
 
-    def begin_step(self, rows: torch.Tensor | None, doc: torch.Tensor) -> tuple[SelfAttentionMask, torch.Tensor]:
-        """Append one patch for ``rows`` (None: all) in document ``doc (R,)``; returns the mask ``(R, 1, 1, N)``
-        and the new patches' positions ``(R,)`` (patch indices, for RoPE)."""
-        count = (self.count if rows is None else self.count[rows]).clone()
-        self._grow(int(count.max().item()) + 1)
-        all_rows = rows if rows is not None else torch.arange(count.shape[0], device=count.device)
-        self._rows, self._subset, self._slots = all_rows, rows is not None, count
-        self.doc[all_rows, count] = doc
-        self._view = int(count.max().item()) + 1
-        key_index = torch.arange(self._view, device=count.device)[None]
-        allowed = key_index <= count[:, None]
-        if self.documents:
-            allowed &= self.doc[all_rows, : self._view] == doc[:, None]
-        self.count[all_rows] = count + 1
-        return SelfAttentionMask(dense=allowed[:, None, None, :]), count
+    def write_last(self, positions: torch.Tensor, values: list[torch.Tensor], tag: torch.Tensor,
+                   keep: torch.Tensor | None = None) -> None:
+        """:meth:`write` of each row's last ``C`` kept entries only (the earlier ones would be overwritten)."""
+        self.write(positions, values, tag, last_kept(keep, positions, self.capacity))
 
-    def layer(self, i: int) -> _RowSlotWriter:
-        assert self._slots is not None and self._rows is not None, "begin_step first"
-        return _RowSlotWriter(self.k[i], self.v[i], self._rows, self._slots, self._view, self._subset)
+    def reserve(self, span: int, keep_from: torch.Tensor | None = None) -> bool:
+        """Make room for ``span`` consecutive positions per row (grow to the next power of two if needed);
+        ``keep_from (B,)``: entries before it are dead (an earlier document) and dropped. True if it grew."""
+        if span <= self.capacity:
+            return False
+        self.grow(1 << (span - 1).bit_length(), keep_from)
+        return True
 
-    def select(self, rows: torch.Tensor) -> None:
-        self._select_layers(rows)
-        self.doc, self.count = self.doc[rows], self.count[rows]
+    def grow(self, capacity: int, keep_from: torch.Tensor | None = None) -> None:
+        """Re-lay every live entry out at ``p % capacity`` (entries before ``keep_from (B,)`` are dropped)."""
+        assert capacity >= self.capacity
+        live = self.pos >= 0
+        if keep_from is not None:
+            live &= self.pos >= keep_from[:, None]
+        old, old_pos, old_tag = self.tensors, self.pos, self.tag
+        B = old_pos.shape[0]
+        self.pos = torch.full((B, capacity + 1), -1, dtype=torch.int64, device=old_pos.device)
+        self.tag = torch.zeros_like(self.pos)
+        self.tensors = [self.layout(t.new_zeros(B, capacity + 1, *t.shape[2:])) for t in old]
+        self.write(torch.where(live, old_pos, 0), old, old_tag, live)
 
-
-class PatchSlotKV(_LayerKV):
-    """The decoder's cross-attention keys/values for the last ``W`` closed patches (``K`` slots each)."""
-
-    def __init__(
-        self, n_cross_layers: int, batch: int, n_patches: int, k: int, n_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
-    ) -> None:
-        shape = (batch, n_patches * k, n_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_cross_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_cross_layers)]
-        self.filled = torch.zeros(batch, n_patches * k, dtype=torch.bool, device=device)
-        self.n_patches, self.slots_per_patch = n_patches, k
-
-    def put(self, rows: torch.Tensor, patch_index: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Store patch ``patch_index (R,)`` of ``rows (R,)``; ``kv[i]`` = keys, values ``(R, K, H, Dh)``."""
-        K = self.slots_per_patch
-        base = (patch_index % self.n_patches) * K
-        cols = base[:, None] + torch.arange(K, device=base.device)[None]  # (R, K)
-        r = rows[:, None].expand_as(cols)
-        for i, (k, v) in enumerate(kv):
-            self.k[i][r, cols] = k.to(self.k[i].dtype)
-            self.v[i][r, cols] = v.to(self.v[i].dtype)
-        self.filled[r, cols] = True
-
-    def mask(self) -> torch.Tensor:
-        """``(B, 1, 1, W*K)``: a decoder step sees every stored slot (exactly the last ``W`` patches)."""
-        return self.filled[:, None, None, :]
+    def truncate(self, first_dropped: torch.Tensor) -> None:
+        """Forget every entry at or after position ``first_dropped (B,)`` (a roll-back)."""
+        self.pos.masked_fill_(self.pos >= first_dropped[:, None], -1)
 
     def select(self, rows: torch.Tensor) -> None:
-        self._select_layers(rows)
-        self.filled = self.filled[rows]
+        self.tensors = [self.layout(t[rows]) for t in self.tensors]
+        self.pos, self.tag = self.pos[rows], self.tag[rows]
+
+    def extend(self, other: Ring) -> None:
+        """Append ``other``'s rows (the smaller ring grows to the larger capacity first)."""
+        if other.capacity > self.capacity:
+            self.grow(other.capacity)
+        elif other.capacity < self.capacity:
+            other = other.copy()
+            other.grow(self.capacity)
+        self.tensors = [self.layout(torch.cat([a, b])) for a, b in zip(self.tensors, other.tensors, strict=True)]
+        self.pos, self.tag = torch.cat([self.pos, other.pos]), torch.cat([self.tag, other.tag])
+
+    def copy(self) -> Ring:
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.tensors = [self.layout(t.clone()) for t in self.tensors]
+        out.pos, out.tag = self.pos.clone(), self.tag.clone()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.tensors, self.pos, self.tag])
+
+
+@dataclass
+class _LayerWriter:
+    """``KVCacheLike`` of one layer for one call: stores the new keys/values and returns what the
+    queries attend over (the ring's first ``view`` slots, or those followed by the new entries)."""
+
+    cache: StackKV
+    index: int  # tensors[index], tensors[index + 1]: this layer's keys and values
+    slots: torch.Tensor
+    view: int
+    write_first: bool
+    before: torch.Tensor | None = None  # (B, window - 1) slots of the entries before the new ones, in order
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_all, v_all = self.cache.tensors[self.index], self.cache.tensors[self.index + 1]
+        if self.before is not None:  # the window before the new entries, in position order (banded)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_old, v_old = k_all[rows, self.before], v_all[rows, self.before]
+        else:
+            k_old, v_old = k_all[:, : self.view], v_all[:, : self.view]
+        if not self.write_first:  # read the old entries before the new ones overwrite them
+            k_old, v_old = torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1)
+        self.cache.store(self.slots, [k, v], self.index)
+        return k_old, v_old
+
+
+@dataclass
+class PreparedStack:
+    """A stack's cache for one call (:class:`~torchblt.model.transformer.StackCache`)."""
+
+    positions: torch.Tensor
+    mask: SelfAttentionMask
+    layers: list[_LayerWriter]
+
+
+class StackKV(Ring):
+    """Keys and values of every layer of one stack: ``tensors = [k_0, v_0, k_1, v_1, ...]``, each
+    ``(B, C + 1, Hkv, Dh)`` (head-major underneath); ``tag`` = each key's document."""
+
+    def __init__(self, tensors: list[torch.Tensor], pos: torch.Tensor, tag: torch.Tensor,
+                 window: int | None = None, documents: bool = False) -> None:
+        super().__init__(tensors, pos, tag)
+        self.window, self.documents = window, documents
+
+    @classmethod
+    def for_stack(cls, n_layers: int, batch: int, capacity: int, n_kv_heads: int, head_dim: int,
+                  window: int | None, documents: bool, dtype: torch.dtype, device: torch.device) -> StackKV:
+        return cls.empty(batch, capacity, [(n_kv_heads, head_dim)] * (2 * n_layers), dtype, device,  # type: ignore[return-value]
+                         window=window, documents=documents)
+
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)  # a no-op when already head-major
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.tensors) // 2
+
+    def write_first(self, n: int) -> bool:
+        """Can a call over ``n`` new positions store them before attending? (see the module docstring;
+        a stack without a window :meth:`~Ring.reserve`\\ s its span first)."""
+        return self.window is None or self.capacity >= self.window + n - 1
+
+    def prepare(self, positions: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor | None = None,
+                view: int | None = None) -> PreparedStack:
+        """The cache of a call over new entries at ``positions (B, n)`` in documents ``docs (B, n)``
+        (``keep (B, n)``: the entries to store; the others are computed and discarded). Stores their
+        metadata and builds the mask ``(B, 1, n, N)`` of the new queries against the ``N`` keys each layer
+        returns. ``view``: the leading slots that can hold an entry after this call (default: all).
+
+        A query that sees no key (a discarded entry's) sees every key instead: no row produces a NaN,
+        which a masked-out value would still carry into the other rows' weighted sums."""
+        first = self.write_first(positions.shape[1])
+        view = self.capacity if view is None else min(view, self.capacity)
+        if not first and keep is None and self.window is not None and band_pays(positions.shape[1], self.window):
+            return self._prepare_banded(positions, docs)
+        if not first:
+            stored = positions if keep is None else torch.where(keep, positions, -1)
+            kpos, kdoc = torch.cat([self.pos[:, :view], stored], 1), torch.cat([self.tag[:, :view], docs], 1)
+            keep = last_kept(keep, positions, self.capacity)
+        slots = self.slots(positions, keep)
+        self.store_meta(slots, positions, docs, keep)
+        if first:
+            kpos, kdoc = self.pos[:, :view], self.tag[:, :view]
+        allowed = self_attention_mask_dense(positions, kpos, docs if self.documents else None,
+                                            kdoc if self.documents else None, self.window)
+        allowed = allowed & (kpos >= 0)[:, None, None, :]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        layers = [_LayerWriter(self, 2 * i, slots, view, first) for i in range(self.n_layers)]
+        return PreparedStack(positions, SelfAttentionMask(dense=allowed), layers)
+
+    def _prepare_banded(self, positions: torch.Tensor, docs: torch.Tensor) -> PreparedStack:
+        """A call over many more new entries than the window (a long prefill chunk): each layer attends over
+        the ``window - 1`` stored entries before the new ones (gathered in position order) and the new
+        ones, under a :class:`~torchblt.model.masks.BandedMask` (``O(n * window)``, no ``(n, C + n)`` mask);
+        the last ``C`` new entries are stored."""
+        W = self.window
+        assert W is not None
+        before = positions[:, :1] - (W - 1) + torch.arange(W - 1, device=positions.device)  # (B, W-1)
+        slots_before = before % self.capacity
+        stored = torch.gather(self.pos, 1, slots_before)
+        kpos = torch.cat([torch.where((stored == before) & (before >= 0), before, -1), positions], 1)
+        kdoc = torch.cat([torch.gather(self.tag, 1, slots_before), docs], 1)
+        band = banded_mask_after(positions, kpos, docs if self.documents else None,
+                                 kdoc if self.documents else None, W)
+        keep = last_kept(None, positions, self.capacity)
+        slots = self.slots(positions, keep)
+        layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before) for i in range(self.n_layers)]
+        self.store_meta(slots, positions, docs, keep)
+        return PreparedStack(positions, SelfAttentionMask(dense=None, banded=band), layers)

@@ -1,509 +1,544 @@
-"""Incremental BLT decoding: a parallel prefill, then one cheap step per byte.
+"""Incremental BLT decoding: a chunked prefill, then a step per byte (or per ``n`` bytes), eager or compiled.
 
-Shape legend: B rows, L prompt length, T bytes so far, P patches, Pc closed patches, K slots per patch,
-E encoder width (= decoder width D), G global width, V vocabulary.
+Shape legend: B rows, n new bytes of one call, K slots per patch, E encoder width, D decoder width,
+V vocabulary.
 
-Per new byte ``x[T]`` a step runs
+A call over new bytes ``x[T .. T+n-1]`` (:meth:`IncrementalEngine.step`; the prefill is the same call
+over chunks of the prompt) runs the model's own stacks with caches passed in
+(:class:`~torchblt.model.transformer.StackCache`), in three parts:
 
-1. one step of the entropy model (its sliding-window KV cache) -> ``E[T]``;
-2. the patch decision for the *next* position ``T + 1`` (:mod:`.boundaries`, the patcher's rule with
-   ``include_next_token=True``);
-3. one step of the local encoder (self-attention KV cache; hash n-grams from the last 8 bytes);
-4. for the rows whose decision closes the patch holding ``x[T]``: its encoder slots (pooled from and
-   cross-attending to exactly that patch's bytes), **one step of the global transformer** (global KV
-   cache), and the decoder's cross-attention keys/values of the new global output;
-5. one step of the local decoder (self-attention KV cache; cross-attention to the slots of the last
-   closed patch) -> the logits for ``x[T + 1]``.
+1. **front**: the entropy model over the ``n`` bytes (its cache) -> their entropies; the patching rule
+   for positions ``T+1 .. T+n`` (:func:`.boundaries.decide_starts`); the cursor after each byte
+   (:meth:`.state.Cursor.advance`); the local encoder over the bytes (its cache; hash n-grams reach
+   back through the cursor's last bytes); each byte's encoder state and cross-attention keys/values
+   stored for the patch it belongs to;
+2. **close**, only when some patch closes among the ``n`` bytes (a host check between the parts): for
+   every closing patch — padded to ``n`` per row, the padding computed and discarded — its encoder
+   slots from the stored bytes (:meth:`~torchblt.model.local.LocalEncoder.patch_slots`: pooling and
+   cross-attention, the forward's code), the global model over the closing patches (its cache), and
+   the decoder's per-patch slots (their cross-attention keys/values projected once);
+3. **back**: the local decoder over the bytes (its cache; cross-attention to the stored slots of each
+   byte's previous patch) -> logits ``(B, n, V)``; the cursor moves on.
 
-Why this equals the full forward: every patching rule is causal, so patch boundaries never move once
-decided; the global model is (block-)causal over patches, so the output of a closed patch never
-changes; and the decoder at byte ``i`` reads only the patch *before* the one holding byte ``i + 1``,
-which is always closed — the full forward's slot for the still-open patch (pooled over the bytes seen
-so far) reaches nothing a logit depends on. Local self-attention is document-masked (EOS ends a
-document) with a sliding window; RoPE positions keep counting, and the caches carry each key's
-position and document so the step mask is exact. Rows are independent: each keeps its own positions,
-documents, patch boundaries and global cache length; rows that finish are dropped from every cache.
+Why this equals the full forward: every patching rule is causal, so boundaries never move once decided;
+the global model is (block-)causal over patches, so a closed patch's output never changes; and the
+decoder at byte ``i`` reads only the patch *before* the one holding byte ``i + 1``, always closed — the
+forward's slot for the still-open patch reaches no logit. Every other attention is causal with
+document masks and windows that the caches reproduce from each entry's position and document. Rows
+are independent: each has its own positions, documents, patches and cache entries.
 
-The steps run on decode-layout copies of the layer weights (:mod:`.fused`; ``fused=False`` runs the
-modules) and are otherwise the modules' math.
-
-Memory: the entropy, encoder and decoder caches are ring buffers of ``window`` positions (bounded
-however long the text); the global cache holds one key/value per closed patch and layer; the decoder
-keeps cross-attention keys/values for the last ``cross_attn.window_decoder`` (or 1) patches; the
-encoder keeps the byte states of the open patch (and of the ``window_encoder - 1`` patches before it).
+Static shapes: every cache is a ring of fixed capacity (:mod:`.cache`), rows that close no patch write
+to a discard slot, so for a given batch size and ``n`` every call has the same shapes. With
+``compile=True`` each part is ``torch.compile``'d once per (batch bucket, n) — inductor on CPU,
+``mode="reduce-overhead"`` (CUDA graphs) on GPU — and the batch is padded to a power of two with
+copies of a live row (their outputs are dropped), so a batch that shrinks as rows finish compiles at
+most ``log2(B)`` times. The eager path runs the very same functions.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from torchblt.generation.boundaries import (
-    IncrementalStarts,
-    check_incremental,
-    finish_starts,
-    last_raw_start,
-    raw_prompt_starts,
-)
-from torchblt.generation.cache import GlobalKV, PatchSlotKV, Recorder, StackKV
-from torchblt.generation.fused import StepCrossAttention, StepLinear, step_blocks
-from torchblt.model.blt import BLT, global_tokens_from_patches
-from torchblt.model.cross_attention import double_residual
+from torchblt.generation.boundaries import check_incremental, decide_starts
+from torchblt.generation.cache import Ring, StackKV
+from torchblt.generation.state import Cursor, DecodeState
+from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel, entropy
-from torchblt.model.local import pool_patches
+from torchblt.model.local import concat_patches, pool_patches
 from torchblt.model.masks import (
-    SelfAttentionMask,
-    build_self_attention_mask,
+    PatchCrossMask,
     cross_attention_mask,
-    document_ids,
-    patch_ids_from_lengths,
+    cross_attention_visible,
     uses_documents,
     uses_window,
 )
 from torchblt.model.transformer import StackConfig
-from torchblt.patching import Patcher, lengths_from_start_mask
+from torchblt.patching import Patcher
+
+log = logging.getLogger(__name__)
+
+# Prompt bytes per prefill call. A chunk much longer than the local windows attends banded (O(chunk x window):
+# :func:`torchblt.model.masks.banded_mask_after`) and its closing patches' encoder slots gather their bytes
+# (:class:`~torchblt.model.masks.PatchCrossMask`), so memory is bounded by the chunk, the windows and the
+# global model's patches, and time is linear in the prompt (test_generation_state.py checks both).
+PREFILL_CHUNK = 2048  # light config, 32 KB prompt, 1 thread (busy machine): 512: 32.5 s, 2048: 21.3 s, 4096: 23.3 s
+DENSE_CROSS_MAX = 1 << 18  # slots x bytes of the encoder's closing cross-attention kept as a dense mask
 
 
-def _dense_self_mask(cfg: StackConfig, tokens: torch.Tensor, eos_id: int) -> SelfAttentionMask:
-    """The full-forward self-attention mask as an explicit boolean tensor (SDPA on every device: the
-    prefill records keys/values through the caches)."""
-    return build_self_attention_mask(tokens, cfg.attention, cfg.window, eos_id, dense=True)
+# Inductor on CPU: one- and two-row matrix products become a multiply-and-sum that inductor generates
+# itself (a dot product per output over the weight's contiguous rows, reading it once) instead of a BLAS
+# call whose one-row kernel reads memory well under its bandwidth (measured: bench/generation.py).
+CPU_OPTIONS: dict[str, Any] = {"post_grad_fusion_options": {"decompose_mm_pass": {
+    "cpu_max_first_dimension_decomposition": 2, "cpu_max_other_dimension_decomposition": 1 << 16}}}
 
 
-def _stack_kv(cfg: StackConfig, batch: int, total: int, dtype: torch.dtype, device: torch.device) -> StackKV:
-    window = cfg.window if uses_window(cfg.attention) else None
-    capacity = min(window, total) if window is not None else total
-    return StackKV(cfg.n_layers, batch, capacity, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, window,
-                   uses_documents(cfg.attention), dtype, device)
+
+def _guard_filter(entries: Any) -> list[bool]:
+    """Keep Dynamo's guards on the decoding state and the engine; drop those on the model's modules and on
+    module globals (functions of torch and torchblt), which never change under a running engine."""
+    nn_module = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [keep and not entry.is_global for keep, entry in zip(nn_module, entries, strict=True)]
 
 
-def _has_hooks(model: torch.nn.Module) -> bool:
-    """Is a forward (pre-)hook registered on ``model``, one of its modules, or globally?"""
-    from torch.nn.modules import module as nn_module
+def exclusive_cumsum(flags: torch.Tensor) -> torch.Tensor:
+    """``(B, n) -> (B, n)``: how many of the flags before each position are set."""
+    x = flags.to(torch.int64)
+    return x.cumsum(1) - x
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+def bucket(batch: int) -> int:
+    """The compiled batch size of ``batch`` rows: the next power of two."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+# What a failed compilation raises (no C++ compiler for inductor, an unsupported op, a recompile limit):
+# the engine then runs the eager step, which gives the same results, and says so once per process.
+def compile_errors() -> tuple[type[Exception], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError
+
+
+_compile_failure: str | None = None  # why compiling failed in this process (then every engine runs eager)
+_compiled_models: weakref.WeakSet = weakref.WeakSet()  # models whose step compiled in this process
+
+
+def compiled_before(model: BLT) -> bool:
+    """Has a step of ``model`` been compiled in this process? (Later engines reuse the compiled graphs.)"""
+    return model in _compiled_models
+
+
+def _compiling_failed(err: Exception) -> None:
+    global _compile_failure
+    if _compile_failure is None:
+        _compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.warning("torchblt: the compiled decoding step is unavailable (%s); decoding runs the eager step "
+                    "(same results, slower)", _compile_failure)
+
+
+def _view_marker(size: int, device: torch.device) -> torch.Tensor:
+    """A tensor whose (dynamic) length carries a view size into a compiled part: one graph for every size."""
+    marker = torch.empty(size, device=device)
+    torch._dynamo.mark_dynamic(marker, 0)
+    return marker
+
+
+def _size(view: int | torch.Tensor) -> int:
+    return view if isinstance(view, int) else view.shape[0]
+
+
+@dataclass
+class _Closed:
+    """New per-patch decoder entries of a call whose patches do not fit the slot ring before the
+    decoder has read them (long prefill chunks): stored after the decoder."""
+
+    positions: torch.Tensor
+    values: list[torch.Tensor]
+    keep: torch.Tensor
 
 
 class IncrementalEngine:
-    """Cached decoding with the same interface as :class:`~torchblt.generation.reference.FullRecomputeEngine`:
-    ``start(prompts) -> logits (B, V)``, ``advance(next_ids (B,)) -> logits (B, V)``, ``select(rows)``,
-    ``next_starts`` (does the byte about to be appended start a patch), ``prompt_starts``."""
+    """Cached decoding of a BLT (with its patcher).
 
-    def __init__(self, model: BLT, patcher: Patcher, max_new_bytes: int, fused: bool | None = None) -> None:
-        """``fused``: run the steps on decode-layout copies of the layer weights (:mod:`.fused`: fused
-        q/k/v and w1/w3, input-major; faster, costs memory equal to the transformer layers' weights);
-        ``False`` runs the model's modules; ``None`` (default): fused unless a forward hook is registered
-        on the model or the entropy model (hooks see the modules' calls, which the fused step skips)."""
+    Functional API (continuous batching builds on it)::
+
+        engine = IncrementalEngine(model, patcher, max_new_bytes=256)
+        state, logits, prompt_starts = engine.prefill(prompt_ids)     # DecodeState, (B, V)
+        logits = engine.step(state, next_ids)                          # (B,) -> (B, V); (B, n) -> (B, n, V)
+        state.select(rows); state.extend(other_state); state.truncate(n)
+
+    and the driver interface of :class:`~torchblt.generation.reference.FullRecomputeEngine`:
+    ``start(prompts) -> logits (B, V)``, ``advance(next_ids (B,)) -> logits (B, V)``, ``select(rows)``,
+    ``next_starts`` (does the byte about to be appended start a patch), ``prompt_starts``.
+    """
+
+    def __init__(
+        self,
+        model: BLT,
+        patcher: Patcher,
+        max_new_bytes: int = 256,
+        fused: bool | None = None,
+        *,
+        compile: bool = False,
+        lookahead: int = 0,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        """``max_new_bytes``: sizes the caches that grow (the global model's, stacks without a window) so
+        that decoding that many bytes never re-allocates (a compiled step would recompile). ``compile``:
+        run the steps ``torch.compile``'d (see the module docstring). ``lookahead``: bytes a state can
+        roll back (:meth:`DecodeState.truncate`) and the largest multi-byte step that writes its caches
+        in place; costs ``lookahead`` extra entries per ring. ``fused``: deprecated, ignored (the
+        decode-layout weight copies are gone: the step runs the model's own modules)."""
+        if fused is not None:
+            warnings.warn("IncrementalEngine(fused=...) is deprecated and ignored: steps run the model's modules "
+                          "(compile=True is the fast path)", DeprecationWarning, stacklevel=2)
         check_incremental(patcher)
+        if lookahead < 0 or prefill_chunk < 1:
+            raise ValueError(f"lookahead must be >= 0 and prefill_chunk >= 1, got {lookahead}, {prefill_chunk}")
         self.model, self.patcher = model, patcher
-        self.max_new_bytes = max_new_bytes
+        self.max_new_bytes, self.lookahead, self.prefill_chunk = max_new_bytes, lookahead, prefill_chunk
         self.em: EntropyModel | None = None
         if patcher.mode == "entropy":
             if patcher.entropy_model is None:
                 raise ValueError("entropy patching needs an entropy model: pass entropy_model=... or attach one")
             self.em = patcher.entropy_model
-            self.em_device = next(self.em.parameters()).device
         cfg = model.config
         self.cfg = cfg
         self.eos = cfg.eos_id
+        self.em_eos = self.em.config.eos_id if self.em is not None else cfg.eos_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        enc = model.local_encoder
+        enc, dec = model.local_encoder, model.local_decoder
         self.enc_cross = enc.cross_attn_layers is not None
-        n = cfg.encoder.n_layers
-        # which encoder layers' byte states a closing patch needs (slots: init + cross-attention)
-        if self.enc_cross and enc.cross_attn_all_layers:
-            self.state_layers = list(range(n))
-        else:
-            self.state_layers = [n - 1]
-        self.enc_window = cfg.cross_attn.window_encoder if self.enc_cross else None
+        self.dec_cross = dec.cross_attn_layers is not None
+        ca = cfg.cross_attn
+        self.enc_window = ca.window_encoder if self.enc_cross else None
+        self.dec_window = (ca.window_decoder or 1) if self.dec_cross else 1
         self.concat_size = cfg.concat_patch_size if (not self.enc_cross and not cfg.pooling) else 0
-        self.dec_cross = model.local_decoder.cross_attn_layers is not None
-        self.dec_window = (cfg.cross_attn.window_decoder or 1) if self.dec_cross else 1
         self.tail_width = max([2] + (cfg.hash.group_sizes if cfg.hash else []))
+        self.compile = bool(compile)
+        # what a compiled part specialises on, besides tensor shapes: this model (its configuration and
+        # module structure) and the patcher's rule
+        self.model_key = hash((id(model), id(self.em), repr(cfg), repr(patcher), str(model)))
+        self._compiled: dict[tuple[str, int], Any] = {}
+        self._compiled_shapes: set[tuple] = set()  # call shapes compiled without error
+        # the driver interface's state
+        self.state: DecodeState | None = None
         self.prompt_starts: list[list[bool]] = []
-        if fused is None:
-            fused = not any(_has_hooks(m) for m in (model, self.em) if m is not None)
-        self.fused = fused
-        self._build_step(model)
+        self._rows = 0  # live rows of self.state (the others pad a compiled batch)
 
-    def _build_step(self, model: BLT) -> None:
-        """What a step calls: the blocks, the decoder's cross-attention queries and the heads — the
-        model's modules, or their decode-layout copies (``fused``)."""
-        enc, gt, dec = model.local_encoder, model.global_transformer, model.local_decoder
-        dec_cross = list(dec.cross_attn_layers) if dec.cross_attn_layers is not None else []
-        if self.fused:
-            self.enc_blocks, self.g_blocks, self.dec_blocks = (
-                step_blocks(enc.layers), step_blocks(gt.layers), step_blocks(dec.layers))
-            self.dec_output = StepLinear(dec.output)
-            self.dec_cross_steps = [StepCrossAttention(layer) for layer in dec_cross]
-            self.dec_project_kv = [layer.project_kv for layer in self.dec_cross_steps]
-            g_proj = gt.token_embedding_projection
-            self.g_embed = StepLinear(g_proj) if g_proj is not None else gt.embed
-            proj = dec.patch_embedding_projection
-            self.dec_patch_proj = StepLinear(proj) if proj is not None else None
-            if self.em is not None:
-                self.em_blocks = step_blocks(self.em.layers)
-                self.em_output = StepLinear(self.em.output)
-        else:
-            self.enc_blocks, self.g_blocks, self.dec_blocks = list(enc.layers), list(gt.layers), list(dec.layers)
-            self.dec_output = dec.output
-            self.dec_cross_steps = [
-                (lambda x, k, v, mask, layer=layer: layer(x, None, mask, projected_kv=(k, v))) for layer in dec_cross
-            ]
-            self.dec_project_kv = [layer.project_kv for layer in dec_cross]
-            self.g_embed = gt.embed
-            self.dec_patch_proj = dec.patch_embedding_projection
-            if self.em is not None:
-                self.em_blocks = list(self.em.layers)
-                self.em_output = self.em.output
+    # ------------------------------------------------------------------ states
+    def _stack(self, cfg: StackConfig, batch: int, dtype: torch.dtype, device: torch.device) -> StackKV:
+        window = cfg.window if uses_window(cfg.attention) else None
+        capacity = window + self.lookahead if window is not None else 64
+        return StackKV.for_stack(cfg.n_layers, batch, capacity, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, window,
+                             uses_documents(cfg.attention), dtype, device)
 
-    def step_weight_bytes(self) -> int:
-        """Memory held by the decode-layout weight copies (0 when not ``fused``)."""
-        if not self.fused:
-            return 0
-        parts = [*self.enc_blocks, *self.g_blocks, *self.dec_blocks, self.dec_output, *self.dec_cross_steps]
-        parts += [p for p in (self.g_embed, self.dec_patch_proj) if isinstance(p, StepLinear)]
-        if self.em is not None:
-            parts += [*self.em_blocks, self.em_output]
-        return sum(p.nbytes() for p in parts)
-
-    # ------------------------------------------------------------------ prefill
-    @torch.inference_mode()
-    def start(self, prompts: list[list[int]]) -> torch.Tensor:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (the BOS)")
-        B = len(prompts)
-        total = max(len(p) for p in prompts) + self.max_new_bytes + 1
+    def new_state(self, batch: int) -> DecodeState:
+        """The state before any byte (what :meth:`prefill` starts from)."""
         cfg, dev, dt = self.cfg, self.device, self.dtype
-        if self.em is not None:
-            em_param = next(self.em.parameters())
-            self.em_kv = _stack_kv(self.em.config.transformer, B, total, em_param.dtype, em_param.device)
-        self.enc_kv = _stack_kv(cfg.encoder, B, total, dt, dev)
-        self.dec_kv = _stack_kv(cfg.decoder, B, total, dt, dev)
-        g = cfg.global_
-        self.gkv = GlobalKV(g.n_layers, B, max(len(p) for p in prompts) + 16, g.resolved_n_kv_heads,
-                            g.resolved_head_dim, uses_documents(g.attention), dt, dev)
-        dec = self.model.local_decoder
+        enc, dec = self.model.local_encoder, self.model.local_decoder
+        E, D = cfg.encoder.dim, cfg.decoder.dim
+        if self.enc_cross:
+            ca = cfg.cross_attn
+            n_state = len(enc.state_layers())
+            shapes = [(E,)] + [(ca.n_heads, E // ca.n_heads)] * (2 * n_state)
+        else:
+            shapes = [(E,)]
         if self.dec_cross:
             ca = cfg.cross_attn
-            self.slot_kv = PatchSlotKV(len(dec.cross_attn_layers), B, self.dec_window, dec.slots_per_patch, ca.n_heads,
-                                       cfg.decoder.dim // ca.n_heads, dt, dev)
+            n_cross = len(dec.cross_attn_layers)  # type: ignore[arg-type]
+            slot_shapes = [(dec.slots_per_patch, ca.n_heads, D // ca.n_heads)] * (2 * n_cross)
         else:
-            self.last_slot = torch.zeros(B, cfg.decoder.dim, dtype=dt, device=dev)
-        self.pos = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.doc = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.edoc = torch.zeros(B, dtype=torch.int64, device=dev)  # the entropy model's documents
-        self.gdoc = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.open_has_eos = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.next_start = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.e_last = torch.zeros(B, 2, dtype=torch.float32, device=dev)  # E[T-2], E[T-1]
-        self.tail = torch.zeros(B, self.tail_width, dtype=torch.int64, device=dev)
-        self.hist: list[list[torch.Tensor]] = []  # per row: per-byte encoder states (n_state_layers, E)
-        self.hist_from: list[int] = []  # position of hist[r][0]
-        self.pstarts: list[list[int]] = []  # per row: starts of the last patches, the open one last
-        self.prompt_starts = []
-        last_raw = torch.zeros(B, dtype=torch.int64, device=dev)
-        logits = []
-        for r, ids in enumerate(prompts):
-            row_logits, raw = self._prefill_row(r, ids)
-            logits.append(row_logits)
-            last_raw[r] = last_raw_start(raw)[0]
-        self.starts = IncrementalStarts(self.patcher, last_raw)
-        return torch.stack(logits)
+            slot_shapes = [(D,)]
+        entropy_cache = None
+        if self.em is not None:
+            p = next(self.em.parameters())
+            entropy_cache = self._stack(self.em.config.transformer, batch, p.dtype, p.device)
+        w = self.enc_window or 1
+        history = None
+        if self.lookahead:
+            H = self.lookahead + 1
+            history = Cursor.empty(batch, self.tail_width, w, dev).map(
+                lambda t: t[:, None].expand(-1, H, *t.shape[1:]).clone())
+            history.pos.fill_(-1)
+        return DecodeState(
+            cursor=Cursor.empty(batch, self.tail_width, w, dev),
+            encoder=self._stack(cfg.encoder, batch, dt, dev),
+            global_=self._stack(cfg.global_, batch, dt, dev),
+            decoder=self._stack(cfg.decoder, batch, dt, dev),
+            entropy=entropy_cache,
+            patch_bytes=Ring.empty(batch, 32, shapes, dt, dev),
+            patch_slots=Ring.empty(batch, self.dec_window + self.lookahead, slot_shapes, dt, dev),
+            lookahead=self.lookahead,
+            history=history,
+        )
 
-    def _prefill_row(self, r: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        model, cfg, dev = self.model, self.cfg, self.device
-        enc, gt, dec = model.local_encoder, model.global_transformer, model.local_decoder
-        tokens = torch.tensor([ids], dtype=torch.int64, device=dev)  # (1, L)
-        L = len(ids)
-        pos = torch.arange(L, device=dev)
-        doc = document_ids(tokens, self.eos)[0]
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> tuple[DecodeState, torch.Tensor, list[list[bool]]]:
+        """Prefill every prompt (each on its own, in chunks of ``prefill_chunk`` bytes that carry the
+        caches: memory bounded by the windows and the patch count) and batch them. Returns the state,
+        the logits ``(B, V)`` of each row's next byte, and each prompt's patch-start flags."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (the BOS)")
+        states, logits, starts = [], [], []
+        for ids in prompts:
+            state = self.new_state(1)
+            tokens = torch.tensor([ids], dtype=torch.int64, device=self.device)
+            flags = [True]
+            for a in range(0, len(ids), self.prefill_chunk):
+                out, after = self._call(state, tokens[:, a : a + self.prefill_chunk], compiled=False)
+                flags += after.next_start[0].tolist()
+            self.presize(state, self.max_new_bytes)
+            states.append(state)
+            logits.append(out[:, -1])
+            starts.append(flags[: len(ids)])
+        return DecodeState.cat(states), torch.cat(logits).float(), starts
 
-        # entropy model over the prompt -> entropies and its cache
+    def presize(self, state: DecodeState, n_bytes: int) -> None:
+        """Grow the caches that grow so that ``n_bytes`` more bytes fit without re-allocating."""
+        self._reserve(state, n_bytes + 1)
+
+    @torch.inference_mode()
+    def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` (``(B,)``: one byte per row; ``(B, n)``: ``n`` bytes per row) and return the
+        next-byte logits (``(B, V)``, or ``(B, n, V)``: after each of the ``n``) in float32. Stepping ``n``
+        bytes at once equals ``n`` single steps."""
+        tokens = tokens.to(self.device, torch.int64)
+        one = tokens.dim() == 1
+        if one:
+            tokens = tokens[:, None]
+        if tokens.dim() != 2 or tokens.shape[0] != state.batch:
+            raise ValueError(f"tokens must be (B={state.batch},) or (B, n), got shape {tuple(tokens.shape)}")
+        logits, _ = self._call(state, tokens, compiled=self.compile)
+        return logits[:, 0] if one else logits
+
+    # ------------------------------------------------------------------ one call
+    def _call(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
+        if compiled and _compile_failure is None:
+            # the first call of each shape compiles: try it on a copy, so that a failure leaves the state
+            # as it was for the eager step
+            shape = (tuple(tokens.shape), tuple(r.capacity for r in state.rings()))
+            if shape not in self._compiled_shapes:
+                try:
+                    self._run(state.copy(), tokens, compiled=True)
+                    self._compiled_shapes.add(shape)
+                    _compiled_models.add(self.model)
+                except compile_errors() as err:
+                    _compiling_failed(err)
+        return self._run(state, tokens, compiled and _compile_failure is None)
+
+    def _run(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
+        n = tokens.shape[1]
+        spans = self._reserve(state, n)
+        # attention reads the slots that can hold an entry after this call (bytes, patches)
+        views = (spans[3] + n, spans[4] + n)
+        if compiled:
+            views = tuple(_view_marker(min(bucket(max(v, 16)), cap), self.device)
+                          for v, cap in zip(views, (1 << 62, 1 << 62)))
+            front, close, back = (self._compiled_part(p, n) for p in ("front", "close", "back"))
+        else:
+            front, close, back = self._front, self._close, self._back
+        h, before, after, n_close = front(state, tokens, views[0])
+        # closing patches per row, padded to the most among the rows: n in a compiled call (one graph),
+        # the real count in an eager one (a prefill chunk of n bytes closes ~n / patch size)
+        width = int(n_close)
+        closed = close(state, before, after, views[1], n if compiled else width) if width else None
+        logits, state.spans = back(state, tokens, h, after, closed, views[0])
+        return logits, after
+
+    def _reserve(self, state: DecodeState, n: int) -> list[int]:
+        """Grow the rings without a window so that a call over ``n`` more bytes fits (host-side, before
+        the call; a compiled step then sees new shapes and recompiles — rare: :meth:`presize`). Returns
+        :meth:`_spans` (read back from the previous call: the one host round trip of a step)."""
+        spans = [int(v) for v in (state.spans if state.spans is not None else self._spans(state)).tolist()]
+        bytes_span, global_span, local_span = spans[:3]
+        c = state.cursor
+        state.patch_bytes.reserve(bytes_span + n, self._first_needed(c))
+        keep_global = c.global_doc_start if uses_documents(self.cfg.global_.attention) else None
+        state.global_.reserve(global_span + n, keep_global)
+        for ring in (state.encoder, state.decoder, state.entropy):
+            if ring is not None and ring.window is None:
+                ring.reserve(local_span + n, c.doc_start if ring.documents and ring is not state.entropy else None)
+        return spans
+
+    def _first_needed(self, c: Cursor) -> torch.Tensor:
+        """The oldest byte whose encoder state a patch still to close reads: the first of the last ``w``
+        patches' bytes (and the ``patch_size`` bytes before the open patch's end for concatenation)."""
+        first = c.patch_starts[..., 0]
+        if self.concat_size:
+            first = torch.minimum(first, c.pos - self.concat_size)
+        return first.clamp(min=0)
+
+    def _spans(self, state: DecodeState) -> torch.Tensor:
+        """``(5,)``: per ring that grows, the longest span of positions a row still needs (encoder byte
+        states, global patches, local stacks without a window; the history's too: a roll-back needs it),
+        then the largest byte position and closed-patch count (how much of each ring can be filled)."""
+        c = state.cursor
+        first = self._first_needed(c)
+        doc_start, gdoc_start = c.doc_start, c.global_doc_start
+        if state.history is not None:
+            h = state.history
+            valid = h.pos >= 0
+            big = torch.iinfo(torch.int64).max
+            first = torch.minimum(first, torch.where(valid, self._first_needed(h), big).amin(1))
+            doc_start = torch.minimum(doc_start, torch.where(valid, h.doc_start, big).amin(1))
+            gdoc_start = torch.minimum(gdoc_start, torch.where(valid, h.global_doc_start, big).amin(1))
+        if not uses_documents(self.cfg.global_.attention):
+            gdoc_start = torch.zeros_like(gdoc_start)
+        local = c.pos - doc_start if uses_documents(self.cfg.encoder.attention) else c.pos
+        if not uses_documents(self.cfg.decoder.attention):
+            local = c.pos
+        return torch.stack([(c.pos - first).max(), (c.n_closed - gdoc_start).max(), local.max(), c.pos.max(),
+                            c.n_closed.max()])
+
+    def _compiled_part(self, part: str, n: int) -> Any:
+        key = (part, n)
+        fn = self._compiled.get(key)
+        if fn is None:
+            # Guards on the model's modules are skipped (thousands of them: they cost more than a small
+            # step); what the graph bakes in about the model is guarded through ``self.model_key``
+            # instead, and the parameters are the graph's inputs, read afresh at every call.
+            options: dict[str, Any] = {"guard_filter_fn": _guard_filter}
+            if self.device.type == "cuda":
+                fn = torch.compile(getattr(self, f"_{part}"), fullgraph=True, dynamic=False, mode="reduce-overhead",
+                                   options=options)
+            else:
+                fn = torch.compile(getattr(self, f"_{part}"), fullgraph=True, dynamic=False,
+                                   options={**CPU_OPTIONS, **options})
+            self._compiled[key] = fn
+        return fn
+
+    # ------------------------------------------------------------------ the three parts
+    def _front(self, state: DecodeState, tokens: torch.Tensor, view: Any):  # noqa: ANN202 - (h, before, after, any_close)
+        model, c = self.model, state.cursor
+        B, n = tokens.shape
+        torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
+        pos = c.pos[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
         ent = None
         if self.em is not None:
-            em = self.em
-            et = tokens.to(next(em.parameters()).device)
-            recs = [Recorder() for _ in em.layers]
-            h = em.run_layers(em.tok_embeddings(et), _dense_self_mask(em.config.transformer, et, em.config.eos_id),
-                              None, recs)
-            ent = entropy(em.output(em.norm(h)))  # (1, L)
-            self.em_kv.load_row(r, recs, pos.to(et.device), document_ids(et, em.config.eos_id)[0])
-            ent = ent.to(dev)
-            self.e_last[r, 1] = ent[0, -1]
-            if L >= 2:
-                self.e_last[r, 0] = ent[0, -2]
+            assert state.entropy is not None
+            dev = state.entropy.pos.device
+            et = tokens.to(dev)
+            edocs = (c.entropy_doc[:, None] + exclusive_cumsum(tokens == self.em_eos)).to(dev)
+            ent = entropy(self.em(et, cache=state.entropy.prepare(pos.to(dev), edocs, view=_size(view)))).to(tokens.device)
+        e_all = torch.cat([c.entropies, ent], 1) if ent is not None else None  # E[T-2], E[T-1], E[T] ...
+        x_all = torch.cat([c.tail[:, -1:], tokens], 1)
+        starts, last_raw = decide_starts(
+            self.patcher, pos + 1, None if e_all is None else e_all[:, 2:], None if e_all is None else e_all[:, 1:-1],
+            tokens, x_all[:, :-1], c.last_raw)
+        after = c.advance(tokens, ent, starts, last_raw, self.eos, self.em_eos)
+        before = Cursor.zip(lambda a, b: torch.cat([a[:, None], b[:, :-1]], 1), c, after)
 
-        # patch starts over positions 0..L (L = the next byte), as Patcher.patch + split_first_patch
-        raw = raw_prompt_starts(self.patcher, tokens, ent)
-        starts = finish_starts(self.patcher, raw)  # (1, L + 1)
-        patch_lengths = lengths_from_start_mask(starts)  # (1, P), sums to L + 1
-        P = patch_lengths.shape[1]
-        Pc = P - 1  # the last patch holds position L: still open
-        patch_ids = patch_ids_from_lengths(patch_lengths, L)  # (1, L); open-patch bytes get Pc
-        self.prompt_starts.append(starts[0, :L].tolist())
-        self.next_start[r] = starts[0, L]
-
-        # local encoder over the prompt
-        recs = [Recorder() for _ in enc.layers]
-        h = model.embed(tokens)
-        rope = enc.rope_for(pos[None])
-        mask = _dense_self_mask(cfg.encoder, tokens, self.eos)
-        states = []
-        for i, layer in enumerate(enc.layers):
-            h = layer(h, rope, mask, recs[i])
-            states.append(h)
-        h_enc = h
-        self.enc_kv.load_row(r, recs, pos, doc)
-
-        # closed patches -> global inputs
-        ca = cfg.cross_attn
+        enc = model.local_encoder
+        docs = c.doc[:, None] + exclusive_cumsum(tokens == self.eos)
+        h, states = enc.encode(tokens, model.embed(tokens, context=c.tail), cache=state.encoder.prepare(pos, docs, view=_size(view)))
+        values = [states[0]] if self.enc_cross else [h]
         if self.enc_cross:
-            cmask = cross_attention_mask(patch_ids, Pc, ca.k, patches_as_queries=True, window=ca.window_encoder,
-                                         dense=True)
-            slots = None
-            last = len(enc.layers) - 1
-            for i in range(len(enc.layers)):
-                if i == last or enc.cross_attn_all_layers:
-                    if slots is None:
-                        slots = enc.init_slots(states[i], patch_ids, Pc)
-                    cross = enc.cross_attn_layers[i if enc.cross_attn_all_layers else 0]
-                    slots = double_residual(slots, cross(slots, states[i], cmask))
-            vectors = model.patch_vectors(h_enc, slots, patch_ids, patch_lengths[:, :Pc])
-        else:
-            vectors = model.patch_vectors(h_enc, None, patch_ids, patch_lengths[:, :Pc])
+            values += [t for kv in enc.cross_kv(states) for t in kv]
+        state.patch_bytes.write(pos, values, before.n_closed)  # each byte's patch: the open one when it came
+        return h, before, after, starts.sum(1).max()
 
-        # global transformer over the closed patches
-        gtokens = global_tokens_from_patches(tokens, patch_ids, Pc, self.eos)  # (1, Pc)
-        gdocs = document_ids(gtokens, self.eos)[0]
-        recs_g = [Recorder() for _ in gt.layers]
-        hg = gt.run_layers(gt.embed(vectors), _dense_self_mask(cfg.global_, gtokens, self.eos), None, recs_g)
-        self.gkv.load_row(r, recs_g, gdocs)
-        self.gdoc[r] = (gtokens[0] == self.eos).sum()
+    def _close(self, state: DecodeState, before: Cursor, after: Cursor, view: Any, m: int) -> _Closed | None:
+        """Every patch closing among the call's bytes, padded to ``m`` per row (at least the most that close
+        in a row): slots, global, decoder slots."""
+        model, cfg, c = self.model, self.cfg, state.cursor
+        torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
+        enc, dec = model.local_encoder, model.local_decoder
+        starts = after.next_start  # (B, n): the patch holding byte i closes
+        B = starts.shape[0]
+        dev = starts.device
+        order = torch.argsort((~starts).to(torch.int8), dim=1, stable=True)[:, :m]  # closing bytes first, in order
+        k = torch.arange(m, device=dev)[None]
+        valid = k < starts.sum(1, keepdim=True)  # (B, m) real closing patches
+        patch = c.n_closed[:, None] + k  # their indices
+        gdoc = torch.gather(before.global_doc, 1, order)  # their global documents
 
-        # local decoder over the prompt
-        dslots = dec.patch_slots(hg)  # (1, Pc*K, D) or (1, Pc, D)
-        dec_ids = patch_ids_from_lengths(patch_lengths[:, 1:], L)  # (1, L), all < Pc
+        ring = state.patch_bytes
+        rel = torch.where(ring.pos >= 0, ring.tag - c.n_closed[:, None], m)  # stored byte -> closing patch 0..
+        rel = rel.clamp(max=m)  # m: no closing patch
+        ids = torch.where(rel >= 0, rel, m)
+        if self.enc_cross:
+            K = cfg.cross_attn.k
+            if m * K * ring.capacity > DENSE_CROSS_MAX:  # a long prefill chunk: linear in the bytes
+                mask: Any = PatchCrossMask(rel, m, K, patches_as_queries=True, window=self.enc_window)
+            else:
+                mask = cross_attention_mask(rel, m, K, patches_as_queries=True, window=self.enc_window, dense=True)
+            kv = [(ring.tensors[j], ring.tensors[j + 1]) for j in range(1, len(ring.tensors), 2)]
+            vectors = enc.patch_slots(ring.tensors[0], kv, ids, m, mask).reshape(B, m, -1)  # (B, m, K*E)
+        elif cfg.pooling:
+            vectors = pool_patches(ring.tensors[0], ids, m, cfg.pooling_modes)
+        else:  # concatenation: the patch_size bytes up to each patch's last byte, in ring slots
+            ends = c.pos[:, None] + order + 1  # (B, m) each closing patch's end
+            vectors = concat_patches(ring.tensors[0], ends, self.concat_size, wrap=ring.capacity)
+
+        h = model.global_transformer(vectors, None, cache=state.global_.prepare(patch, gdoc, valid, view=_size(view)))  # (B, m, G)
+        slots = dec.patch_slots(h)  # (B, m*K, D) or (B, m, D)
         if self.dec_cross:
-            dmask = cross_attention_mask(dec_ids, Pc, dec.slots_per_patch, patches_as_queries=False,
-                                         window=ca.window_decoder, dense=True)
-            h = h_enc
+            values = [t.unflatten(1, (m, dec.slots_per_patch)) for kv in dec.cross_kv(slots) for t in kv]  # (B, m, K, H, Dh)
         else:
-            h = h_enc + torch.gather(dslots, 1, dec_ids[:, :, None].expand(-1, -1, dslots.shape[-1]))
-        recs_d = [Recorder() for _ in dec.layers]
-        mask = _dense_self_mask(cfg.decoder, tokens, self.eos)
-        rope = dec.rope_for(pos[None])
-        for i, layer in enumerate(dec.layers):
-            if dec.uses_cross_attn(i):
-                h = double_residual(h, dec.cross_layer(i)(h, dslots, dmask))
-            h = layer(h, rope, mask, recs_d[i])
-        logits = dec.head(h[:, -1:])[0, 0]
-        self.dec_kv.load_row(r, recs_d, pos, doc)
+            values = [slots]
+        # written now if that overwrites no patch the call's bytes still read (the first byte reads up to
+        # dec_window patches back unless it closes one itself, which all n closing implies)
+        spare = state.patch_slots.capacity - self.dec_window
+        if m <= spare or (m == starts.shape[1] and m <= spare + 1):
+            state.patch_slots.write(patch, values, patch, valid)
+            return None
+        return _Closed(patch, values, valid)
+
+    def _back(self, state: DecodeState, tokens: torch.Tensor, h: torch.Tensor, after: Cursor,
+              closed: _Closed | None, view: Any):  # noqa: ANN202 - (logits, spans)
+        model, c = self.model, state.cursor
+        torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
+        dec = model.local_decoder
+        B, n = tokens.shape
+        pos = c.pos[:, None] + torch.arange(n, device=tokens.device)
+        docs = c.doc[:, None] + exclusive_cumsum(tokens == self.eos)
+        reads = after.n_closed - 1  # (B, n) the patch each byte's decoder reads: the last closed one
+        ring = state.patch_slots
+        tensors, slot_patch = ring.tensors, ring.pos
+        if closed is not None:
+            tensors = [torch.cat([t, v.to(t.dtype)], 1) for t, v in zip(tensors, closed.values, strict=True)]
+            slot_patch = torch.cat([slot_patch, torch.where(closed.keep, closed.positions, -1)], 1)
+        cache = state.decoder.prepare(pos, docs, view=_size(view))
         if self.dec_cross:
-            K = dec.slots_per_patch
-            rows = torch.tensor([r], device=dev)
-            for p in range(max(0, Pc - self.dec_window), Pc):
-                piece = dslots[:, p * K : (p + 1) * K]
-                kv = [layer.project_kv(piece) for layer in dec.cross_attn_layers]
-                self.slot_kv.put(rows, torch.tensor([p], device=dev), kv)
+            kv = [(tensors[j].flatten(1, 2), tensors[j + 1].flatten(1, 2)) for j in range(0, len(tensors), 2)]
+            per_slot = slot_patch.repeat_interleave(dec.slots_per_patch, dim=1)  # (B, S*K)
+            mask = cross_attention_visible(per_slot[:, None, :], reads[:, :, None], False, self.dec_window)
+            mask = (mask & (per_slot >= 0)[:, None, :])[:, None]  # (B, 1, n, S*K)
+            logits = dec.decode(tokens, h, kv, mask, cache=cache)
         else:
-            self.last_slot[r] = dslots[0, Pc - 1]
+            index = reads % ring.capacity
+            if closed is not None:
+                new = reads >= c.n_closed[:, None]
+                index = torch.where(new, ring.capacity + 1 + reads - c.n_closed[:, None], index)
+            logits = dec.decode(tokens, dec.add_patch_slots(h, tensors[0], index), cache=cache)
+        if closed is not None:
+            ring.write_last(closed.positions, closed.values, closed.positions, closed.keep)
+        state.record(after)
+        return logits, self._spans(state)
 
-        # per-row state for the steps
-        start_list = starts[0].nonzero()[:, 0].tolist()  # every start in 0..L
-        open_start = start_list[-1]
-        keep_starts = start_list[-(self.enc_window or 1):]
-        keep_from = keep_starts[0]
-        if self.concat_size:
-            keep_from = min(keep_from, open_start + 1 - self.concat_size)
-        keep_from = max(0, keep_from)
-        stacked = torch.stack([states[i][0] for i in self.state_layers], dim=1)  # (L, n_state, E)
-        self.hist.append(list(stacked[keep_from:].unbind(0)))
-        self.hist_from.append(keep_from)
-        self.pstarts.append(keep_starts)
-        self.pos[r] = L
-        self.doc[r] = int((tokens == self.eos).sum())
-        if self.em is not None:
-            self.edoc[r] = int((tokens == self.em.config.eos_id).sum())
-        self.open_has_eos[r] = bool((tokens[0, open_start:] == self.eos).any()) if open_start < L else False
-        tail = ids[-self.tail_width:]
-        self.tail[r, self.tail_width - len(tail):] = torch.tensor(tail, dtype=torch.int64, device=dev)
-        return logits.float(), raw
+    # ------------------------------------------------------------------ the driver interface
+    @torch.inference_mode()
+    def start(self, prompts: list[list[int]]) -> torch.Tensor:
+        state, logits, self.prompt_starts = self.prefill(prompts)
+        self._rows = state.batch
+        if self.compile:
+            state.select(self._padded(list(range(state.batch))))
+        self.state = state
+        return logits
 
-    # ------------------------------------------------------------------ one byte
+    def _padded(self, rows: list[int]) -> list[int]:
+        """``rows`` plus copies of the first up to the compiled batch size."""
+        return rows + [rows[0]] * (bucket(len(rows)) - len(rows))
+
     @torch.inference_mode()
     def advance(self, next_ids: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        x = next_ids.to(self.device, torch.int64)  # (B,) the byte at position T
-        T, doc = self.pos, self.doc
-        is_eos = x == self.eos
-        self.tail = torch.cat([self.tail[:, 1:], x[:, None]], dim=1)
-
-        # 1. entropy model step -> E[T]
-        e1 = e2 = None
-        if self.em is not None:
-            e_new = self._entropy_step(x, T)
-            self.e_last = torch.stack([self.e_last[:, 1], e_new], dim=1)
-            e2, e1 = self.e_last[:, 0], self.e_last[:, 1]
-
-        # 2. does T + 1 start a patch?
-        s_next = self.starts.step(T + 1, e1, e2, x, self.tail[:, -2])
-
-        # 3. local encoder step
-        enc = model.local_encoder
-        e = enc.tok_embeddings(x[:, None])  # (B, 1, E)
-        if model.encoder_hash_tok_embedding is not None:
-            ids = model.encoder_hash_tok_embedding.last_ids(self.tail)
-            e = model.encoder_hash_tok_embedding.add_to(e, None, ids=ids)  # type: ignore[arg-type]
-        mask = self.enc_kv.begin_step(T, doc)
-        rope = enc.rope_for(T[:, None])
-        h = e
-        states = []
-        for i, block in enumerate(self.enc_blocks):
-            h = block(h, rope, mask, self.enc_kv.layer(i))
-            states.append(h)
-        h_enc = h
-        per_byte = torch.stack([states[i][:, 0] for i in self.state_layers], dim=1)  # (B, n_state, E)
-        for r, hist in enumerate(self.hist):
-            hist.append(per_byte[r])
-        self.open_has_eos |= is_eos
-
-        # 4. close patches: slots, one global step, decoder cross-attention keys/values
-        closing = s_next.nonzero()[:, 0]
-        if closing.numel():
-            self._close(closing, T + 1)
-
-        # 5. local decoder step
-        dec = model.local_decoder
-        if self.dec_cross:
-            h = h_enc
-            cmask = self.slot_kv.mask()
-        else:
-            h = h_enc + self.last_slot[:, None]
-        mask = self.dec_kv.begin_step(T, doc)
-        rope = dec.rope_for(T[:, None])
-        for i, block in enumerate(self.dec_blocks):
-            if dec.uses_cross_attn(i):
-                j = i if dec.cross_attn_all_layers else 0
-                h = double_residual(h, self.dec_cross_steps[j](h, self.slot_kv.k[j], self.slot_kv.v[j], cmask))
-            h = block(h, rope, mask, self.dec_kv.layer(i))
-        logits = self.dec_output(dec.norm(h))[:, 0]
-
-        self.pos = T + 1
-        self.doc = doc + is_eos.to(torch.int64)
-        self.next_start = s_next
-        return logits.float()
-
-    def _entropy_step(self, x: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-        em = self.em
-        assert em is not None
-        dev = self.em_device
-        xe, Te = x.to(dev), T.to(dev)
-        mask = self.em_kv.begin_step(Te, self.edoc.to(dev))
-        self.edoc = self.edoc + (x == self.em.config.eos_id).to(torch.int64)
-        rope = em.rope_for(Te[:, None])
-        h = em.tok_embeddings(xe[:, None])
-        for i, block in enumerate(self.em_blocks):
-            h = block(h, rope, mask, self.em_kv.layer(i))
-        return entropy(self.em_output(em.norm(h)).float())[:, 0].to(self.device)
-
-    def _close(self, rows: torch.Tensor, ends: torch.Tensor) -> None:
-        """Close the open patch of ``rows (R,)`` (their next patch starts at ``ends (B,)``)."""
-        model, cfg = self.model, self.cfg
-        enc, gt, dec = model.local_encoder, model.global_transformer, model.local_decoder
-        patches, kv_spans, concat_rows = [], [], []
-        ends_list = ends[rows].tolist()
-        for r, b in zip(rows.tolist(), ends_list):
-            hist, first = self.hist[r], self.hist_from[r]
-            starts = self.pstarts[r]
-            byte_states = torch.stack(hist, dim=0)  # (n_kept, n_state, E), positions first..
-            patches.append(byte_states[starts[-1] - first : b - first])  # the closing patch's bytes
-            if self.enc_cross:
-                kv_spans.append(byte_states[starts[0] - first : b - first])  # the last window_encoder patches
-            elif self.concat_size:
-                idx = torch.arange(b - self.concat_size, b, device=byte_states.device).clamp(min=0) - first
-                concat_rows.append(byte_states[idx, -1].reshape(-1))
-            # bookkeeping: the new open patch starts at b; keep what the next closings need
-            starts.append(b)
-            del starts[: max(0, len(starts) - (self.enc_window or 1))]
-            keep_from = starts[0]
-            if self.concat_size:
-                keep_from = min(keep_from, b + 1 - self.concat_size)
-            keep_from = max(keep_from, first)
-            del hist[: keep_from - first]
-            self.hist_from[r] = keep_from
-
-        # the closing patches of all rows at once, right-padded: (R, n_max, n_state, E)
-        patch = torch.nn.utils.rnn.pad_sequence(patches, batch_first=True)
-        lengths = torch.tensor([p.shape[0] for p in patches], device=patch.device)
-        # byte -> patch index for pooling: 0 for real bytes, 1 (dropped) for padding
-        pad_ids = (torch.arange(patch.shape[1], device=patch.device)[None] >= lengths[:, None]).to(torch.int64)
-        if self.enc_cross:
-            kv = torch.nn.utils.rnn.pad_sequence(kv_spans, batch_first=True)  # (R, m_max, n_state, E)
-            kv_len = torch.tensor([k.shape[0] for k in kv_spans], device=kv.device)
-            allowed = torch.arange(kv.shape[1], device=kv.device)[None] < kv_len[:, None]  # (R, m_max)
-            slots = None
-            for j in range(len(self.state_layers)):
-                if slots is None:
-                    slots = enc.init_slots(patch[:, :, j], pad_ids, 1)  # (R, K, E)
-                cross = enc.cross_attn_layers[j if enc.cross_attn_all_layers else 0]
-                mask = allowed[:, None, None, :].expand(-1, 1, slots.shape[1], -1)
-                slots = double_residual(slots, cross(slots, kv[:, :, j], mask))
-            v = slots.reshape(len(patches), 1, -1)
-        elif cfg.pooling:
-            v = pool_patches(patch[:, :, -1], pad_ids, 1, cfg.pooling_modes)  # (R, 1, E * n_modes)
-        else:
-            v = torch.stack(concat_rows)[:, None]
-
-        # one global step for the closing rows; v: (R, 1, global_input_dim)
-        all_rows = rows.numel() == self.pos.shape[0]
-        gdoc = self.gdoc[rows]
-        mask, gpos = self.gkv.begin_step(None if all_rows else rows, gdoc)
-        rope = gt.rope_for(gpos[:, None])
-        h = self.g_embed(v)
-        for i, block in enumerate(self.g_blocks):
-            h = block(h, rope, mask, self.gkv.layer(i))
-        self.gdoc[rows] = gdoc + self.open_has_eos[rows].to(torch.int64)
-        self.open_has_eos[rows] = False
-
-        # decoder cross-attention keys/values (or the projected global output) of the closed patch
-        # the decoder's slots of the closed patch (LocalDecoder.patch_slots): (R, K, D) or (R, 1, D)
-        dslots = h if self.dec_patch_proj is None else self.dec_patch_proj(h).reshape(h.shape[0], dec.slots_per_patch, -1)
-        if self.dec_cross:
-            kv = [project(dslots) for project in self.dec_project_kv]
-            self.slot_kv.put(rows, gpos, kv)
-        else:
-            self.last_slot[rows] = dslots[:, 0]
-
-    # ------------------------------------------------------------------ batch bookkeeping
-    @property
-    def next_starts(self) -> list[bool]:
-        return self.next_start.tolist()
+        assert self.state is not None, "start first"
+        x = next_ids.to(self.device, torch.int64).reshape(-1)
+        if self.state.batch > x.shape[0]:
+            x = torch.cat([x, x[:1].expand(self.state.batch - x.shape[0])])
+        return self.step(self.state, x)[: self._rows]
 
     def select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (finished rows stop costing work)."""
-        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        for cache in (getattr(self, "em_kv", None), self.enc_kv, self.dec_kv, self.gkv,
-                      getattr(self, "slot_kv", None)):
-            if cache is not None:
-                cache.select(idx.to(cache.k[0].device) if cache.k else idx)
-        if not self.dec_cross:
-            self.last_slot = self.last_slot[idx]
-        for name in ("pos", "doc", "edoc", "gdoc", "open_has_eos", "next_start", "e_last", "tail"):
-            setattr(self, name, getattr(self, name)[idx])
-        self.starts.select(idx)
-        self.hist = [self.hist[i] for i in rows]
-        self.hist_from = [self.hist_from[i] for i in rows]
-        self.pstarts = [self.pstarts[i] for i in rows]
+        """Keep only ``rows`` (finished rows stop costing work; a compiled batch keeps its bucket)."""
+        assert self.state is not None, "start first"
+        self._rows = len(rows)
+        self.state.select(self._padded(rows) if self.compile else rows)
+
+    @property
+    def next_starts(self) -> list[bool]:
+        assert self.state is not None, "start first"
+        return self.state.cursor.next_start[: self._rows].tolist()
 
     def cache_bytes(self) -> dict[str, int]:
-        """Bytes held by each cache now (the encoder's open-patch states not included: a few bytes' worth)."""
-        out = {"local_encoder": self.enc_kv.nbytes(), "local_decoder": self.dec_kv.nbytes(),
-               "global": self.gkv.nbytes()}
-        if self.em is not None:
-            out["entropy_model"] = self.em_kv.nbytes()
-        if self.dec_cross:
-            out["decoder_patch_slots"] = self.slot_kv.nbytes()
-        return out
+        """Bytes held by each cache now."""
+        assert self.state is not None, "start first"
+        return self.state.cache_bytes()

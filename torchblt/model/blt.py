@@ -102,11 +102,12 @@ class BLT(nn.Module):
         attach_entropy_model(self, entropy_model)
 
     # ------------------------------------------------------------------ pieces of the forward
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Byte embeddings plus hash n-gram embeddings, summed in the reference's order. ``(B, T, E)``."""
+    def embed(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Byte embeddings plus hash n-gram embeddings, summed in the reference's order. ``(B, T, E)``.
+        ``context (B, C)``: the bytes before ``tokens`` (decoding), for the n-grams that reach back."""
         e = self.local_encoder.tok_embeddings(tokens)
         if self.encoder_hash_tok_embedding is not None:
-            e = self.encoder_hash_tok_embedding.add_to(e, tokens)
+            e = self.encoder_hash_tok_embedding.add_to(e, tokens, context)
         return e
 
     def patch_vectors(
@@ -118,7 +119,7 @@ class BLT(nn.Module):
             return slots.reshape(B, P, -1)  # (B, P*K, E) -> (B, P, K*E)
         if self.config.pooling:
             return pool_patches(h_enc, patch_ids, P, self.config.pooling_modes)
-        return concat_patches(h_enc, patch_lengths, self.config.concat_patch_size)
+        return concat_patches(h_enc, torch.cumsum(patch_lengths, dim=1), self.config.concat_patch_size)
 
     def forward(
         self, tokens: torch.Tensor, patch_lengths: torch.Tensor | None = None, *, patcher: Patcher | None = None

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchblt.model.masks import build_self_attention_mask, uses_window
-from torchblt.model.transformer import RMSNorm, StackConfig, Transformer, trunc_normal_
+from torchblt.model.masks import uses_window
+from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, trunc_normal_
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
 # Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
@@ -68,17 +68,23 @@ class EntropyModel(Transformer):
         config.validate()
         super().__init__(config.transformer)
         self.config = config
+        self.eos_id = config.eos_id
         t = config.transformer
         self.tok_embeddings = nn.Embedding(config.vocab_size, t.dim)
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.output = nn.Linear(t.dim, config.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``tokens (B, T) int64 -> logits (B, T, V) float32``."""
-        t = self.config.transformer
-        mask = build_self_attention_mask(tokens, t.attention, t.window, self.config.eos_id)
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: StackCache | None = None
+    ) -> torch.Tensor:
+        """``tokens (B, T) int64 -> logits (B, T, V) float32``. With ``cache`` the tokens are new positions
+        after the cached ones (a prefill chunk or a decoding step, see
+        :class:`~torchblt.model.transformer.StackCache`); ``positions`` is then ignored."""
         h = self.tok_embeddings(tokens)
-        h = self.run_layers(h, mask, positions)
+        if cache is not None:
+            h = self.run_layers(h, cache.mask, caches=cache.layers, rope=self.rope_for(cache.positions))
+        else:
+            h = self.run_layers(h, self.self_attention_mask(tokens), positions)
         return self.output(self.norm(h)).float()
 
     @property

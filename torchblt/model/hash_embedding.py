@@ -74,31 +74,21 @@ class HashNgramEmbedding(nn.ModuleList):
         self.vocab_size = vocab_size
         self.n_functions = n_functions
 
-    def ids(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Hash ids for every table, in table order (function-major, then n-gram size)."""
+    def ids(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Hash ids for every table, in table order (function-major, then n-gram size). ``context (B, C)``:
+        the tokens before ``tokens`` (a decoding step's recent bytes; zeros = BOE where a text has fewer),
+        so that the n-grams ending at ``tokens``' first positions are those of the whole text."""
+        if context is not None:
+            tokens = torch.cat([context.to(tokens.dtype), tokens], dim=1)
+        c = 0 if context is None else context.shape[1]
         return [
-            ngram_hash_ids(tokens, g, f, self.vocab_size)
+            ngram_hash_ids(tokens, g, f, self.vocab_size)[:, c:]
             for f in range(self.n_functions)
             for g in self.group_sizes
         ]
 
-    def last_ids(self, tail: torch.Tensor) -> list[torch.Tensor]:
-        """For a decoding step: the ids of the n-grams ending at the *last* position of ``tail (B, W)`` (the
-        last ``W >= max(group_sizes)`` tokens, zero-padded on the left where fewer exist), ``(B, 1)`` per
-        table; equal to ``ids(tokens)[..., -1:]`` without hashing every position."""
-        cached = getattr(self, "_step_hashes", None)
-        if cached is None or cached[0] != tail.device:  # (device, [(n-gram size, prime powers) per table])
-            cached = self._step_hashes = (tail.device, [
-                (g, torch.tensor(_prime_powers(HASH_PRIMES[f], g), dtype=torch.int64, device=tail.device))
-                for f in range(self.n_functions) for g in self.group_sizes
-            ])
-        return [
-            torch.remainder((tail[:, -g:] * powers).sum(-1, keepdim=True), self.vocab_size)
-            for g, powers in cached[1]
-        ]
-
-    def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``embeds + table_0(ids_0) + table_1(ids_1) + ...`` summed in the reference's order."""
-        for table, table_ids in zip(self, ids if ids is not None else self.ids(tokens)):
+        for table, table_ids in zip(self, self.ids(tokens, context)):
             embeds = embeds + table(table_ids)
         return embeds

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from torchblt.model.cross_attention import CrossAttention, double_residual
-from torchblt.model.masks import SelfAttentionMask, build_self_attention_mask
-from torchblt.model.transformer import RMSNorm, StackConfig, Transformer, trunc_normal_
+from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, trunc_normal_
 
 
 def pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, reductions: list[str]) -> torch.Tensor:
@@ -39,12 +38,15 @@ def pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, reduc
     return torch.cat(pooled, dim=-1)
 
 
-def concat_patches(h: torch.Tensor, patch_lengths: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Concatenate the last ``patch_size`` byte states before each patch end: ``(B, P, patch_size * E)``."""
+def concat_patches(h: torch.Tensor, ends: torch.Tensor, patch_size: int, wrap: int | None = None) -> torch.Tensor:
+    """Concatenate the last ``patch_size`` byte states before each patch end ``ends (B, P)`` (exclusive; the
+    cumulative patch lengths): ``(B, P, patch_size * E)``; positions before 0 repeat position 0.
+
+    ``wrap``: ``h`` is a ring of recent byte states (decoding) where position ``p`` sits at ``p % wrap``."""
     B, T, E = h.shape
-    ends = torch.cumsum(patch_lengths, dim=1)  # (B, P)
     offsets = torch.arange(-patch_size, 0, device=h.device)
-    rows = (ends[:, :, None] + offsets).clamp(min=0, max=T - 1)  # (B, P, S)
+    rows = (ends[:, :, None] + offsets).clamp(min=0)  # (B, P, S)
+    rows = rows.clamp(max=T - 1) if wrap is None else rows % wrap
     gathered = torch.gather(h, 1, rows.reshape(B, -1, 1).expand(B, rows.shape[1] * patch_size, E))
     return gathered.reshape(B, rows.shape[1], patch_size * E)
 
@@ -77,15 +79,24 @@ class LocalEncoder(Transformer):
                 CrossAttention(cfg.dim, cross_attn_heads, cfg.norm_eps) for _ in range(n_cross)
             )
 
-    def self_attention_mask(self, tokens: torch.Tensor) -> SelfAttentionMask:
-        return build_self_attention_mask(tokens, self.cfg.attention, self.cfg.window, self.eos_id)
-
     def init_slots(self, h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
         """The K query slots of every patch: max-pool the patch's bytes, project to K*E. ``(B, P*K, E)``."""
         B = h.shape[0]
         pooled = pool_patches(h, patch_ids, n_patches, ["amax"])
         assert self.patch_embedding_projection is not None
         return self.patch_embedding_projection(pooled).reshape(B, n_patches * self.slots_per_patch, self.cfg.dim)
+
+    def cross_attends(self, layer_index: int) -> bool:
+        """Does the output of block ``layer_index`` feed a patch cross-attention (the last block, or every one)?"""
+        return self.cross_attn_layers is not None and (
+            layer_index == len(self.layers) - 1 or self.cross_attn_all_layers
+        )
+
+    def state_layers(self) -> list[int]:
+        """The blocks whose byte states the patch vectors are made from: the cross-attending ones, or the
+        last block (pooling and concatenation read the encoder's output)."""
+        cross = [i for i in range(len(self.layers)) if self.cross_attends(i)]
+        return cross or [len(self.layers) - 1]
 
     def forward(
         self,
@@ -96,20 +107,58 @@ class LocalEncoder(Transformer):
         cross_mask: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns byte states ``(B, T, E)`` and, with cross-attention, patch slots ``(B, P*K, E)``."""
-        mask = self.self_attention_mask(tokens)
-        rope = self.rope_for(torch.arange(tokens.shape[1], device=tokens.device)[None])
-        h = embeds
+        h, states = self.encode(tokens, embeds)
         slots = None
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask)
-            if self.cross_attn_layers is not None and (i == last or self.cross_attn_all_layers):
-                if slots is None:
-                    assert patch_ids is not None and cross_mask is not None
-                    slots = self.init_slots(h, patch_ids, n_patches)
-                cross = self.cross_attn_layers[i if self.cross_attn_all_layers else 0]
-                slots = double_residual(slots, cross(slots, h, cross_mask))
+        if self.cross_attn_layers is not None:
+            assert patch_ids is not None and cross_mask is not None
+            slots = self.patch_slots(states[0], states, patch_ids, n_patches, cross_mask)
         return h, slots
+
+    def encode(
+        self, tokens: torch.Tensor, embeds: torch.Tensor, cache: StackCache | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks over bytes ``(B, T)``: their output ``(B, T, E)`` and the byte states of
+        :meth:`state_layers`. With ``cache`` the bytes are new positions after the cached ones (a
+        prefill chunk or a decoding step: :class:`~torchblt.model.transformer.StackCache`)."""
+        mask, rope, caches = self.attention_inputs(tokens, cache)
+        keep = self.state_layers()
+        h, states = embeds, []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, None if caches is None else caches[i])
+            if i in keep:
+                states.append(h)
+        return h, states
+
+    def cross_kv(self, states: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``(B, T, H, Dh)`` of the bytes for each cross-attention layer (byte states of
+        :meth:`state_layers`, in order); they depend on the byte only, so a decoding step projects each
+        byte once. (Outside the layers' ``forward``: for decoding, not for sharded training.)"""
+        assert self.cross_attn_layers is not None
+        return [layer.project_kv(h) for layer, h in zip(self.cross_attn_layers, states, strict=True)]  # type: ignore[operator]
+
+    def patch_slots(
+        self,
+        pool_states: torch.Tensor,
+        kv: list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]],
+        patch_ids: torch.Tensor,
+        n_patches: int,
+        cross_mask: Any,
+    ) -> torch.Tensor:
+        """The K slots of each of ``n_patches`` patches ``(B, P*K, E)``: initialised from the byte states
+        ``pool_states (B, T, E)`` of the first state layer (:meth:`init_slots`), then cross-attending to
+        the bytes through each cross-attention layer in turn: ``kv[j]`` is layer ``j``'s byte states
+        ``(B, T, E)`` (:meth:`encode`), or their keys and values already projected (:meth:`cross_kv`).
+
+        The bytes may be any positions (a forward's whole sequence, or a decoding cache of recent bytes):
+        ``patch_ids (B, T)`` gives each byte's patch (``n_patches``: none), ``cross_mask`` which bytes each
+        slot reads (``(B, 1, P*K, T)``, or any form :class:`~torchblt.model.cross_attention.CrossAttention` takes)."""
+        assert self.cross_attn_layers is not None
+        slots = self.init_slots(pool_states, patch_ids, n_patches)
+        for layer, source in zip(self.cross_attn_layers, kv, strict=True):
+            projected = source if isinstance(source, tuple) else None
+            update = layer(slots, None if projected is not None else source, cross_mask, projected_kv=projected)
+            slots = double_residual(slots, update)
+        return slots
 
     def init_weights(self) -> None:  # type: ignore[override]
         """Embeddings ``E^-0.5``; blocks depth-scaled; projection ``E^-0.5``; cross-attention ``E^-0.5 / factor``."""
@@ -132,15 +181,18 @@ class GlobalTransformer(Transformer):
             nn.Linear(input_dim, cfg.dim, bias=False) if input_dim != cfg.dim else None
         )
 
-    def self_attention_mask(self, global_tokens: torch.Tensor) -> SelfAttentionMask:
-        return build_self_attention_mask(global_tokens, self.cfg.attention, self.cfg.window, self.eos_id)
-
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         return self.token_embedding_projection(h) if self.token_embedding_projection is not None else h
 
-    def forward(self, h: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """``h (B, P, input_dim)``, ``global_tokens (B, P)`` (EOS for patches holding an EOS) -> ``(B, P, G)``."""
-        return self.run_layers(self.embed(h), self.self_attention_mask(global_tokens))
+    def forward(  # type: ignore[override]
+        self, h: torch.Tensor, global_tokens: torch.Tensor | None, cache: StackCache | None = None
+    ) -> torch.Tensor:
+        """``h (B, P, input_dim)``, ``global_tokens (B, P)`` (EOS for patches holding an EOS) -> ``(B, P, G)``.
+        With ``cache`` the patches are new positions after the cached ones."""
+        if cache is None:
+            assert global_tokens is not None
+            return self.run_layers(self.embed(h), self.self_attention_mask(global_tokens))
+        return self.run_layers(self.embed(h), cache.mask, caches=cache.layers, rope=self.rope_for(cache.positions))
 
     def init_weights(self) -> None:  # type: ignore[override]
         super().init_weights(depth_scaled=True)
@@ -179,9 +231,6 @@ class LocalDecoder(Transformer):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def self_attention_mask(self, tokens: torch.Tensor) -> SelfAttentionMask:
-        return build_self_attention_mask(tokens, self.cfg.attention, self.cfg.window, self.eos_id)
-
     def patch_slots(self, h_global: torch.Tensor) -> torch.Tensor:
         """Global outputs ``(B, P, G)`` -> key/value slots ``(B, P*K, D)`` (or ``(B, P, D)`` without cross-attn)."""
         if self.patch_embedding_projection is None:
@@ -205,20 +254,44 @@ class LocalDecoder(Transformer):
         cross_mask: Any,
     ) -> torch.Tensor:
         """The encoder's byte states ``h_enc (B, T, D)`` and global outputs ``(B, P, G)`` -> logits (fp32)."""
-        mask = self.self_attention_mask(tokens)
-        rope = self.rope_for(torch.arange(tokens.shape[1], device=tokens.device)[None])
         slots = self.patch_slots(h_global)
         if self.cross_attn_layers is None:
-            # no cross-attention: add the previous patch's (projected) global output to every byte
-            index = decoder_patch_ids[:, :, None].expand(-1, -1, slots.shape[-1])
-            h = h_enc + torch.gather(slots, 1, index)
-        else:
-            h = h_enc
+            return self.decode(tokens, self.add_patch_slots(h_enc, slots, decoder_patch_ids))
+        return self.decode(tokens, h_enc, slots, cross_mask)
+
+    def add_patch_slots(self, h_enc: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Without cross-attention every byte gets the (projected) global output of its patch added:
+        ``h_enc (B, T, D) + slots[index]``, ``slots (B, S, D)``, ``index (B, T)`` into ``S``."""
+        return h_enc + torch.gather(slots, 1, index[:, :, None].expand(-1, -1, slots.shape[-1]))
+
+    def cross_kv(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values ``(B, P*K, H, Dh)`` of the slots, one pair per cross-attention layer (they depend
+        on the slots only: a decoding step projects each patch's once; outside the layers' ``forward``, so
+        for decoding, not for sharded training)."""
+        assert self.cross_attn_layers is not None
+        return [layer.project_kv(slots) for layer in self.cross_attn_layers]  # type: ignore[operator]
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        h: torch.Tensor,
+        cross: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cross_mask: Any = None,
+        cache: StackCache | None = None,
+    ) -> torch.Tensor:
+        """The blocks (each after its cross-attention to the patch slots: ``cross`` = the slots ``(B, S, D)``,
+        or per cross-attention layer their keys and values already projected (:meth:`cross_kv`);
+        ``cross_mask``: any form :class:`~torchblt.model.cross_attention.CrossAttention` takes), the norm and
+        the head: ``h (B, T, D)`` -> logits ``(B, T, V)`` fp32. With ``cache`` the
+        bytes are new positions after the cached ones (:class:`~torchblt.model.transformer.StackCache`)."""
+        mask, rope, caches = self.attention_inputs(tokens, cache)
         for i, layer in enumerate(self.layers):
             if self.uses_cross_attn(i):
-                assert cross_mask is not None
-                h = double_residual(h, self.cross_layer(i)(h, slots, cross_mask))
-            h = layer(h, rope, mask)
+                assert cross is not None and cross_mask is not None
+                layer_kv = None if isinstance(cross, torch.Tensor) else cross[i if self.cross_attn_all_layers else 0]
+                slots = cross if isinstance(cross, torch.Tensor) else None
+                h = double_residual(h, self.cross_layer(i)(h, slots, cross_mask, projected_kv=layer_kv))
+            h = layer(h, rope, mask, None if caches is None else caches[i])
         return self.head(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -77,12 +77,16 @@ class BandedMask:
     ``i*block - (window - 1) .. i*block + block - 1`` (positions before 0 and from ``T`` on are padding);
     ``allowed (B|1, n_blocks, block, block + window - 1)`` is the visibility rule evaluated on them.
     Padding queries see padding keys only (never a fully masked row); real queries never see padding.
+
+    ``prefix``: the keys start ``window - 1`` positions before the first query (a chunk after cached
+    entries: :func:`banded_mask_after`) instead of at it (a full forward: padding fills the gap).
     """
 
     T: int
     block: int
     window: int
     allowed: torch.Tensor
+    prefix: bool = False
     _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -148,6 +152,30 @@ def _window_band(T: int, window: int, block: int, device: torch.device) -> Bande
     """The document-free mask: the same for every row and for every chunk of one length, so it is kept
     (with its additive form) for the next forward (entropies of a long text run many equal chunks)."""
     return BandedMask(T, block, window, _band(T, window, block, device)[None])
+
+
+def banded_mask_after(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None, k_doc: torch.Tensor | None, window: int,
+    block: int | None = None,
+) -> BandedMask:
+    """The :class:`BandedMask` (``prefix=True``) of ``T`` new queries at positions ``q_pos (B, T)`` (consecutive
+    per row) over keys ``k_pos (B, window - 1 + T)``: the ``window - 1`` positions before each row's first
+    query (``-1``: no entry there), then the queries' own. ``q_doc``/``k_doc``: document ids or None.
+    Time and memory ``O(T * window)`` whatever came before (a long prompt prefilled in chunks)."""
+    block = block or band_block()
+    B, T = q_pos.shape
+    n = -(-T // block)
+    L = block + window - 1
+    pad = n * block - T
+    qp = F.pad(q_pos, (0, pad), value=-1).view(B, n, block)
+    kp = F.pad(k_pos, (0, pad), value=-1).unfold(1, L, block)  # (B, n, L)
+    docs = None
+    if q_doc is not None and k_doc is not None:
+        qd = F.pad(q_doc, (0, pad), value=-1).view(B, n, block, 1)
+        docs = (qd, F.pad(k_doc, (0, pad), value=-1).unfold(1, L, block)[:, :, None, :])
+    allowed = _self_visible(qp[..., None], kp[:, :, None, :], docs, window) & (kp >= 0)[:, :, None, :]
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries: never a fully masked row
+    return BandedMask(T, block, window, allowed, prefix=True)
 
 
 def band_pays(T: int, window: int) -> bool:
@@ -320,6 +348,12 @@ def patch_cross_mask(
     if attention_backend(byte_patch_ids.device) == "flex":
         return _cross_block_mask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
     return PatchCrossMask(byte_patch_ids, n_patches, slots_per_patch, patches_as_queries, window)
+
+
+def cross_attention_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:
+    """:func:`cross_attention_mask`'s rule on broadcastable patch indices of slots and bytes (a decoding
+    step's cached slots are not ``0..P-1``)."""
+    return _cross_visible(slot_patch, byte_patch, slots_read, window)
 
 
 def _cross_visible(slot_patch: Any, byte_patch: Any, slots_read: bool, window: int | None) -> Any:

@@ -21,6 +21,7 @@ Dh head width, F feed-forward width.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchblt.model.masks import BandedMask, SelfAttentionMask
+from torchblt.model.masks import BandedMask, SelfAttentionMask, build_self_attention_mask
+from torchblt.tokenizer import EOS_ID
 
 MAX_SIZE = 1 << 17  # widths, depths and head counts beyond this are typos (e.g. dim: 1e9), not models
 
@@ -132,7 +134,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation as a complex64 table ``(B|1, T, 1, Dh/2)`` (what the attention layers take)."""
+    """The rotation as a complex64 table ``(B|1, T, 1, Dh/2)`` (what the attention layers take); under
+    ``torch.compile`` the same numbers as real pairs ``(B|1, T, 1, Dh/2, 2)`` (inductor has no complex
+    kernels)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([cos, sin], dim=-1)[:, :, None]
     return torch.complex(cos, sin)[:, :, None, :]
 
 
@@ -141,6 +147,10 @@ def apply_rope_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     The complex product's parts are exactly ``x0 cos - x1 sin`` and ``x0 sin + x1 cos``; one fused
     kernel instead of a dozen small ops (this runs twice per layer for every decoded byte)."""
+    if not table.is_complex():  # the real-pair table of a compiled graph
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1, c, s = xf[..., 0], xf[..., 1], table[..., 0], table[..., 1]
+        return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
     if x.dtype == torch.float32:  # no casts (this runs for every block of every decoded byte)
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * table).flatten(-2)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
@@ -160,6 +170,17 @@ class KVCacheLike(Protocol):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v (B, T, Hkv, Dh)`` and return every cached key and value."""
         ...
+
+
+class StackCache(Protocol):
+    """The key/value caches of every layer of one stack, prepared for a call over new positions (a
+    prefill chunk, or a decoding step of one or more positions): a stack's ``forward`` with a cache is
+    the same layer loop, with ``positions`` for RoPE, the ``mask`` of the new queries against the keys
+    that each layer's cache returns, and ``layers[i]`` for block ``i``."""
+
+    positions: torch.Tensor  # (B, T) positions of the new entries
+    mask: SelfAttentionMask
+    layers: Sequence[KVCacheLike]
 
 
 _compiled_flex: Any = None
@@ -207,22 +228,25 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
     ``(B, T, H, Dh)``.
 
     Queries in blocks of ``band.block`` attend to the ``block + window - 1`` keys that can be visible to
-    the block (gathered as overlapping windows of the left-padded keys), with ``band``'s per-block mask;
+    the block (gathered as overlapping windows of the left-padded keys, or with ``band.prefix`` of the
+    ``window - 1`` keys given before the queries), with ``band``'s per-block mask;
     one SDPA call over all blocks. Masked keys get exactly zero weight, so every query sees the same keys
     with the same weights as under the dense ``(T, T)`` mask."""
     B, T, H, Dh = q.shape
-    if k.shape[1] != T or band.T != T:
-        raise ValueError(f"banded attention needs keys for exactly the {T} queries (got {k.shape[1]}, mask {band.T})")
     Bq, W, n, L = band.block, band.window, band.n_blocks, band.n_keys
+    before = W - 1 if band.prefix else 0  # keys given before the first query (a chunk after cached ones)
+    if k.shape[1] != T + before or band.T != T:
+        raise ValueError(f"banded attention needs keys for exactly the {T} queries (+ {before} before them); "
+                         f"got {k.shape[1]}, mask {band.T}")
     pad = n * Bq - T
     n_rep = H // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
     qb = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).reshape(B, n, Bq, H, Dh)
-    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded by W-1 on the left
-    kb = F.pad(k, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
-    vb = F.pad(v, (0, 0, 0, 0, W - 1, pad)).unfold(1, L, Bq)
+    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded to W-1 before the first query
+    kb = F.pad(k, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
+    vb = F.pad(v, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
     mask = band.additive(q.dtype)
     if band.allowed.shape[0] == 1:  # one mask for every row: batch rows and heads share it, blocks lead
         qb = qb.permute(1, 0, 3, 2, 4).reshape(n, B * H, Bq, Dh)
@@ -331,6 +355,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks with RoPE: ``(B, T, D) -> (B, T, D)``. No embedding, no final norm, no head."""
 
+    eos_id: int = EOS_ID  # the token that ends a document (document-masked attention kinds)
+
     def __init__(self, cfg: StackConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -341,18 +367,34 @@ class Transformer(nn.Module):
         """The rotation table of ``positions (B|1, T)`` that the blocks take (see :func:`rope_table`)."""
         return rope_table(*self.rope.cos_sin(positions))
 
+    def self_attention_mask(self, tokens: torch.Tensor) -> SelfAttentionMask:
+        """The mask of a full forward over ``tokens (B, T)`` (this stack's attention kind and window)."""
+        return build_self_attention_mask(tokens, self.cfg.attention, self.cfg.window, self.eos_id)
+
+    def attention_inputs(
+        self, tokens: torch.Tensor, cache: StackCache | None = None
+    ) -> tuple[SelfAttentionMask, torch.Tensor, Sequence[KVCacheLike] | None]:
+        """Mask, RoPE table and per-layer caches of a call over ``tokens (B, T)``: a full forward (positions
+        ``0..T-1``, no cache) or new positions after the cached ones (``cache``)."""
+        if cache is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+            return self.self_attention_mask(tokens), self.rope_for(positions), None
+        return cache.mask, self.rope_for(cache.positions), cache.layers
+
     def run_layers(
         self,
         h: torch.Tensor,
         mask: SelfAttentionMask,
         positions: torch.Tensor | None = None,
-        caches: list[KVCacheLike] | None = None,
+        caches: Sequence[KVCacheLike] | None = None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The backbone: hidden states through every block. Models built on a stack (the entropy model,
         the local and global models) subclass this and keep their parameter names flat (``layers.i``)."""
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)[None]
-        rope = self.rope_for(positions)
+        if rope is None:
+            if positions is None:
+                positions = torch.arange(h.shape[1], device=h.device)[None]
+            rope = self.rope_for(positions)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i])
         return h

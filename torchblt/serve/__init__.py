@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - optional extra
     raise ImportError(f"blt serve needs the serve extra ({e.name} is missing): pip install 'torchblt[serve]'") from e
 
 from torchblt.serve.app import BLTServer, ServeConfig, ThreadedServer, run
-from torchblt.serve.engine import CohortEngine, DecodeEngine, PromptScores, StepOutput
+from torchblt.serve.engine import BatchEngine, CohortEngine, DecodeEngine, PromptScores, StepOutput
 
-__all__ = ["BLTServer", "CohortEngine", "DecodeEngine", "PromptScores", "ServeConfig", "StepOutput",
+__all__ = ["BLTServer", "BatchEngine", "CohortEngine", "DecodeEngine", "PromptScores", "ServeConfig", "StepOutput",
            "ThreadedServer", "run"]

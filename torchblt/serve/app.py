@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from torchblt.model.blt import BLT
-from torchblt.serve.engine import CohortEngine, DecodeEngine
+from torchblt.serve.engine import BatchEngine, DecodeEngine
 from torchblt.serve.metrics import Metrics
 from torchblt.serve.protocol import (
     MAX_PROMPTS,
@@ -111,12 +111,12 @@ def _sse(obj: Any) -> str:
 
 class BLTServer:
     """The app (:attr:`app`) and the scheduler behind it. ``engine``: a :class:`DecodeEngine` (default: the
-    cohort engine on ``model``)."""
+    batching engine on ``model``)."""
 
     def __init__(self, model: BLT, config: ServeConfig | None = None, engine: DecodeEngine | None = None) -> None:
         self.config = dataclasses.replace(config or ServeConfig())
         self.config.validate()
-        self.engine = engine if engine is not None else CohortEngine(model)
+        self.engine = engine if engine is not None else BatchEngine(model)
         self.context = int(getattr(self.engine, "context", 0)) or None
         if self.config.max_prompt_bytes is None:
             self.config.max_prompt_bytes = max(1, (self.context or 4096) - 1)

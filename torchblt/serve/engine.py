@@ -16,25 +16,25 @@
 Every row gets exactly what it gets alone: its logits do not depend on which rows share the batch or
 when they joined (the scheduler's guarantee that a request's output equals ``torchblt.generate`` on it).
 
-:class:`CohortEngine` implements it on :class:`~torchblt.generation.IncrementalEngine`, which can drop
-rows (``select``) but not add them: rows that join in the same ``join`` call form a *cohort* with its own
-engine, and ``step`` steps every cohort (rows are the cohorts' rows in order). Cohorts cost one
-decoding step each per byte, so requests that arrive at different moments are not batched together; the
-generation engine's ``DecodeState.extend`` (issue #12) removes that: its adapter keeps one state, ``join``
-prefills the new rows and ``extend``\\ s the running state with them, ``leave`` is ``select`` of the
-others, and nothing outside this module changes.
+:class:`BatchEngine` implements it on one :class:`~torchblt.generation.IncrementalEngine` and one
+:class:`~torchblt.generation.DecodeState` for every running row (continuous batching): ``join`` prefills
+the new rows and extends the running state with them (``DecodeState.extend``), so a request that arrives while others are
+decoding joins their batch at the next step; ``leave`` is ``select`` of the others. Rows never read each
+other in the engine, so a row's bytes are those it gets alone. A step that raises is retried row by row
+(each on its own copy of its row) so that only the rows whose step fails are removed: a step moves a
+state's cursor only once it has finished, and the cache entries a failed step left are at the positions
+it was stepping, which the next step over them writes again before reading.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from torchblt.eval.bpb import _forward_batch, default_context, make_windows
-from torchblt.generation import IncrementalEngine
+from torchblt.generation import DecodeState, IncrementalEngine
 from torchblt.generation.api import resolve_patcher
 from torchblt.model.blt import BLT
 from torchblt.patching import Patcher
@@ -67,7 +67,7 @@ class DecodeEngine(Protocol):
 
     @property
     def n_batches(self) -> int:
-        """Batches a step runs (cohorts); 1 for an engine that merges joining rows into its batch."""
+        """Batches a step runs: 1 for an engine that merges joining rows into its batch (0 when idle)."""
         ...
 
     def join(self, prompts: list[list[int]], max_new_bytes: list[int]) -> torch.Tensor: ...
@@ -83,86 +83,73 @@ class DecodeEngine(Protocol):
     def cache_bytes(self) -> int: ...
 
 
-class _Cohort:
-    def __init__(self, engine: IncrementalEngine, n_rows: int) -> None:
-        self.engine, self.n_rows = engine, n_rows
-
-
-class CohortEngine:
-    """:class:`DecodeEngine` on :class:`IncrementalEngine`: one engine per cohort of rows that joined together.
-
-    The engines share one set of decode-layout step weights (built once, from a template engine that is
-    never started), so a cohort costs only its caches.
-    """
+class BatchEngine:
+    """:class:`DecodeEngine` on one :class:`IncrementalEngine` state holding every running row."""
 
     def __init__(self, model: BLT, patcher: Patcher | None = None, score_batch_size: int = 8) -> None:
         self.model = model.eval()
         self.patcher = resolve_patcher(model, patcher, None)
-        self._template = IncrementalEngine(model, self.patcher, 0)
-        self.device = self._template.device
-        self.cohorts: list[_Cohort] = []
+        self.engine = IncrementalEngine(model, self.patcher, 0)
+        self.device = self.engine.device
+        self.state: DecodeState | None = None
         self.score_batch_size = score_batch_size
         self.context = default_context(model)
 
     @property
     def n_rows(self) -> int:
-        return sum(c.n_rows for c in self.cohorts)
+        return 0 if self.state is None else self.state.batch
 
     @property
     def n_batches(self) -> int:
-        return len(self.cohorts)
-
-    def _new_engine(self, max_new_bytes: int) -> IncrementalEngine:
-        # a shallow copy shares the step weights; start() gives it its own caches and row state
-        engine = copy.copy(self._template)
-        engine.max_new_bytes = max_new_bytes
-        return engine
+        return 0 if self.state is None else 1
 
     @torch.inference_mode()
     def join(self, prompts: list[list[int]], max_new_bytes: list[int]) -> torch.Tensor:
-        engine = self._new_engine(max(max_new_bytes))
-        logits = engine.start(prompts)
-        self.cohorts.append(_Cohort(engine, len(prompts)))
+        new, logits, _ = self.engine.prefill(prompts)
+        self.engine.presize(new, max(max_new_bytes))  # no cache grows while these rows decode
+        if self.state is None:
+            self.state = new
+        else:
+            self.state.extend(new)
         return logits.float()
+
+    def _step(self, state: DecodeState, next_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One step of ``state`` (the batch's ``rows``); a test hook."""
+        return self.engine.step(state, next_ids)
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> StepOutput:
-        assert next_ids.shape[0] == self.n_rows, (next_ids.shape, self.n_rows)
-        out, failed, kept = [], {}, []
-        first = 0
-        for cohort in self.cohorts:
-            rows = range(first, first + cohort.n_rows)
-            first += cohort.n_rows
+        assert self.state is not None and next_ids.shape[0] == self.n_rows, (next_ids.shape, self.n_rows)
+        rows = list(range(self.n_rows))
+        try:
+            return StepOutput(self._step(self.state, next_ids, rows).float())
+        except Exception:  # noqa: BLE001 - find the rows that fail; the others go on
+            pass
+        # the batch's step failed (the state is still the one before it): step each row alone
+        states, logits, failed = [], [], {}
+        for r in rows:
+            single = self.state.copy().select([r])
             try:
-                out.append(cohort.engine.advance(next_ids[rows.start : rows.stop]).float())
-                kept.append(cohort)
-            except Exception as e:  # noqa: BLE001 - one cohort's failure must not stop the others
-                failed.update({r: e for r in rows})
-        self.cohorts = kept
+                logits.append(self._step(single, next_ids[r : r + 1], [r]).float())
+                states.append(single)
+            except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
+                failed[r] = e
+        self.state = DecodeState.cat(states) if states else None
         V = self.model.config.vocab_size
-        logits = torch.cat(out) if out else torch.zeros(0, V, device=self.device)
-        return StepOutput(logits, failed)
+        return StepOutput(torch.cat(logits) if logits else torch.zeros(0, V, device=self.device), failed)
 
     def leave(self, rows: list[int]) -> None:
+        if self.state is None:
+            return
         gone = set(rows)
-        first, kept = 0, []
-        for cohort in self.cohorts:
-            keep = [i for i in range(cohort.n_rows) if first + i not in gone]
-            first += cohort.n_rows
-            if len(keep) == cohort.n_rows:
-                kept.append(cohort)
-            elif keep:
-                cohort.engine.select(keep)
-                cohort.n_rows = len(keep)
-                kept.append(cohort)
-            # a cohort with no rows left is dropped with its caches
-        self.cohorts = kept
+        keep = [i for i in range(self.n_rows) if i not in gone]
+        self.state = self.state.select(keep) if keep else None  # rows that leave free their caches
 
     def reset(self) -> None:
-        self.cohorts = []
+        self.state = None
 
     def cache_bytes(self) -> int:
-        return sum(sum(c.engine.cache_bytes().values()) for c in self.cohorts)
+        return 0 if self.state is None else sum(self.state.cache_bytes().values())
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], top: int) -> list[PromptScores]:
@@ -190,3 +177,6 @@ class CohortEngine:
                 values, ids = torch.zeros(len(lp), 0), torch.zeros(len(lp), 0, dtype=torch.int64)
             out.append(PromptScores(lp, ids.cpu(), values.cpu()))
         return out
+
+
+CohortEngine = BatchEngine  # the interim name (rows joined as cohorts then); kept for existing imports

@@ -1,0 +1,323 @@
+"""The decoding state and the engine's functional API: multi-byte steps, roll-back, rows that join or
+leave a batch, chunked prefill (bounded attention), and the compiled step against the full recompute.
+
+Tiny random models with local windows of 8-12 bytes (prompts run past every window); every check
+compares logits along a fixed byte sequence (teacher forcing), so each engine sees the same bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers.generation import TEXT, TOK, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
+from torchblt import Patcher
+from torchblt.generation import DecodeState, FullRecomputeEngine, GenerationConfig, IncrementalEngine, generate_tokens
+from torchblt.generation.boundaries import decide_starts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-4
+
+
+def entropy_setup(seed: int = 0, window: int = 10, changes: dict | None = None):
+    """A tiny BLT with entropy patching; the threshold is off every entropy of the test text, so float
+    rounding (chunked vs whole computations) cannot flip a boundary."""
+    model, em = tiny_model(seed=seed, window=window, changes=changes), tiny_em(seed=seed + 1, window=window + 2)
+    return model, Patcher("entropy", threshold=median_entropy(em) + 1e-3, entropy_model=em)
+
+
+SETUPS = {
+    "entropy": lambda: entropy_setup(0),
+    "cross-windows": lambda: entropy_setup(2, changes={"cross_attn.window_encoder": 2, "cross_attn.window_decoder": 3,
+                                                      "cross_attn.all_layers_encoder": True, "encoder.n_layers": 2}),
+    "pooling": lambda: (tiny_model(seed=4, changes={"cross_attn.encoder": False, "cross_attn.decoder": False,
+                                                    "pooling": "avg,min,max"}), Patcher("space", max_patch_length=3)),
+    "concat-static": lambda: (tiny_model(seed=5, changes={"cross_attn.encoder": False, "cross_attn.decoder": False,
+                                                          "pooling": "", "patching.patch_size": 3}),
+                              Patcher("static", patch_size=3)),
+    "causal": lambda: (tiny_model(seed=6, changes={"global_.attention": "causal", "encoder.attention": "block_causal",
+                                                   "decoder.attention": "causal"}), Patcher("space")),
+}
+
+
+def text_bytes(text: str) -> list[int]:
+    return TOK.encode(text, add_bos=False, add_eos=False)
+
+
+def forced_bytes(n: int, seed: int = 0, eos_every: int = 0) -> list[int]:
+    """A fixed byte sequence (some spaces, and an EOS every ``eos_every`` bytes) to step through."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randint(4, 260, (n,), generator=g)
+    out[torch.randint(0, n, (n // 4,), generator=g)] = ord(" ") + 4
+    if eos_every:
+        out[eos_every - 1 :: eos_every] = 2
+    return out.tolist()
+
+
+def full_logits(model, patcher, prompts: list[list[int]], forced: list[list[int]]) -> torch.Tensor:
+    """The oracle: logits ``(steps + 1, B, V)`` of the full recompute along ``forced[step][row]``."""
+    full = FullRecomputeEngine(model, patcher)
+    out = [full.start(prompts)]
+    for step in forced:
+        out.append(full.advance(torch.tensor(step)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_multi_byte_step_equals_single_steps_and_full_recompute(name):
+    model, patcher = SETUPS[name]()
+    prompts = prompts_ids(TEXT[:21], TEXT[30:34])
+    forced = [list(col) for col in zip(forced_bytes(14, 1, eos_every=9), forced_bytes(14, 2))]
+    ref = full_logits(model, patcher, prompts, forced)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=16, lookahead=5)
+    single, first, _ = engine.prefill(prompts)
+    multi = single.copy()
+    one = [first] + [engine.step(single, torch.tensor(step)) for step in forced]
+    torch.testing.assert_close(torch.stack(one), ref, atol=ATOL, rtol=0)
+    tokens = torch.tensor(forced).T  # (B, 14)
+    got = [engine.step(multi, tokens[:, a:b]) for a, b in ((0, 3), (3, 4), (4, 9), (9, 14))]  # n = 3, 1, 5, 5
+    torch.testing.assert_close(torch.cat(got, 1).transpose(0, 1), ref[1:], atol=ATOL, rtol=0)
+    for name_, a, b in zip(("pos", "n_closed", "doc", "global_doc", "patch_starts", "tail"),
+                           (single.cursor.pos, single.cursor.n_closed, single.cursor.doc, single.cursor.global_doc,
+                            single.cursor.patch_starts, single.cursor.tail),
+                           (multi.cursor.pos, multi.cursor.n_closed, multi.cursor.doc, multi.cursor.global_doc,
+                            multi.cursor.patch_starts, multi.cursor.tail)):
+        assert torch.equal(a, b), name_
+
+
+@pytest.mark.parametrize("name", ["entropy", "cross-windows", "pooling", "causal"])
+def test_truncate_and_restep_equals_never_stepped(name):
+    model, patcher = SETUPS[name]()
+    prompts = prompts_ids(TEXT[:25], "Zü")
+    real = torch.tensor([forced_bytes(16, 3, eos_every=7), forced_bytes(16, 4)])  # (B, 16)
+    draft = torch.tensor([forced_bytes(16, 5), forced_bytes(16, 6, eos_every=4)])
+    engine = IncrementalEngine(model, patcher, max_new_bytes=24, lookahead=6)
+    clean, first, _ = engine.prefill(prompts)
+    spec, again = clean.copy(), clean.copy()
+    want = engine.step(clean, real)  # (B, 16, V)
+    # speculative pattern: step 6 drafted bytes at once, keep 0..6 of them, roll the rest back
+    done = 0
+    for keep in (2, 0, 6, 1):
+        guess = torch.where(torch.arange(6) < keep, real[:, done : done + 6], draft[:, done : done + 6])
+        engine.step(spec, guess)
+        spec.truncate(6 - keep)
+        done += keep
+    got = engine.step(spec, real[:, done:])
+    torch.testing.assert_close(got, want[:, done:], atol=ATOL, rtol=0)
+    # per-row roll-back amounts
+    engine.step(again, draft[:, :4])
+    again.truncate(torch.tensor([4, 4]))
+    engine.step(again, real[:, :2])
+    engine.step(again, draft[:, :3])
+    again.truncate(torch.tensor([3, 0]))  # row 1 keeps the draft
+    assert (again.cursor.pos - clean.cursor.pos).tolist() == [2 - 16, 5 - 16]
+    torch.testing.assert_close(engine.step(again, real[:, 2:3])[0, 0], want[0, 2], atol=ATOL, rtol=0)
+
+
+def test_truncate_limits():
+    model, patcher = entropy_setup(0)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=8)
+    state, _, _ = engine.prefill(prompts_ids(TEXT[:9]))
+    with pytest.raises(ValueError, match="lookahead"):
+        state.truncate(1)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=8, lookahead=2)
+    state, _, _ = engine.prefill(prompts_ids(TEXT[:9]))
+    engine.step(state, torch.tensor([text_bytes("abc")]))
+    with pytest.raises(ValueError, match="lookahead=2"):
+        state.truncate(3)
+    state.truncate(2)
+    with pytest.raises(ValueError, match="more than lookahead"):
+        state.truncate(1)  # 3 back from the furthest position stepped
+
+
+def test_extend_joins_a_running_batch_and_select_keeps_rows():
+    model, patcher = entropy_setup(7)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=40)
+    p1, p2, p3 = prompts_ids(TEXT[:30], "hi", TEXT[40:75])
+    alone = {}
+    for key, p in (("a", p1), ("b", p2), ("c", p3)):
+        s, lg, _ = engine.prefill([p])
+        out = [lg]
+        for t in text_bytes(TEXT[:20]):
+            out.append(engine.step(s, torch.tensor([t])))
+        alone[key] = torch.stack(out)[:, 0]
+    run, lg, _ = engine.prefill([p1])
+    feed = text_bytes(TEXT[:20])
+    got = {"a": [lg[0]], "b": [], "c": []}
+    for t in feed[:8]:  # row a runs alone for 8 bytes
+        got["a"].append(engine.step(run, torch.tensor([t]))[0])
+    joined, lg2, _ = engine.prefill([p2, p3])  # two requests join the running batch
+    run.extend(joined)
+    got["b"].append(lg2[0])
+    got["c"].append(lg2[1])
+    for i in range(12):
+        lg = engine.step(run, torch.tensor([feed[8 + i], feed[i], feed[i]]))
+        got["a"].append(lg[0])
+        got["b"].append(lg[1])
+        got["c"].append(lg[2])
+    run.select([2, 0])  # b leaves; c first now
+    for i in range(12, 20):
+        lg = engine.step(run, torch.tensor([feed[i], feed[min(8 + i, 19)]]))
+        got["c"].append(lg[0])
+        if 8 + i < 20:
+            got["a"].append(lg[1])
+    for key in "abc":
+        seq = torch.stack(got[key])
+        torch.testing.assert_close(seq, alone[key][: len(seq)], atol=ATOL, rtol=0)
+        assert torch.equal(seq.argmax(-1), alone[key][: len(seq)].argmax(-1)), key  # the same greedy bytes
+    with pytest.raises(ValueError, match="same engine"):
+        run.extend(IncrementalEngine(model, patcher, 8, lookahead=2).prefill([p1])[0])
+
+
+@pytest.mark.parametrize("name", ["entropy", "cross-windows", "concat-static", "causal"])
+def test_chunked_prefill_equals_one_chunk(name):
+    model, patcher = SETUPS[name]()
+    prompts = prompts_ids(TEXT * 2, TEXT[:17])  # ~200 bytes, many windows long
+    whole = IncrementalEngine(model, patcher, max_new_bytes=8, prefill_chunk=4096)
+    small = IncrementalEngine(model, patcher, max_new_bytes=8, prefill_chunk=7)
+    (s1, l1, p1), (s2, l2, p2) = whole.prefill(prompts), small.prefill(prompts)
+    assert p1 == p2
+    torch.testing.assert_close(l2, l1, atol=ATOL, rtol=0)
+    for t in text_bytes("so it goes"):
+        torch.testing.assert_close(small.step(s2, torch.tensor([t, t])), whole.step(s1, torch.tensor([t, t])),
+                                   atol=ATOL, rtol=0)
+
+
+def test_prefill_attention_is_bounded_by_windows_and_chunks(monkeypatch):
+    """A 6 KB prompt: every local attention call sees at most window + chunk + 1 keys (no T x T mask), the
+    rings stay one window long, and the result equals the full recompute's."""
+    from torchblt.model import transformer
+
+    model, patcher = entropy_setup(9, window=12)
+    widest = {"local": 0}
+    real = transformer.scaled_dot_product
+
+    def spy(q, k, v, mask, is_causal=False):
+        if q.shape[-1] * q.shape[-2] == 32:  # a local stack or the entropy model (width 32), not the global (64)
+            widest["local"] = max(widest["local"], k.shape[1])
+        return real(q, k, v, mask, is_causal)
+
+    prompt = prompts_ids((TEXT + " ") * 60)  # ~6 KB
+    engine = IncrementalEngine(model, patcher, max_new_bytes=4, prefill_chunk=64)
+    monkeypatch.setattr(transformer, "scaled_dot_product", spy)
+    state, logits, starts = engine.prefill(prompt)
+    monkeypatch.setattr(transformer, "scaled_dot_product", real)
+    assert 0 < widest["local"] <= 14 + 64 + 1, widest
+    assert state.encoder.capacity == state.decoder.capacity == 12 and state.entropy.capacity == 14
+    full = FullRecomputeEngine(model, patcher)
+    want = full.start(prompt)
+    assert starts == full.prompt_starts
+    torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+
+
+def test_long_prompt_prefill_is_banded_with_bounded_masks(monkeypatch):
+    """A 5 KB prompt prefilled in chunks much longer than the windows: the local stacks and the entropy
+    model attend banded (:class:`~torchblt.model.masks.BandedMask` after the cached window), the encoder's
+    closing slots gather their bytes (:class:`~torchblt.model.masks.PatchCrossMask`), so the largest
+    attention mask is bounded by the chunk and the windows (and the global model's patches), not the
+    prompt; the logits, boundaries and the next steps equal the full recompute's."""
+    from tests.test_long_inputs import record_attention_masks
+    from torchblt.generation import incremental
+    from torchblt.model import masks
+
+    model, patcher = entropy_setup(9, window=12)
+    prompt = prompts_ids((TEXT + " ") * 50)  # ~5 KB
+    chunk = 512
+    monkeypatch.setattr(incremental, "DENSE_CROSS_MAX", 1 << 12)
+    calls = record_attention_masks(monkeypatch)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=8, prefill_chunk=chunk)
+    state, logits, starts = engine.prefill(prompt)
+    assert calls["banded"] > 0 and calls["gathered"] > 0, calls
+    # the banded blocks' masks, the decoder's and the global model's per-chunk masks; never prompt x prompt
+    P = sum(starts[0])
+    bound = max(chunk * (masks.BAND_BLOCK + 14), chunk * 4 * (state.patch_slots.capacity + chunk), chunk * (P + chunk))
+    assert calls["largest_mask"] <= bound < len(prompt[0]) ** 2 // 4, (calls, bound)
+    assert state.encoder.capacity == state.decoder.capacity == 12 and state.entropy.capacity == 14
+    monkeypatch.undo()
+    full = FullRecomputeEngine(model, patcher)
+    torch.testing.assert_close(logits, full.start(prompt), atol=ATOL, rtol=0)
+    assert starts == full.prompt_starts
+    for t in text_bytes("!"):
+        torch.testing.assert_close(engine.step(state, torch.tensor([t])), full.advance(torch.tensor([t])),
+                                   atol=ATOL, rtol=0)
+
+
+def test_decide_starts_many_positions_equals_one_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    j = torch.arange(2, 40)[None]
+    ent = torch.rand(1, 40, generator=g) * 2
+    x = torch.randint(4, 260, (1, 40), generator=g)
+    for patcher in (Patcher("entropy", threshold=1.0, max_patch_length=3), Patcher("space", max_patch_length=4),
+                    Patcher("entropy", threshold=0.1, monotonicity=True), Patcher("static", patch_size=2.7)):
+        many, last = decide_starts(patcher, j, ent[:, 1:39], ent[:, 0:38], x[:, 1:39], x[:, 0:38], torch.tensor([1]))
+        lr, one = torch.tensor([1]), []
+        for i in range(j.shape[1]):
+            s, lr2 = decide_starts(patcher, j[:, i : i + 1], ent[:, 1 + i : 2 + i], ent[:, i : i + 1],
+                                   x[:, 1 + i : 2 + i], x[:, i : i + 1], lr)
+            lr = lr2[:, 0]
+            one.append(bool(s[0, 0]))
+        assert many[0].tolist() == one, patcher
+
+
+def test_state_is_a_typed_tree_with_cache_sizes():
+    model, patcher = entropy_setup(0)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=8)
+    state, _, _ = engine.prefill(prompts_ids(TEXT[:40], TEXT[:3]))
+    assert isinstance(state, DecodeState) and state.batch == 2
+    sizes = state.cache_bytes()
+    assert set(sizes) >= {"entropy_model", "local_encoder", "global", "local_decoder", "decoder_patch_slots"}
+    assert all(v > 0 for v in sizes.values())
+    assert state.copy().select([1]).batch == 1 and state.batch == 2
+
+
+def test_compiled_step_equals_full_recompute():
+    """The compiled (inductor) step, on a model small enough to compile in seconds: same bytes, same
+    boundaries and logits within 1e-4 of the full recompute, batch rows included; plus a roll-back."""
+    model = tiny_model(seed=12, window=8, changes={"hash": None, "decoder.n_layers": 1, "global_.n_layers": 1})
+    patcher = Patcher("space", max_patch_length=4)
+    out = assert_same(model, patcher, prompts_ids(TEXT[:19], "Ok"), n_new=14, compile=True)
+    assert sum(out.patch_starts[0]) >= 3
+
+
+def test_compile_failure_falls_back_to_eager_logged_once(monkeypatch, caplog):
+    """A compiler that fails (e.g. inductor without a C++ compiler): the step runs eager with the same
+    results, the state is untouched by the failed try, and the fallback is logged once per process."""
+    from torchblt.generation import incremental
+
+    def broken(self, part, n):
+        def fail(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(incremental, "_compile_failure", None)
+    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", broken)
+    model, patcher = SETUPS["pooling"]()
+    runs = []
+    with caplog.at_level("WARNING", logger=incremental.__name__):
+        for compiled in (True, True, False):
+            cfg = GenerationConfig(max_new_bytes=12, stop_at_eos=False, compile=compiled)
+            runs.append(generate_tokens(model, prompts_ids(TEXT[:20], "ab c"), patcher, config=cfg, return_logits=True))
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    for r in range(2):
+        torch.testing.assert_close(runs[0].logits[r], runs[2].logits[r], atol=ATOL, rtol=0)
+    warned = [rec for rec in caplog.records if "eager step" in rec.getMessage()]
+    assert len(warned) == 1 and "no C++ compiler" in warned[0].getMessage()
+
+
+def test_generation_config_compile_and_deprecated_fused_step(monkeypatch):
+    from torchblt.generation import api
+
+    built = []
+    real = api.IncrementalEngine
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "IncrementalEngine", spy)
+    model, patcher = entropy_setup(0)
+    cfg = GenerationConfig(max_new_bytes=4, stop_at_eos=False)
+    generate_tokens(model, prompts_ids("ab"), patcher, config=cfg)
+    assert built == [api.compile_pays(model, 1, 4)] and built[0] is False  # a few bytes: not worth compiling
+    with pytest.warns(DeprecationWarning, match="fused_step"):
+        generate_tokens(model, prompts_ids("ab"), patcher, config=GenerationConfig(max_new_bytes=2, fused_step=True))

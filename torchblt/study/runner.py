@@ -8,15 +8,16 @@ Layout of ``OUT`` (every step resumes; re-running the same command skips what is
     shared/entropies/                its entropies of the training split (``blt entropies``), computed once
     shared/patching.json             per BLT family: calibrated threshold / measured mean patch size
     shared/validation/               the held-out documents every run is evaluated on (eval.sample_bytes)
-    runs/<family>/<budget>-s<seed>/  train.yaml (a ``blt train`` config), plan.json, the run, result.json
+    runs/<family>/<budget>-s<seed>/  replay.json, train.yaml (a ``blt train`` config), plan.json, the run,
+                                     result.json
     results.json, results.md, study.png
 
 Per run: the sizing rule (:func:`torchblt.study.sizing.size_model`) picks the model from the budget; the
-first batches of the run's own loader are read to measure its bytes per step (and mean patch size or
-bytes per token), which fixes the number of optimizer steps that spends the budget; ``blt train`` trains
-it (resuming from its last checkpoint) and validates it with :func:`torchblt.eval.bpb.evaluate_bpb` (the
-code of ``blt eval``) on the held-out split; the FLOPs actually spent are summed from the run's
-per-step metrics (:func:`torchblt.study.sizing.achieved_flops`). A run whose ``train.yaml`` would come
+run's own data loader is replayed (it is deterministic) and each step's FLOPs counted from its bytes and
+mean patch size or bytes per token, which fixes the number of optimizer steps that spends the budget
+(to within half a step); ``blt train`` trains it (resuming from its last checkpoint) and validates it
+with :func:`torchblt.eval.bpb.evaluate_bpb` (the code of ``blt eval``) on the held-out sample; the FLOPs
+actually spent are summed from the run's per-step metrics (:func:`torchblt.study.sizing.achieved_flops`). A run whose ``train.yaml`` would come
 out different from the one on disk (the config changed) stops the study with the first differing key,
 rather than mixing two configurations in one table.
 """
@@ -35,8 +36,6 @@ from torchblt.study.config import Family, StudyConfig, config_to_dict
 from torchblt.study.sizing import ModelPlan, achieved_flops, flops_per_byte, model_config, size_model
 
 __all__ = ["RunPlan", "Shared", "StudyStopped", "plan_runs", "prepare_shared", "run_study"]
-
-PROBE_BATCHES = 16  # batches read to measure bytes per step (and patch size / bytes per token)
 
 
 class StudyStopped(RuntimeError):
@@ -298,25 +297,21 @@ class RunPlan:
     context: int  # the training row in the model's units (bytes; BPE tokens)
     rows: int
     steps: int
-    bytes_per_step: float  # measured on the run's first batches
+    bytes_per_step: float  # the replay's mean (see _replay)
     unit_bytes: float  # ditto: mean patch size (BLT) / bytes per token (BPE) / 1
-    train_flops_per_byte: float  # at unit_bytes
+    planned_flops: float  # the replay's FLOPs of these ``steps``: the budget to within half a step
     train_config: dict[str, Any]
 
     @property
     def name(self) -> str:
         return f"{self.family.name} @ {self.budget:.3g} FLOPs, seed {self.seed}"
 
-    @property
-    def planned_flops(self) -> float:
-        return self.steps * self.bytes_per_step * self.train_flops_per_byte
-
     def summary(self) -> dict[str, Any]:
         return {
             "family": self.family.name, "kind": self.family.kind, "patching": self.family.patching,
             "target_patch_size": self.family.patch_size, "budget": self.budget, "seed": self.seed,
             "run_dir": str(self.run_dir), "context": self.context, "rows": self.rows, "steps": self.steps,
-            "bytes_per_step": self.bytes_per_step, "probe_unit_bytes": self.unit_bytes,
+            "bytes_per_step": self.bytes_per_step, "planned_unit_bytes": self.unit_bytes,
             "planned_flops": self.planned_flops, "sizing": self.model.to_dict(),
         }
 
@@ -351,35 +346,52 @@ def _train_config(cfg: StudyConfig, shared: Shared, fam: Family, seed: int, run_
     }
 
 
-def _probe(train_config: dict[str, Any], fam: Family, tokenizer: str | None) -> tuple[float, float]:
-    """``(bytes per step, bytes per patch/token)`` of the first :data:`PROBE_BATCHES` batches of the run's
-    own loader, counted as the trainer counts them (``mask.sum()`` bytes; BLT patches per row without the
-    row's leading one-token patch, over all positions of the padded rows)."""
+def _batch_counts(batch: Any, kind: str) -> tuple[int, float]:
+    """``(trained bytes, bytes per patch / token)`` of one batch, counted as the trainer counts them
+    (``mask.sum()`` targets; a BLT's patches per row without the row's leading one-token patch, over all
+    positions of the padded rows, as :func:`torchblt.train.kinds.blt_loss` reports them)."""
+    n_bytes = batch.n_bytes
+    if kind == "blt":
+        patches = int((batch.patch_lengths > 0).sum()) - batch.patch_lengths.shape[0]
+        return n_bytes, batch.x.numel() / max(patches, 1)
+    if kind == "bpe":
+        return n_bytes, n_bytes / max(int(batch.mask.sum()), 1)
+    return n_bytes, 1.0
+
+
+def _replay(train_config: dict[str, Any], fam: Family, tokenizer: str | None, config: Any, context: int,
+            budget: float) -> dict[str, Any]:
+    """Read the run's own data loader (deterministic: training will see exactly these batches) and count
+    each step's FLOPs as :func:`~torchblt.study.sizing.achieved_flops` will: the number of steps is the one
+    whose cumulative FLOPs come nearest the budget."""
     from torchblt.data import build_loader
     from torchblt.data.config import DataConfig
 
-    data = dict(train_config["data"])
-    dc = DataConfig(**{**data, "kind": "blt" if fam.kind == "blt" else "bytes"})
+    dc = DataConfig(**{**train_config["data"], "kind": "blt" if fam.kind == "blt" else "bytes"})
     if fam.kind == "bpe":
         from torchblt.baselines.bpe import BPELoader
 
         loader: Any = BPELoader(dc, tokenizer=tokenizer)
     else:
         loader = build_loader(dc)
-    n_bytes = n_units = patched = 0
-    batches = iter(loader)
-    for _ in range(PROBE_BATCHES):
-        b = next(batches)
-        nb = b.n_bytes
+    total = n_bytes = units = 0.0
+    steps = 0
+    cache: dict[float, float] = {}
+    for batch in loader:
+        nb, unit = _batch_counts(batch, fam.kind)
+        key = round(unit, 4)
+        if key not in cache:
+            cache[key] = flops_per_byte(fam.kind, config, context, unit)["train"]
+        step = nb * cache[key]
+        if total + step / 2 > budget:  # the next step would overshoot more than stopping undershoots
+            break
+        total += step
         n_bytes += nb
-        if fam.kind == "blt":
-            n_units += int((b.patch_lengths > 0).sum()) - b.patch_lengths.shape[0]
-            patched += b.x.numel()
-        else:
-            n_units += int(b.mask.sum())
-    if fam.kind == "blt":
-        return n_bytes / PROBE_BATCHES, patched / max(n_units, 1)
-    return n_bytes / PROBE_BATCHES, n_bytes / max(n_units, 1)
+        units += nb / unit
+        steps += 1
+        if steps > 10_000_000:
+            raise ValueError(f"budgets: {budget:.3g} FLOPs is more than 10 million steps of {fam.name}")
+    return {"steps": steps, "flops": total, "bytes": n_bytes, "unit_bytes": n_bytes / units if units else 0.0}
 
 
 def _unit_bytes(fam: Family, shared: Shared) -> float:
@@ -409,19 +421,27 @@ def plan_run(cfg: StudyConfig, shared: Shared, out: Path, budget: float, fam: Fa
                        tokenizer=shared.tokenizer)
     run_dir = out / "runs" / fam.name / f"{_budget_label(budget)}-s{seed}"
     rows = cfg.rows_per_step
-    probe_cfg = _train_config(cfg, shared, fam, seed, run_dir, model.arch, context, rows, 1)
-    bytes_per_step, probe_unit = _probe(probe_cfg, fam, shared.tokenizer)
-    config = model_config(fam.kind, model.arch, vocab)
-    fpb = flops_per_byte(fam.kind, config, context, probe_unit)["train"]
-    steps = round(budget / (bytes_per_step * fpb))
+    key = {"budget": budget, "train_config": _train_config(cfg, shared, fam, seed, run_dir, model.arch, context, rows, 1)}
+    cached = run_dir / "replay.json"  # the replay is deterministic: done once per run
+    replay = None
+    if cached.is_file():
+        old = _read_json(cached)
+        if old.get("key") == json.loads(json.dumps(key)):
+            replay = old["replay"]
+    if replay is None:
+        config = model_config(fam.kind, model.arch, vocab)
+        replay = _replay(key["train_config"], fam, shared.tokenizer, config, context, budget)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(cached, {"key": key, "replay": replay})
+    steps = replay["steps"]
     if steps < cfg.min_steps:
         raise ValueError(
             f"budgets: {budget:.3g} FLOPs buys {fam.name} ({model.shape.width} x {model.shape.n_layers}) only "
-            f"{budget / (bytes_per_step * fpb):.1f} optimizer steps of {bytes_per_step:.0f} bytes (min_steps "
-            f"{cfg.min_steps}); raise the budget or lower data.batch_bytes")
+            f"{steps} optimizer steps of {cfg.data.batch_bytes} bytes (min_steps {cfg.min_steps}); raise the budget "
+            "or lower data.batch_bytes")
     train_config = _train_config(cfg, shared, fam, seed, run_dir, model.arch, context, rows, steps)
-    return RunPlan(budget, fam, seed, run_dir, model, context, rows, steps, bytes_per_step, probe_unit, fpb,
-                   train_config)
+    return RunPlan(budget, fam, seed, run_dir, model, context, rows, steps, replay["bytes"] / steps,
+                   replay["unit_bytes"], replay["flops"], train_config)
 
 
 def plan_runs(cfg: StudyConfig, shared: Shared, out: Path) -> list[RunPlan]:

@@ -141,6 +141,7 @@ def test_tiny_study_meets_budget_and_writes_table_and_figure(tiny_study):
         prev = m["bytes_seen"]
     assert trainer_flops == pytest.approx(blt["achieved_flops"], rel=0.01)
     assert 3 < blt["train_unit_bytes"] < 5.5  # patches near the calibrated target of 4 bytes
+    assert 0 < blt["entropy_model_flops_per_byte"] < blt["inference_flops_per_byte"]
     # BPE: replay the run's loader and count the tokens it trained on
     bpe = runs["bpe"]
     from torchblt.baselines.bpe import BPELoader

@@ -503,8 +503,9 @@ def _result(plan: RunPlan, shared: Shared) -> dict[str, Any]:
         "inference_flops_per_byte": infer,
     }
     if fam.kind == "blt" and fam.patching == "entropy":
-        em = model_config("byte", {"transformer": _read_json(Path(shared.entropy_model) / "config.json")
-                                   ["config"]["transformer"]})  # type: ignore[arg-type]
+        from torchblt.formats.native import read_native_config
+
+        em = read_native_config(Path(shared.entropy_model))  # type: ignore[arg-type]
         row["entropy_model_flops_per_byte"] = flops.entropy_flops_per_byte(em, plan.context)["forward"]
     return row
 

@@ -6,6 +6,7 @@ byte against training FLOPs).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -108,6 +109,7 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> Path:
 
     fig, (ax_bpb, ax_inf) = plt.subplots(1, 2, figsize=(11, 4.2))
     grouped = _by_family_budget(rows)
+    markers = itertools.cycle("os^Dv<>P")
     for fam in [f.name for f in cfg.families]:
         by_budget = grouped.get(fam)
         if not by_budget:
@@ -125,12 +127,18 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> Path:
             inf.append(_mean([r["inference_flops_per_byte"] for r in rs]))
         if not xs:
             continue
-        line = ax_bpb.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=fam)
-        ax_inf.plot(xs, inf, marker="o", label=fam, color=line.lines[0].get_color())
+        line = ax_bpb.errorbar(xs, ys, yerr=[lo, hi], marker=next(markers), capsize=3, label=fam)
+        color, marker = line.lines[0].get_color(), line.lines[0].get_marker()
+        ax_inf.plot(xs, inf, marker=marker, label=fam, color=color)
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
     budgets = sorted(cfg.budgets)
     for ax in (ax_bpb, ax_inf):
         ax.set_xscale("log")
         ax.set_xlim(budgets[0] / 1.6, budgets[-1] * 1.6)
+        ax.xaxis.set_major_locator(FixedLocator(budgets))  # one tick per budget, labelled like the table
+        ax.set_xticklabels([_fmt_flops(b) for b in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training FLOPs (budget)")
         ax.grid(True, which="both", alpha=0.3)
     ax_bpb.set_ylabel("held-out bits per byte")

@@ -268,6 +268,9 @@ def prepare_shared(cfg: StudyConfig, out: Path) -> Shared:
             config = root / "entropy.yaml"
             _write_yaml(config, _entropy_train_config(cfg, run_dir, shared.validation))
             _run_blt("the entropy model (a small byte LM, shared by every entropy-patched BLT)", ["train", str(config)])
+            if not (run_dir / "finished.json").is_file():
+                raise StudyStopped("the entropy model stopped before its last step; re-run the same blt study "
+                                   "command to resume")
         shared.entropy_model = str(run_dir / "model")
         shared.entropy_model_val_bpb = _read_json(run_dir / "finished.json").get("val_bpb")
         shared.entropies = str(root / "entropies")

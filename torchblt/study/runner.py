@@ -76,10 +76,16 @@ class Shared:
     patching: dict[str, dict[str, Any]] = field(default_factory=dict)  # family name -> threshold, mean size
 
 
-def _run_blt(title: str, argv: list[str]) -> None:
-    from torchblt.commands.quickstart import _step
+def _run_blt(title: str, argv: list[str], run_dir: Path | None = None) -> None:
+    """Run ``blt ARGV`` as quickstart runs its steps; a training run (``run_dir``) that returns before its
+    last step (a signal: it saved a checkpoint) or a step stopped by Ctrl-C stops the study."""
+    from torchblt.commands.quickstart import Interrupted, _step
 
-    _step(title, argv, {}, title, rerun="blt study (it resumes)")
+    try:
+        _step(title, argv, {}, title, run_dir=run_dir, rerun="blt study (it resumes)")
+    except Interrupted:
+        raise StudyStopped(f"{title.split(':')[0]}: stopped before its last step; re-run the same blt study "
+                           "command to resume") from None
 
 
 def _entropy_train_config(cfg: StudyConfig, run_dir: Path, validation: list[str]) -> dict[str, Any]:
@@ -267,10 +273,8 @@ def prepare_shared(cfg: StudyConfig, out: Path) -> Shared:
         if not (run_dir / "finished.json").is_file():
             config = root / "entropy.yaml"
             _write_yaml(config, _entropy_train_config(cfg, run_dir, shared.validation))
-            _run_blt("the entropy model (a small byte LM, shared by every entropy-patched BLT)", ["train", str(config)])
-            if not (run_dir / "finished.json").is_file():
-                raise StudyStopped("the entropy model stopped before its last step; re-run the same blt study "
-                                   "command to resume")
+            _run_blt("the entropy model (a small byte LM, shared by every entropy-patched BLT)", ["train", str(config)],
+                     run_dir)
         shared.entropy_model = str(run_dir / "model")
         shared.entropy_model_val_bpb = _read_json(run_dir / "finished.json").get("val_bpb")
         shared.entropies = str(root / "entropies")
@@ -538,9 +542,7 @@ def execute(plan: RunPlan, shared: Shared, index: int, total: int) -> dict[str, 
     m = plan.model
     _run_blt(f"[{index}/{total}] {plan.name}: main model {m.shape.width} x {m.shape.n_layers} "
              f"({m.main_params:,} parameters), {plan.steps} steps of {plan.bytes_per_step:,.0f} bytes",
-             ["train", str(config_path)])
-    if not (run_dir / "finished.json").is_file():
-        raise StudyStopped(f"{plan.name} stopped before its last step; re-run the same blt study command to resume")
+             ["train", str(config_path)], run_dir)
     row = _result(plan, shared)
     _write_json(result_path, row)
     _say(f"{plan.name}: val {row['val_bpb']:.4f} bits/byte, {row['achieved_flops']:.4g} FLOPs "

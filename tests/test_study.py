@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train_helpers import read_metrics, write_corpus
+from tests.helpers.train import read_metrics, write_corpus
 from torchblt import flops
 from torchblt.cli import main as blt_main
 from torchblt.model.config import BLTConfig
@@ -144,7 +144,7 @@ def test_tiny_study_meets_budget_and_writes_table_and_figure(tiny_study):
     assert 0 < blt["entropy_model_flops_per_byte"] < blt["inference_flops_per_byte"]
     # BPE: replay the run's loader and count the tokens it trained on
     bpe = runs["bpe"]
-    from torchblt.baselines.bpe import BPELoader
+    from torchblt.data.bpe import BPELoader
     from torchblt.data.config import DataConfig
     from torchblt.model.entropy_model import EntropyModelConfig
     from torchblt.train.config import load_config
@@ -154,10 +154,10 @@ def test_tiny_study_meets_budget_and_writes_table_and_figure(tiny_study):
     data = DataConfig(**{**train_cfg.data.__dict__, "kind": "bytes"})
     loader = iter(BPELoader(data, tokenizer=tokenizer))
     tokens = sum(int(next(loader).mask.sum()) for _ in range(bpe["steps"]))
-    from torchblt.baselines.bpe import BPETokenizer
+    from torchblt.tokenizer import load_bpe_tokenizer
 
     stack = model_config("byte", {"transformer": train_cfg.model.arch["transformer"]}).transformer
-    per_token = flops.bpe_flops_per_byte(EntropyModelConfig(transformer=stack), BPETokenizer(tokenizer).vocab_size,
+    per_token = flops.bpe_flops_per_byte(EntropyModelConfig(transformer=stack), load_bpe_tokenizer(tokenizer).vocab_size,
                                          1.0, data.seq_len)["per_token"]
     assert 3 * per_token * tokens == pytest.approx(bpe["achieved_flops"], rel=1e-6)
     # the table, the figure and the shared artifacts

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from torchblt.train.config import from_dict
+from torchblt.validation import build_dataclass
 
 __all__ = [
     "BPESection",
@@ -263,7 +263,7 @@ def load_study_config(path: str | Path, out: str | None = None) -> StudyConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"{p}: the top level must be a mapping")
     try:
-        cfg = from_dict(StudyConfig, raw, "")
+        cfg = build_dataclass(StudyConfig, raw, "")
         if out is not None:
             cfg.out = out
         cfg.validate()

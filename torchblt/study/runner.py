@@ -215,9 +215,9 @@ def _measured_patch_size(docs: list[bytes], mode: str, patch_size: float | None)
     import torch
 
     from torchblt.data.entropies import document_tokens
-    from torchblt.patching import Patcher
+    from torchblt.patching import Patcher, PatchingConfig
 
-    patcher = Patcher(mode, patch_size=patch_size or 4.5)
+    patcher = Patcher(PatchingConfig(mode=mode, threshold=None, patch_size=patch_size or 4.5))
     tokens = patches = 0
     for doc in docs:
         t = torch.from_numpy(document_tokens(doc))[None]
@@ -326,19 +326,21 @@ class RunPlan:
 def _train_config(cfg: StudyConfig, shared: Shared, fam: Family, seed: int, run_dir: Path, arch: dict[str, Any],
                   context: int, rows: int, steps: int) -> dict[str, Any]:
     d, o = cfg.data, cfg.optim
-    kind = {"blt": "blt", "byte": "byte", "bpe": "torchblt.baselines.bpe:bpe"}[fam.kind]
+    kind = fam.kind  # the trainer's kinds blt, byte, bpe
     model: dict[str, Any] = {"kind": kind, "arch": arch}
     data: dict[str, Any] = {"sources": list(d.train), "validation": list(shared.validation), "text_field": d.text_field,
                             "seq_len": context, "batch_size": rows, "shuffle_buffer": d.shuffle_buffer,
                             "interleave": d.interleave, "seed": seed}
     if fam.kind == "blt":
         # rows are cut by bytes (seq_len patches never binds: every patch holds at least one byte)
-        data.update(max_bytes=context, patching=fam.patching)
+        patching: dict[str, Any] = {"mode": fam.patching}
         if fam.patching == "entropy":
             model["entropy_model"] = shared.entropy_model
-            data.update(entropies=shared.entropies, threshold=shared.patching[fam.name]["threshold"])
+            data["entropies"] = shared.entropies
+            patching["threshold"] = shared.patching[fam.name]["threshold"]
         elif fam.patching == "static":
-            data["patch_size"] = fam.patch_size
+            patching["patch_size"] = fam.patch_size
+        data.update(max_bytes=context, patching=patching)
     return {
         "run_dir": str(run_dir),
         "model": model,
@@ -373,12 +375,13 @@ def _replay(train_config: dict[str, Any], fam: Family, tokenizer: str | None, co
     whose cumulative FLOPs come nearest the budget."""
     from torchblt.data import build_loader
     from torchblt.data.config import DataConfig
+    from torchblt.validation import build_dataclass
 
-    dc = DataConfig(**{**train_config["data"], "kind": "blt" if fam.kind == "blt" else "bytes"})
+    dc = build_dataclass(DataConfig, {**train_config["data"], "kind": "blt" if fam.kind == "blt" else "bytes"}, "data")
     if fam.kind == "bpe":
-        from torchblt.baselines.bpe import BPELoader
+        from torchblt.data.bpe import BPELoader
 
-        loader: Any = BPELoader(dc, tokenizer=tokenizer)
+        loader: Any = BPELoader(dc, tokenizer=tokenizer)  # type: ignore[arg-type]
     else:
         loader = build_loader(dc)
     total = n_bytes = units = 0.0
@@ -412,9 +415,9 @@ def _unit_bytes(fam: Family, shared: Shared) -> float:
 
 def _vocab_size(fam: Family, shared: Shared) -> int:
     if fam.kind == "bpe":
-        from torchblt.baselines.bpe import BPETokenizer
+        from torchblt.tokenizer import load_bpe_tokenizer
 
-        return BPETokenizer(shared.tokenizer).vocab_size  # type: ignore[arg-type]
+        return load_bpe_tokenizer(shared.tokenizer).vocab_size  # type: ignore[arg-type]
     from torchblt.tokenizer import VOCAB_SIZE
 
     return VOCAB_SIZE
@@ -553,7 +556,6 @@ def execute(plan: RunPlan, shared: Shared, index: int, total: int) -> dict[str, 
 def run_study(cfg: StudyConfig, *, plan_only: bool = False, report_only: bool = False,
               config_path: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole study; returns the results document (also written to ``OUT``)."""
-    import torchblt.baselines.bpe  # noqa: F401  (registers the ``bpe`` kind)
     from torchblt.study.report import write_report
 
     out = Path(cfg.out)

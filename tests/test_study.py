@@ -25,11 +25,13 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("pyarrow")
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "study-tiny.yaml"
+RUN_FILES = 6
 
 
 def _tiny_config(tmp: Path, corpus: tuple[Path, Path], **changes) -> Path:
     raw = yaml.safe_load(TINY.read_text())
     raw["data"]["train"], raw["data"]["validation"] = [str(corpus[0])], [str(corpus[1])]
+    raw["data"]["run_files"] = RUN_FILES  # the runs (and the entropies) read 6 of the 8 training files
     for key, value in changes.items():
         node = raw
         *parents, last = key.split(".")
@@ -169,6 +171,14 @@ def test_tiny_study_meets_budget_and_writes_table_and_figure(tiny_study):
                  "shared/patching.json", "shared/validation/sample.json"):
         assert (out / path).is_file(), path
     assert json.loads((out / "shared/patching.json").read_text())["blt-entropy-4"]["threshold"] is not None
+    # data.run_files: the runs read, and entropies are computed for, the first 6 training files; the
+    # tokenizer and the entropy model train on all 8
+    files = sorted(str(p) for p in Path(cfg.data.train[0]).iterdir())
+    assert len(files) == 8 and cfg.run_sources() == files[:RUN_FILES]
+    assert json.loads((out / "shared/entropies/entropies.json").read_text())["sources"] == files[:RUN_FILES]
+    for r in runs.values():
+        assert yaml.safe_load((Path(r["run_dir"]) / "train.yaml").read_text())["data"]["sources"] == files[:RUN_FILES]
+    assert yaml.safe_load((out / "shared/entropy.yaml").read_text())["data"]["sources"] == cfg.data.train
 
 
 def test_rerun_skips_finished_runs(tiny_study, monkeypatch, capsys):
@@ -238,6 +248,8 @@ def test_interrupted_run_resumes(tiny_study, tmp_path, monkeypatch, capsys, one_
     ({"families": [{"name": "b", "kind": "byte", "patching": "space"}]}, "families[0].patching"),
     ({"budgets": [-1.0]}, "budgets[0]"),
     ({"budgets": "lots"}, "budgets"),
+    ({"data.run_files": 9}, "data.run_files: 9 is more than the 8 files"),
+    ({"data.run_files": 0}, "data.run_files"),
 ])
 def test_bad_config_is_one_line(tmp_path, corpus, capsys, change, message):
     cfg = _tiny_config(tmp_path, corpus, **change)

@@ -63,6 +63,9 @@ class DataSection:
     train: list[str] = field(default_factory=list)
     validation: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # the training runs read only the first N files of data.train (sorted), and entropies are computed for
+    # those alone; the BPE tokenizer and the entropy model still train on all of it (None: every file)
+    run_files: int | None = None
     context_bytes: int = 512
     batch_bytes: int = 8192
     shuffle_buffer: int = 64
@@ -172,7 +175,8 @@ class StudyConfig:
                                 ("entropy_model.steps", self.entropy_model.steps, 1),
                                 ("entropy_model.calibration_bytes", self.entropy_model.calibration_bytes, 1),
                                 ("eval.batch_size", self.eval.batch_size, 1),
-                                ("eval.sample_bytes", self.eval.sample_bytes or 1, 1)):
+                                ("eval.sample_bytes", 1 if self.eval.sample_bytes is None else self.eval.sample_bytes, 1),
+                                ("data.run_files", 1 if d.run_files is None else d.run_files, 1)):
             if value < low:
                 raise bad(key, value, f"must be at least {low}")
         if d.batch_bytes < d.context_bytes:
@@ -231,6 +235,20 @@ class StudyConfig:
             raise bad("optim.lr", o.lr, "must be positive")
         if not 0 <= o.warmup_fraction < 1:
             raise bad("optim.warmup_fraction", o.warmup_fraction, "must be in [0, 1)")
+        if d.run_files is not None:
+            self.run_sources()  # no more than data.train holds
+
+    def run_sources(self) -> list[str]:
+        """The training files the runs read (and entropies are computed for): ``data.run_files`` of them."""
+        from torchblt.data.sources import resolve_sources
+
+        n = self.data.run_files
+        if n is None:
+            return list(self.data.train)
+        files = resolve_sources(self.data.train)
+        if n > len(files):
+            raise ValueError(f"data.run_files: {n} is more than the {len(files)} files of data.train")
+        return files[:n]
 
     @property
     def rows_per_step(self) -> int:

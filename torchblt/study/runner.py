@@ -199,7 +199,7 @@ def _calibration_sample(cfg: StudyConfig, shared: Shared) -> list[tuple[bytes, A
         reader = DocumentReader(check_entropy_folder(shared.entropies), "text", seed=0, loop=False,
                                 entropies_field=ENTROPIES_FIELD)
     else:
-        reader = DocumentReader(cfg.data.train, cfg.data.text_field, seed=0, loop=False)
+        reader = DocumentReader(cfg.run_sources(), cfg.data.text_field, seed=0, loop=False)
     docs, total = [], 0
     for doc in reader:
         docs.append((doc.data, doc.entropies))
@@ -281,8 +281,8 @@ def prepare_shared(cfg: StudyConfig, out: Path) -> Shared:
         try:
             check_entropy_folder(shared.entropies)
         except (FileNotFoundError, ValueError):
-            _run_blt("its entropies of the training split (computed once)",
-                     ["entropies", "--entropy-model", shared.entropy_model, "--data", *cfg.data.train, "--out",
+            _run_blt("its entropies of the training split (computed once; data.run_files: of the files the runs read)",
+                     ["entropies", "--entropy-model", shared.entropy_model, "--data", *cfg.run_sources(), "--out",
                       shared.entropies, "--text-field", cfg.data.text_field, "--no-progress"])
     if "blt" in kinds:
         shared.patching = _prepare_patching(cfg, shared, root / "patching.json")
@@ -328,7 +328,7 @@ def _train_config(cfg: StudyConfig, shared: Shared, fam: Family, seed: int, run_
     d, o = cfg.data, cfg.optim
     kind = fam.kind  # the trainer's kinds blt, byte, bpe
     model: dict[str, Any] = {"kind": kind, "arch": arch}
-    data: dict[str, Any] = {"sources": list(d.train), "validation": list(shared.validation), "text_field": d.text_field,
+    data: dict[str, Any] = {"sources": cfg.run_sources(), "validation": list(shared.validation), "text_field": d.text_field,
                             "seq_len": context, "batch_size": rows, "shuffle_buffer": d.shuffle_buffer,
                             "interleave": d.interleave, "seed": seed}
     if fam.kind == "blt":
@@ -576,6 +576,15 @@ def run_study(cfg: StudyConfig, *, plan_only: bool = False, report_only: bool = 
              f"N {m.main_params:>10,}  local {m.local_params:>8,}  {p.steps:>6} steps x {p.bytes_per_step:>7,.0f} B "
              f"= {p.steps * p.bytes_per_step / 1e6:8.2f} MB  ({m.tokens_per_param:5.1f} tokens/param, "
              f"{p.planned_flops / p.budget * 100:5.1f}% of the budget)")
+    from torchblt.data.sources import resolve_sources
+
+    files = resolve_sources(cfg.run_sources())
+    split = sum(os.path.getsize(f) for f in files)
+    _say(f"  the runs read {len(files)} training files ({split / 1e6:.1f} MB on disk)")
+    for p in plans:
+        if p.steps * p.bytes_per_step > split:
+            _say(f"  warning: {p.name} reads {p.steps * p.bytes_per_step / 1e6:.1f} MB: more than one pass over them "
+                 "(raise data.run_files)")
     if plan_only:
         _write_json(out / "plan.json", [p.summary() for p in plans])
         return {"plan": [p.summary() for p in plans]}

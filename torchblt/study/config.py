@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from torchblt.validation import build_dataclass
+from torchblt.validation import build_dataclass, load_yaml
 
 __all__ = [
     "BPESection",
@@ -274,10 +272,7 @@ def load_study_config(path: str | Path, out: str | None = None) -> StudyConfig:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such study config")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(p)  # one line naming the file for bad YAML or text that is not UTF-8
     if not isinstance(raw, dict):
         raise ValueError(f"{p}: the top level must be a mapping")
     try:

@@ -249,6 +249,7 @@ def test_interrupted_run_resumes(tiny_study, tmp_path, monkeypatch, capsys, one_
     ({"budgets": [-1.0]}, "budgets[0]"),
     ({"budgets": "lots"}, "budgets"),
     ({"data.run_files": 9}, "data.run_files: 9 is more than the 8 files"),
+    ({"noise_budgets": [5.0e+9]}, "noise_budgets[0]"),
     ({"data.run_files": 0}, "data.run_files"),
 ])
 def test_bad_config_is_one_line(tmp_path, corpus, capsys, change, message):
@@ -263,3 +264,19 @@ def test_budget_too_small_for_min_steps(tmp_path, corpus, capsys):
     assert blt_main(["study", str(cfg), "--out", str(tmp_path / "out"), "--plan"]) == 2
     err = capsys.readouterr().err
     assert "1e+06 FLOPs buys byte" in err and "min_steps" in err
+
+
+def test_noise_seeds_repeat_the_smallest_budget_or_noise_budgets(tmp_path, corpus):
+    from torchblt.study.report import noise
+
+    cfg = load_study_config(_tiny_config(tmp_path, corpus, budgets=[1e9, 3e9, 1e10], noise_seeds=[1, 2]))
+    runs = [(b, f.name, s) for b, f, s in cfg.runs()]
+    assert [(b, s) for b, name, s in runs if name == "bpe"] == [(1e9, 0), (1e9, 1), (1e9, 2), (3e9, 0), (1e10, 0)]
+    cfg = load_study_config(_tiny_config(tmp_path, corpus, budgets=[1e9, 3e9, 1e10], noise_seeds=[1],
+                                         noise_budgets=[1e9, 1e10]))
+    assert [(b, s) for b, f, s in cfg.runs() if f.name == "bpe"] == [(1e9, 0), (1e9, 1), (3e9, 0), (1e10, 0), (1e10, 1)]
+    # the noise table: every (family, budget) with several seeds, with the seeds' range
+    rows = [{"family": "bpe", "budget": b, "seed": s, "val_bpb": v}
+            for b, s, v in [(1e9, 0, 3.0), (1e9, 1, 3.25), (3e9, 0, 2.5), (1e10, 0, 2.0), (1e10, 1, 1.875)]]
+    spread = noise(rows)["bpe"]
+    assert [(s["budget"], s["seeds"], s["range"]) for s in spread] == [(1e9, [0, 1], 0.25), (1e10, [0, 1], 0.125)]

@@ -2,7 +2,8 @@
 a wrong type is one ``ValueError`` line naming the dotted key), with the same loader as ``blt train``.
 
 A study is ``budgets`` (training FLOPs) x ``families`` (BLT with entropy or space patching, a byte-level
-transformer, a BPE transformer) x ``seeds``, plus ``noise_seeds`` repeated at the smallest budget. Every
+transformer, a BPE transformer) x ``seeds``, plus ``noise_seeds`` repeated at the smallest budget (or at
+``noise_budgets``). Every
 model is sized from its budget by :func:`torchblt.study.sizing.size_model` (``sizing``), trained on the
 same data with the same optimiser recipe (``optim``) and evaluated the same way (``eval``). See
 ``docs/study.md`` for the meaning of each field and ``configs/study.yaml`` for the real study.
@@ -148,6 +149,7 @@ class StudyConfig:
     budgets: list[float] = field(default_factory=list)  # training FLOPs per run
     seeds: list[int] = field(default_factory=lambda: [0])
     noise_seeds: list[int] = field(default_factory=list)  # more seeds, at the smallest budget only
+    noise_budgets: list[float] | None = None  # the budgets noise_seeds repeat (None: the smallest)
     families: list[Family] = field(default_factory=list)
     sizing: SizingSection = field(default_factory=SizingSection)
     entropy_model: EntropySection = field(default_factory=EntropySection)
@@ -186,6 +188,9 @@ class StudyConfig:
                 raise bad(f"budgets[{i}]", b, "must be a positive number of FLOPs")
         if len(set(self.budgets)) != len(self.budgets):
             raise bad("budgets", self.budgets, "must be distinct")
+        for i, b in enumerate(self.noise_budgets or []):
+            if b not in self.budgets:
+                raise bad(f"noise_budgets[{i}]", b, f"must be one of budgets {self.budgets}")
         if not self.seeds:
             raise bad("seeds", self.seeds, "needs at least one seed")
         if not self.families:
@@ -257,11 +262,12 @@ class StudyConfig:
         return min(self.budgets)
 
     def runs(self) -> list[tuple[float, Family, int]]:
-        """Every ``(budget, family, seed)``: all seeds at every budget, noise seeds at the smallest."""
+        """Every ``(budget, family, seed)``: all seeds at every budget, noise seeds at the smallest (or at
+        ``noise_budgets``)."""
         out = []
         for budget in sorted(self.budgets):
             seeds = list(self.seeds)
-            if budget == self.smallest_budget:
+            if budget in (self.noise_budgets if self.noise_budgets is not None else [self.smallest_budget]):
                 seeds += [s for s in self.noise_seeds if s not in seeds]
             out += [(budget, f, s) for f in self.families for s in seeds]
         return out

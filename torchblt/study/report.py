@@ -34,16 +34,16 @@ def _by_family_budget(rows: list[dict[str, Any]]) -> dict[str, dict[float, list[
     return out
 
 
-def noise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def noise(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per family, at each budget with several seeds: the seeds' bits per byte and their range."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for fam, by_budget in _by_family_budget(rows).items():
         for budget, rs in sorted(by_budget.items()):
-            vals = [r["val_bpb"] for r in rs if r.get("val_bpb") is not None]
+            rs = [r for r in rs if r.get("val_bpb") is not None]
+            vals = [r["val_bpb"] for r in rs]
             if len(vals) >= 2:
-                out[fam] = {"budget": budget, "seeds": [r["seed"] for r in rs], "val_bpb": vals,
-                            "range": max(vals) - min(vals)}
-                break
+                out.setdefault(fam, []).append({"budget": budget, "seeds": [r["seed"] for r in rs], "val_bpb": vals,
+                                                "range": max(vals) - min(vals)})
     return out
 
 
@@ -65,11 +65,11 @@ def markdown_tables(cfg: StudyConfig, rows: list[dict[str, Any]], shared: dict[s
     if spread:
         lines += ["", "### Noise level (same budget, different seeds: initialisation and data order)", "",
                   "| family | budget | seeds | bits per byte | range |", "|---|---|---|---|---|"]
-        for fam in families:
-            if fam in spread:
-                s = spread[fam]
-                lines.append(f"| {fam} | {_fmt_flops(s['budget'])} | {', '.join(map(str, s['seeds']))} | "
-                             f"{', '.join(f'{v:.4f}' for v in s['val_bpb'])} | {s['range']:.4f} |")
+        entries = sorted(((s["budget"], i, f, s) for i, f in enumerate(families) for s in spread.get(f, [])),
+                         key=lambda e: e[:2])
+        for _, _, fam, s in entries:
+            lines.append(f"| {fam} | {_fmt_flops(s['budget'])} | {', '.join(map(str, s['seeds']))} | "
+                         f"{', '.join(f'{v:.4f}' for v in s['val_bpb'])} | {s['range']:.4f} |")
     lines += ["", "### Every run", "",
               "| family | budget | seed | main model (d x L) | N main | N local | steps | train bytes | "
               "tokens/param | FLOPs spent (% of budget) | bytes/patch or /token | inference FLOPs/byte | "

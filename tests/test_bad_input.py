@@ -178,6 +178,12 @@ CASES = [
     ("quickstart-steps", lambda f: ["quickstart", "--blt-steps", "0"], ["--blt-steps", "'0'"]),
     ("quickstart-configs", lambda f: ["quickstart", "--configs", str(f["root"] / "noconf"), "--out", str(f["root"] / "q")],
      ["noconf"]),
+    # study
+    ("study-missing-yaml", lambda f: ["study", str(f["root"] / "absent.yaml")], ["absent.yaml", "no such study config"]),
+    ("study-malformed-yaml", lambda f: ["study", str(f["malformed_yaml"])], ["malformed.yaml", "YAML", "line 3"]),
+    ("study-not-utf8-yaml", lambda f: ["study", str(f["not_utf8_yaml"])], ["latin1.yaml", "not UTF-8"]),
+    ("study-list-yaml", lambda f: ["study", str(f["list_yaml"])], ["list.yaml", "mapping"]),
+    ("study-unknown-key", lambda f: ["study", str(f["model_list_yaml"])], ["model_list.yaml", "model: unknown key"]),
     # serve
     ("serve-device", lambda f: ["serve", str(f["blt"]), "--device", "tpu"], ["--device", "'tpu'"]),
     ("serve-max-batch", lambda f: ["serve", str(f["blt"]), "--max-batch", "0"], ["--max-batch"]),

@@ -45,8 +45,10 @@ class Interrupted(Exception):
     """A step was stopped by a signal (training saved a checkpoint): the pipeline stops, a re-run resumes."""
 
 
-def _step(title: str, argv: list[str], timings: dict[str, float], key: str, run_dir: Path | None = None) -> None:
-    """Run one ``blt`` command; a training step (``run_dir``) must have finished (``finished.json``)."""
+def _step(title: str, argv: list[str], timings: dict[str, float], key: str, run_dir: Path | None = None,
+          rerun: str = "blt quickstart") -> None:
+    """Run one ``blt`` command; a training step (``run_dir``) must have finished (``finished.json``); a
+    failure names the command to re-run (``rerun``)."""
     from torchblt.cli import main as blt_main
 
     print(f"\n== {title}\n$ blt {' '.join(shlex.quote(a) for a in argv)}", flush=True)
@@ -57,7 +59,7 @@ def _step(title: str, argv: list[str], timings: dict[str, float], key: str, run_
         saved = f"its checkpoint is in {run_dir}; " if run_dir is not None else ""
         raise Interrupted(f"step '{title}' was interrupted; {saved}re-run the same command to resume")
     if code != 0:
-        raise ValueError(f"step '{title}' failed (exit {code}); fix the error above and re-run blt quickstart")
+        raise ValueError(f"step '{title}' failed (exit {code}); fix the error above and re-run {rerun}")
 
 
 def run(args: argparse.Namespace) -> int:

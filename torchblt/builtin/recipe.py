@@ -153,6 +153,13 @@ def _blt(title: str, argv: list[str]) -> None:
     _step(title, argv, {}, "step")
 
 
+def _check_finished(run: Path) -> None:
+    """A training stopped by a signal exits 0 after its checkpoint: stop the recipe there, resumably."""
+    if not (run / "finished.json").is_file():
+        raise ValueError(f"{run}: training stopped before its last step (checkpoint saved); "
+                         "re-run `blt builtin train` with the same arguments to resume")
+
+
 def run_recipe(
     out: str | os.PathLike[str],
     corpus: str | os.PathLike[str] | None = None,
@@ -201,6 +208,7 @@ def run_recipe(
         log.timed("entropy_model", lambda: _blt("3/8 train the entropy model", [
             "train", str(configs / "builtin-entropy.yaml"), f"run_dir={em_run}", f"data.sources=[{mix}]",
             f"data.validation=[{valid}]"] + ([f"train.steps={entropy_steps}"] if entropy_steps else [])))
+        _check_finished(em_run)
     if done("entropy_model"):
         return log.data
 
@@ -237,6 +245,7 @@ def run_recipe(
             "train", str(configs / "builtin-blt.yaml"), f"run_dir={blt_run}", f"data.entropies={ent}",
             f"model.entropy_model={em_run / 'model'}", f"data.threshold={threshold!r}",
             f"data.validation=[{valid}]"] + ([f"train.steps={blt_steps}"] if blt_steps else [])))
+        _check_finished(blt_run)
     if done("blt"):
         return log.data
 

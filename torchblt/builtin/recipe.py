@@ -31,7 +31,7 @@ __all__ = ["MIX_BYTES", "MIX_WEIGHTS", "TARGET_PATCH_SIZE", "run_recipe", "write
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TARGET_PATCH_SIZE = 4.5
-MIX_BYTES = 30_000_000
+MIX_BYTES = 15_000_000
 MIX_SHARDS = 32
 MIX_SEED = "torchblt-builtin-mix-1"
 CALIBRATION_BYTES = 1 << 20

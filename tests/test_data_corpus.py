@@ -91,7 +91,7 @@ def synthetic_sources(cache: Path) -> tuple[Source, ...]:
 
 
 def test_clean_text_strips_overstrikes_escapes_and_controls():
-    raw = "B\bBo\bol\bld _\bu_\bn_\bd_\be_\br \x1b[1;31mred\x1b[0m\r\nline\x00two\x07\tok\x0cpage\n".encode()
+    raw = b"B\bBo\bol\bld _\bu_\bn_\bd_\be_\br \x1b[1;31mred\x1b[0m\r\nline\x00two\x07\tok\x0cpage\n"
     assert clean_text(raw) == "Bold under red\nlinetwo\tok\x0cpage\n"
     with pytest.raises(ValueError, match=r"pkg.deb:usr/x: not UTF-8 text \(byte 3"):
         clean_text(b"abc\xff\xfe", "pkg.deb:usr/x")

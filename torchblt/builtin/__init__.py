@@ -1,5 +1,42 @@
-"""The built-in pretrained BLT and its entropy model, shipped inside the package.
+"""The built-in pretrained BLT and its entropy model, shipped inside the package (``torchblt/builtin/model``).
 
-``load_model("builtin")`` / ``load_model("builtin-entropy")`` read them from this folder; the recipe that
-trains them is :mod:`torchblt.builtin.recipe` (``blt builtin train --out DIR``).
+``load_model("builtin")`` loads the BLT with its entropy model attached, ``load_model("builtin-entropy")``
+the entropy model alone; every ``blt`` command whose MODEL is omitted uses the BLT. The weights are bf16
+safetensors (read back in the dtype asked for, fp32 by default); the model card is
+``torchblt/builtin/model/README.md`` (data, recipe, held-out bits per byte per source and language) and
+its numbers are in ``card.json`` beside it. The recipe that trains them is :mod:`torchblt.builtin.recipe`
+(``blt builtin train --out DIR``).
+
+A local folder named ``builtin`` wins over the built-in model (``load_model`` reads paths first); pass
+:data:`BUILTIN_DIR` to be explicit.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_DIR", "NAMES", "builtin_card", "builtin_path"]
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "model"
+NAMES = {"builtin": BUILTIN_DIR, "builtin-entropy": BUILTIN_DIR / "entropy_model"}
+
+
+def builtin_path(name: str = "builtin") -> Path:
+    """The folder of a built-in model (``"builtin"`` or ``"builtin-entropy"``); a clear error if it is not installed."""
+    try:
+        folder = NAMES[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a built-in model; known: {', '.join(NAMES)}") from None
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{folder}: the built-in model's weights are not in this installation "
+            "(a source checkout without them, or a build that dropped package data); reinstall torchblt"
+        )
+    return folder
+
+
+def builtin_card() -> dict[str, Any]:
+    """The built-in model's recorded numbers (``card.json``: held-out bpb per language and source, recipe, data)."""
+    return json.loads((builtin_path() / "card.json").read_text(encoding="utf-8"))

@@ -5,7 +5,8 @@
    (:data:`MIX_WEIGHTS`: English prose up, the large technical sources down, the small languages up),
    ordered by a seeded hash and cut at :data:`MIX_BYTES` (what the training budget covers);
 3. ``blt train configs/builtin-entropy.yaml`` — the entropy model (byte LM) on the mix;
-4. ``blt entropies`` — its entropies for the mix, stored as Parquet shards;
+4. ``blt entropies`` — its entropies for the mix, stored as Parquet shards (bf16 forward: 1.6x faster on
+   this CPU than fp32; the shards store float16 anyway);
 5. ``blt calibrate`` — the global entropy threshold giving a mean patch of :data:`TARGET_PATCH_SIZE`
    bytes on English (the first MiB of the mix's English documents);
 6. ``blt train configs/builtin-blt.yaml`` — the BLT (hash n-grams, entropy patching at that threshold);
@@ -82,7 +83,7 @@ def write_mix(
         raise ValueError(f"{corpus / 'train'}: no training documents (run `blt data corpus` first)")
     docs.sort()
     kept, total = [], 0
-    for key, source, n, line in docs:
+    for _key, source, n, line in docs:
         if total >= max_bytes:
             break
         kept.append((source, n, line))
@@ -213,7 +214,8 @@ def run_recipe(
         return log.data
 
     log.timed("entropies", lambda: _blt("4/8 entropies of the mix", [
-        "entropies", "--entropy-model", str(em_run / "model"), "--data", str(mix), "--out", str(ent), "--no-progress"]))
+        "entropies", "--entropy-model", str(em_run / "model"), "--data", str(mix), "--out", str(ent), "--dtype", "bf16",
+        "--no-progress"]))
     if done("entropies"):
         return log.data
 
@@ -251,8 +253,13 @@ def run_recipe(
 
     from torchblt.builtin.package import evaluate_package, write_package
 
-    log.timed("package", lambda: write_package(blt_run / "model", out / "package"))
+    pkg = out / "package" / "model.safetensors"
+    if not pkg.is_file() or pkg.stat().st_mtime < (blt_run / "finished.json").stat().st_mtime:
+        log.timed("package", lambda: write_package(blt_run / "model", out / "package"))
     if done("package"):
         return log.data
-    log.timed("evaluate", lambda: evaluate_package(out, corpus_dir))
+    evaluated = out / "eval.json"
+    if not evaluated.is_file() or evaluated.stat().st_mtime < pkg.stat().st_mtime:
+        log.timed("evaluate", lambda: evaluate_package(out, corpus_dir))
+    print(f"\nmodel card: {out / 'package' / 'README.md'}; held-out results: {evaluated}")
     return log.data

@@ -1,0 +1,96 @@
+"""The built-in model shipped in the package: it loads by name, generates, patches, and keeps its recorded bpb."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torchblt import generate, load_model
+from torchblt.builtin import BUILTIN_DIR, builtin_card, builtin_path
+from torchblt.builtin.package import MAX_PACKAGE_BYTES, SAMPLE, package_bytes
+from torchblt.cli import main
+from torchblt.eval.bpb import evaluate_bpb
+from torchblt.eval.patches import compute_patches
+from torchblt.model.blt import BLT
+from torchblt.model.entropy_model import EntropyModel
+
+# A fixed English paragraph (not in the corpus). The recipe calibrates the threshold to a mean patch of
+# 4.5 bytes on English training text; on this paragraph the shipped model must stay within this range.
+PARAGRAPH = (
+    "The committee met on a rainy Tuesday to discuss the new library. Everyone agreed that the old "
+    "building was too small, but nobody could agree on where the money for a larger one would come "
+    "from. After two hours of debate, they decided to ask the town for a loan and to hold a book sale."
+)
+PATCH_RANGE = (3.5, 6.0)
+
+
+@pytest.fixture(scope="module")
+def blt() -> BLT:
+    return load_model("builtin")
+
+
+def test_weights_are_package_data_in_bf16_within_budget():
+    from safetensors import safe_open
+
+    assert builtin_path("builtin") == BUILTIN_DIR and builtin_path("builtin-entropy") == BUILTIN_DIR / "entropy_model"
+    assert 1_000_000 < package_bytes(BUILTIN_DIR) <= MAX_PACKAGE_BYTES
+    for folder in (BUILTIN_DIR, BUILTIN_DIR / "entropy_model"):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert (BUILTIN_DIR / "README.md").is_file()
+    with pytest.raises(ValueError, match="not a built-in model"):
+        builtin_path("builtin-huge")
+
+
+def test_load_by_name_attaches_the_entropy_model(blt):
+    assert isinstance(blt, BLT) and not blt.training
+    assert isinstance(blt.entropy_model, EntropyModel)
+    assert next(blt.parameters()).dtype == torch.float32  # bf16 weights, read back in the dtype asked for
+    em = load_model("builtin-entropy")
+    assert isinstance(em, EntropyModel)
+    assert blt.config.hash is not None and blt.config.patching.mode == "entropy"
+    card = builtin_card()
+    assert blt.config.patching.threshold == pytest.approx(card["calibration"]["threshold"], rel=1e-6)
+
+
+def test_generates_text(blt):
+    out = generate(blt, ["Once upon a time", "Zürich ist"], max_new_bytes=40, temperature=0.0)
+    assert len(out) == 2 and all(len(t.encode()) >= 10 for t in out)
+    again = generate(blt, ["Once upon a time"], max_new_bytes=40, temperature=0.0)
+    assert again[0] == out[0]  # greedy is deterministic
+    assert sum(c.isalpha() or c.isspace() for c in out[0]) > 0.6 * len(out[0])  # mostly words, not noise
+
+
+def test_patches_an_english_paragraph_at_the_calibrated_size(blt):
+    view = compute_patches(PARAGRAPH, blt.patcher)
+    mean = len(PARAGRAPH.encode()) / len(view.lengths)
+    assert PATCH_RANGE[0] <= mean <= PATCH_RANGE[1], mean
+
+
+def test_bpb_on_the_committed_sample_matches_the_record(blt):
+    recorded = builtin_card()["eval"]["sample"]["bpb"]
+    res = evaluate_bpb(blt, [SAMPLE.read_bytes()], context_bytes=512, batch_size=16)
+    bpb = res.nats / res.n_bytes / 0.6931471805599453
+    assert bpb == pytest.approx(recorded, abs=0.01)
+    assert bpb < 3.0  # a trained model, far from uniform (8.02)
+
+
+def test_card_records_every_language_below_xz():
+    card = builtin_card()
+    langs = card["eval"]["per_language"]
+    assert set(langs) == {"en", "ru", "zh", "de", "cs", "pl", "it", "es", "bg", "fr", "ja"}
+    assert set(card["eval"]["per_source"]) >= {"shakespeare", "python3.11-doc", "fortunes-zh", "debian-reference-ja"}
+    assert all(v["bpb"] < v["xz_9e_bpb"] for v in langs.values()), {k: (v["bpb"], v["xz_9e_bpb"]) for k, v in langs.items()}
+    shakespeare = card["eval"]["per_source"]["shakespeare"]
+    assert shakespeare["xz_9e_bpb"] - shakespeare["bpb"] >= 0.3
+
+
+def test_blt_info_builtin_shows_the_card(capsys):
+    assert main(["info", "builtin"]) == 0
+    out = capsys.readouterr().out
+    assert "built-in model" in out and "held-out bits per byte" in out and "xz" in out
+    assert main(["info", "builtin", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "blt" and set(info["builtin"]["held_out_bpb"]) >= {"en", "ja"}

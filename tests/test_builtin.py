@@ -65,7 +65,7 @@ def test_generates_text(blt):
 
 def test_patches_an_english_paragraph_at_the_calibrated_size(blt):
     view = compute_patches(PARAGRAPH, blt.patcher)
-    mean = len(PARAGRAPH.encode()) / len(view.lengths)
+    mean = view.mean_patch_length  # bytes per patch, the BOS patch not counted
     assert PATCH_RANGE[0] <= mean <= PATCH_RANGE[1], mean
 
 
@@ -94,3 +94,28 @@ def test_blt_info_builtin_shows_the_card(capsys):
     assert main(["info", "builtin", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "blt" and set(info["builtin"]["held_out_bpb"]) >= {"en", "ja"}
+
+
+def test_split_model_argument(tmp_path):
+    from torchblt.builtin import split_model_argument
+
+    assert split_model_argument("Once upon a time", []) == ("builtin", ["Once upon a time"])
+    assert split_model_argument(None, ["a"]) == ("builtin", ["a"])
+    assert split_model_argument(str(tmp_path), ["hi"]) == (str(tmp_path), ["hi"])
+    assert split_model_argument("builtin-entropy", ["x"]) == ("builtin-entropy", ["x"])
+    assert split_model_argument("facebook/blt-1b", ["x"]) == ("facebook/blt-1b", ["x"])
+    assert split_model_argument("and/or not", []) == ("builtin", ["and/or not"])  # spaces: not a hub id
+
+
+def test_commands_default_to_the_builtin_model(capsys, tmp_path):
+    assert main(["generate", "Once upon a time", "--max-new-bytes", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Once upon a time") and len(out.strip()) > len("Once upon a time")
+    assert main(["patches", "Zürich ist schön", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "Z" in out and "|" in out and "patches" in out
+    sample = tmp_path / "s.txt"
+    sample.write_bytes(SAMPLE.read_bytes())
+    assert main(["eval", str(sample), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model"] == "builtin" and 0 < res["bpb"] < 3.0

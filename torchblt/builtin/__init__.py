@@ -14,10 +14,12 @@ A local folder named ``builtin`` wins over the built-in model (``load_model`` re
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_DIR", "NAMES", "builtin_card", "builtin_path"]
+__all__ = ["BUILTIN_DIR", "NAMES", "builtin_card", "builtin_path", "is_model_reference", "split_model_argument"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "model"
 NAMES = {"builtin": BUILTIN_DIR, "builtin-entropy": BUILTIN_DIR / "entropy_model"}
@@ -40,3 +42,23 @@ def builtin_path(name: str = "builtin") -> Path:
 def builtin_card() -> dict[str, Any]:
     """The built-in model's recorded numbers (``card.json``: held-out bpb per language and source, recipe, data)."""
     return json.loads((builtin_path() / "card.json").read_text(encoding="utf-8"))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_model_reference(text: str) -> bool:
+    """Whether a command-line word names a model: a built-in name, an existing path, or an ``org/name`` hub id."""
+    return text in NAMES or Path(text).exists() or bool(_HUB_ID.match(text))
+
+
+def split_model_argument(
+    first: str | None, rest: list[str], is_model: Callable[[str], bool] = is_model_reference
+) -> tuple[str, list[str]]:
+    """``(model, other positionals)`` for commands whose MODEL may be omitted: the first word is the model
+    when it names one (``is_model``), otherwise it belongs to the others and the model is ``"builtin"``."""
+    if first is None:
+        return "builtin", list(rest)
+    if is_model(first):
+        return first, list(rest)
+    return "builtin", [first, *rest]

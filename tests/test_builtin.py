@@ -46,7 +46,7 @@ def test_weights_are_package_data_in_bf16_within_budget():
 
 def test_load_by_name_attaches_the_entropy_model(blt):
     assert isinstance(blt, BLT) and not blt.training
-    assert isinstance(blt.entropy_model, EntropyModel)
+    assert isinstance(blt.patcher.entropy_model, EntropyModel)
     assert next(blt.parameters()).dtype == torch.float32  # bf16 weights, read back in the dtype asked for
     em = load_model("builtin-entropy")
     assert isinstance(em, EntropyModel)

@@ -4,7 +4,8 @@
 ``torchblt/builtin/model`` (at most :data:`MAX_PACKAGE_BYTES`). :func:`evaluate_package` scores the
 package *as shipped* (bf16 weights, read back in fp32) on every held-out file of the corpus:
 
-* bits per byte per source and per language: all the bits the model spends on a document (every byte
+* bits per byte per source and per language (each source's first held-out documents, whole, up to
+  :data:`EVAL_BYTES_PER_SOURCE`): all the bits the model spends on a document (every byte
   and the closing EOS) divided by its UTF-8 bytes, so it compares directly with a compressor;
 * the same files compressed whole by ``xz -9e`` (liblzma preset ``9 | PRESET_EXTREME``, the ``.xz``
   container: what ``xz -9e`` writes), ``8 * compressed / raw`` over the concatenation of a source's (or a
@@ -29,6 +30,7 @@ __all__ = ["MAX_PACKAGE_BYTES", "SAMPLE", "evaluate_package", "package_bytes", "
 MAX_PACKAGE_BYTES = 40 * 1000 * 1000
 SAMPLE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "builtin_sample.txt"
 EVAL_CONTEXT = 512
+EVAL_BYTES_PER_SOURCE = 64 * 1024  # keeps the evaluation to ~1 MB: minutes on 2 CPU cores
 LN2 = math.log(2.0)
 
 
@@ -43,7 +45,7 @@ def write_package(model_dir: Path, out: Path) -> dict:
     from torchblt.formats import load_model, save_model
 
     model = load_model(model_dir, dtype=torch.bfloat16)
-    em = model.entropy_model
+    em = model.patcher.entropy_model
     if em is None:
         raise ValueError(f"{model_dir}: the BLT has no entropy model (expected {model_dir}/entropy_model)")
     if out.exists():
@@ -85,8 +87,23 @@ def _summarise(parts: list[dict], texts: list[bytes]) -> dict:
             "mean_patch_tokens": round(tokens / patches, 3) if patches else None}
 
 
-def evaluate_package(out: Path, corpus: Path) -> dict:
-    """Score ``out/package`` on ``corpus/valid`` (see the module docstring); writes ``out/eval.json`` and the model card."""
+def _held_out(src_dir: Path, max_bytes: int | None) -> list[bytes]:
+    """A source's held-out documents in file order, whole, until ``max_bytes`` are reached (all with None)."""
+    texts, total = [], 0
+    for p in sorted(src_dir.glob("*.txt")):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        texts.append(p.read_bytes())
+        total += len(texts[-1])
+    return texts
+
+
+def evaluate_package(out: Path, corpus: Path, max_bytes_per_source: int | None = EVAL_BYTES_PER_SOURCE) -> dict:
+    """Score ``out/package`` on ``corpus/valid`` (see the module docstring); writes ``out/eval.json`` and the model card.
+
+    ``max_bytes_per_source``: each source contributes its first held-out documents (whole) up to this many
+    bytes, the same bytes for the model and for xz (None: every held-out document).
+    """
     from torchblt.formats import load_model
 
     pkg = out / "package"
@@ -100,7 +117,7 @@ def evaluate_package(out: Path, corpus: Path) -> dict:
     for lang_dir in sorted(p for p in valid.iterdir() if p.is_dir()):
         lang_parts, lang_texts = [], []
         for src_dir in sorted(p for p in lang_dir.iterdir() if p.is_dir()):
-            texts = [p.read_bytes() for p in sorted(src_dir.glob("*.txt"))]
+            texts = _held_out(src_dir, max_bytes_per_source)
             part = _score(model, texts)
             per_source[src_dir.name] = {"language": lang_dir.name, **_summarise([part], texts)}
             lang_parts.append(part)
@@ -117,6 +134,7 @@ def evaluate_package(out: Path, corpus: Path) -> dict:
         sample = {"file": "tests/fixtures/builtin_sample.txt", "bpb": round(part["nats"] / LN2 / part["n_bytes"], 5)}
     result = {
         "context_bytes": EVAL_CONTEXT,
+        "max_bytes_per_source": max_bytes_per_source,
         "definition": "bits per byte = (nats of every byte and the closing EOS of each document) / ln 2 / UTF-8 bytes; "
         "xz: 8 * len(xz -9e of the concatenated held-out files) / raw bytes",
         "per_language": per_lang,
@@ -175,12 +193,14 @@ every `blt` command and `load_model("builtin")` (`load_model("builtin-entropy")`
 * training time (wall, this machine's shared 2 CPU cores): entropy model {secs.get('entropy_model', 0) / 60:.1f} min,
   entropies {secs.get('entropies', 0) / 60:.1f} min, BLT {secs.get('blt', 0) / 60:.1f} min
   (total {sum(secs.values()) / 60:.1f} min including data and evaluation)
-* trained bytes: entropy model {finished['entropy'].get('bytes_seen', '?'):,} , BLT {finished['blt'].get('bytes_seen', '?'):,}
+* trained: entropy model {finished['entropy'].get('step', '?')} steps, BLT {finished['blt'].get('step', '?')} steps
+  (validation bpb logged by the trainer: entropy model {finished['entropy'].get('val_bpb', '?')}, BLT {finished['blt'].get('val_bpb', '?')})
 
 ## Held-out bits per byte, per language (vs `xz -9e` on the same files)
 
 Bits per byte = all the bits the model spends on a held-out document (every byte and its EOS) / its
-UTF-8 bytes, windows of {result['context_bytes']} bytes; xz: `8 * compressed / raw` of the language's held-out
+UTF-8 bytes, windows of {result['context_bytes']} bytes, on each source's first held-out documents (whole) up to
+{result['max_bytes_per_source']} bytes; xz: `8 * compressed / raw` of the language's held-out
 files concatenated. Mean patch: tokens per patch of the entropy patcher on those files.
 
 {_table(lang_rows, ['language', 'held-out bytes', 'BLT bpb', 'xz -9e bpb', 'xz - BLT', 'mean patch'])}

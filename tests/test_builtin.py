@@ -119,3 +119,10 @@ def test_commands_default_to_the_builtin_model(capsys, tmp_path):
     assert main(["eval", str(sample), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["model"] == "builtin" and 0 < res["bpb"] < 3.0
+
+
+def test_serve_defaults_to_the_builtin_model():
+    from torchblt.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).model == "builtin"
+    assert build_parser().parse_args(["serve", "some/model"]).model == "some/model"

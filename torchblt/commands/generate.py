@@ -172,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
     from torchblt.generation.stream import StopCondition
     from torchblt.model.blt import BLT
 
-    args.model, args.prompts = split_model_argument(args.model, args.prompts)
+    if args.input and args.model is not None:
+        pass  # with --input there are no prompt arguments: the first word is the model, whatever it looks like
+    else:
+        args.model, args.prompts = split_model_argument(args.model, args.prompts)
     if args.input and args.prompts:
         raise ValueError("give prompts either as arguments or with --input, not both")
     if not args.input and not args.prompts:

@@ -178,6 +178,11 @@ CASES = [
     ("quickstart-steps", lambda f: ["quickstart", "--blt-steps", "0"], ["--blt-steps", "'0'"]),
     ("quickstart-configs", lambda f: ["quickstart", "--configs", str(f["root"] / "noconf"), "--out", str(f["root"] / "q")],
      ["noconf"]),
+    # builtin (the recipe)
+    ("builtin-stop-after", lambda f: ["builtin", "train", "--out", str(f["root"] / "r"), "--stop-after", "nope"],
+     ["--stop-after", "'nope'"]),
+    ("builtin-steps", lambda f: ["builtin", "train", "--out", str(f["root"] / "r"), "--blt-steps", "0"],
+     ["--blt-steps", "'0'"]),
     # serve
     ("serve-device", lambda f: ["serve", str(f["blt"]), "--device", "tpu"], ["--device", "'tpu'"]),
     ("serve-max-batch", lambda f: ["serve", str(f["blt"]), "--max-batch", "0"], ["--max-batch"]),

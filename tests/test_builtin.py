@@ -15,6 +15,7 @@ from torchblt.eval.bpb import evaluate_bpb
 from torchblt.eval.patches import compute_patches
 from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel
+from torchblt.patching import Patcher, attached_entropy_model
 
 # A fixed English paragraph (not in the corpus). The recipe calibrates the threshold to a mean patch of
 # 4.5 bytes on English training text; on this paragraph the shipped model must stay within this range.
@@ -46,7 +47,7 @@ def test_weights_are_package_data_in_bf16_within_budget():
 
 def test_load_by_name_attaches_the_entropy_model(blt):
     assert isinstance(blt, BLT) and not blt.training
-    assert isinstance(blt.patcher.entropy_model, EntropyModel)
+    assert isinstance(attached_entropy_model(blt), EntropyModel)
     assert next(blt.parameters()).dtype == torch.float32  # bf16 weights, read back in the dtype asked for
     em = load_model("builtin-entropy")
     assert isinstance(em, EntropyModel)
@@ -64,7 +65,7 @@ def test_generates_text(blt):
 
 
 def test_patches_an_english_paragraph_at_the_calibrated_size(blt):
-    view = compute_patches(PARAGRAPH, blt.patcher)
+    view = compute_patches(PARAGRAPH, Patcher.for_model(blt))
     mean = view.mean_patch_length  # bytes per patch, the BOS patch not counted
     assert PATCH_RANGE[0] <= mean <= PATCH_RANGE[1], mean
 
@@ -110,6 +111,10 @@ def test_split_model_argument(tmp_path):
     assert split_model_argument("builtin-entropy", ["x"]) == ("builtin-entropy", ["x"])
     assert split_model_argument("facebook/blt-1b", ["x"]) == ("facebook/blt-1b", ["x"])
     assert split_model_argument("and/or not", []) == ("builtin", ["and/or not"])  # spaces: not a hub id
+    assert split_model_argument("./my-model", ["hi"]) == ("./my-model", ["hi"])  # looks like a path: an error later
+    assert split_model_argument(str(tmp_path / "gone"), ["hi"]) == (str(tmp_path / "gone"), ["hi"])
+    assert split_model_argument("...", ["hi"]) == ("...", ["hi"])
+    assert split_model_argument("Hello", ["world"]) == ("builtin", ["Hello", "world"])
 
 
 def test_commands_default_to_the_builtin_model(capsys, tmp_path):

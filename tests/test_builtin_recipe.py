@@ -15,6 +15,7 @@ from torchblt.data.corpus import build_corpus
 from torchblt.formats import load_model, save_model
 from torchblt.formats.common import build_model
 from torchblt.model.config import tiny_blt, tiny_entropy
+from torchblt.patching import attached_entropy_model
 
 
 def test_xz_bpb_is_xz_9e_of_the_concatenation():
@@ -45,7 +46,7 @@ def test_package_and_evaluate_write_bf16_weights_eval_and_card(tmp_path):
     shipped = load_model(tmp_path / "run" / "package", dtype=torch.bfloat16)
     ref = blt.to(torch.bfloat16).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in shipped.state_dict().items())
-    assert shipped.patcher.entropy_model is not None
+    assert attached_entropy_model(shipped) is not None
 
     res = evaluate_package(tmp_path / "run", corpus)
     assert set(res["per_language"]) == {"xx", "yy", "en"}

@@ -14,6 +14,7 @@ A local folder named ``builtin`` wins over the built-in model (``load_model`` re
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +49,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
 def is_model_reference(text: str) -> bool:
-    """Whether a command-line word names a model: a built-in name, an existing path, or an ``org/name`` hub id."""
-    return text in NAMES or Path(text).exists() or bool(_HUB_ID.match(text))
+    """Whether a command-line word names a model: a built-in name, an existing path, an ``org/name`` hub id, or
+    a word that looks like a path (no white space, and a ``/`` or a leading ``.`` or ``~``: a mistyped model
+    folder is an error naming it, not a prompt)."""
+    if text in NAMES or Path(text).exists() or _HUB_ID.match(text):
+        return True
+    return bool(text) and not any(c.isspace() for c in text) and ("/" in text or os.sep in text or text[0] in ".~")
 
 
 def split_model_argument(

@@ -43,9 +43,10 @@ def write_package(model_dir: Path, out: Path) -> dict:
     import torch
 
     from torchblt.formats import load_model, save_model
+    from torchblt.patching import attached_entropy_model
 
     model = load_model(model_dir, dtype=torch.bfloat16)
-    em = model.patcher.entropy_model
+    em = attached_entropy_model(model)
     if em is None:
         raise ValueError(f"{model_dir}: the BLT has no entropy model (expected {model_dir}/entropy_model)")
     if out.exists():

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["MIX_BYTES", "MIX_WEIGHTS", "TARGET_PATCH_SIZE", "run_recipe", "write_mix"]
+__all__ = ["MIX_BYTES", "MIX_WEIGHTS", "STEPS", "TARGET_PATCH_SIZE", "run_recipe", "write_mix"]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TARGET_PATCH_SIZE = 4.5
@@ -36,6 +36,7 @@ MIX_BYTES = 15_000_000
 MIX_SHARDS = 32
 MIX_SEED = "torchblt-builtin-mix-1"
 CALIBRATION_BYTES = 1 << 20
+STEPS = ("corpus", "mix", "entropy_model", "entropies", "calibrate", "blt", "package", "evaluate")
 MIX_WEIGHTS: dict[str, float] = {
     "shakespeare": 2.0,
     "python3.11-doc": 0.5,
@@ -180,7 +181,7 @@ def run_recipe(
     corpus_dir = Path(corpus) if corpus is not None else out / "corpus"
     mix, em_run, ent, blt_run = out / "mix", out / "entropy", out / "entropies", out / "blt"
     log = _Log(out)
-    steps = ["corpus", "mix", "entropy_model", "entropies", "calibrate", "blt", "package", "evaluate"]
+    steps = list(STEPS)
     if stop_after is not None and stop_after not in steps:
         raise ValueError(f"--stop-after: must be one of {', '.join(steps)}, got {stop_after!r}")
 
@@ -224,7 +225,7 @@ def run_recipe(
         from torchblt.data.calibrate import calibrate_threshold
         from torchblt.data.config import DataConfig
         from torchblt.data.entropies import load_entropy_model
-        from torchblt.data.loader import _sample_entropies
+        from torchblt.data.loader import sample_entropies
 
         def calibrate() -> dict:
             print(f"\n== 5/8 calibrate: threshold for a mean patch of {TARGET_PATCH_SIZE} bytes on English\n"
@@ -232,7 +233,7 @@ def run_recipe(
                   f"--target-patch-size {TARGET_PATCH_SIZE}", flush=True)
             em = load_entropy_model(str(em_run / "model"), device="cpu", dtype="fp32")
             cfg = DataConfig(sources=[str(out / "calibration" / "en.jsonl")], target_patch_size=TARGET_PATCH_SIZE)
-            res = calibrate_threshold(_sample_entropies(cfg, em, CALIBRATION_BYTES), TARGET_PATCH_SIZE)
+            res = calibrate_threshold(sample_entropies(cfg, em, CALIBRATION_BYTES), TARGET_PATCH_SIZE)
             return res.__dict__
 
         res = log.timed("calibrate", calibrate)
@@ -245,7 +246,7 @@ def run_recipe(
     if not (blt_run / "finished.json").is_file():
         log.timed("blt", lambda: _blt("6/8 train the BLT (hash n-grams, entropy patching)", [
             "train", str(configs / "builtin-blt.yaml"), f"run_dir={blt_run}", f"data.entropies={ent}",
-            f"model.entropy_model={em_run / 'model'}", f"data.threshold={threshold!r}",
+            f"model.entropy_model={em_run / 'model'}", f"data.patching.threshold={threshold!r}",
             f"data.validation=[{valid}]"] + ([f"train.steps={blt_steps}"] if blt_steps else [])))
         _check_finished(blt_run)
     if done("blt"):

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchblt.builtin.recipe import STEPS  # light: the recipe imports its heavy parts when it runs
+from torchblt.validation import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("builtin", help="the built-in model: train it again (the recipe)", description=__doc__,
@@ -22,20 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--corpus", default=None, help="an existing `blt data corpus` folder (default: OUT/corpus)")
     t.add_argument("--cache", default=None, help="download cache for the corpus (default: ~/.cache/torchblt/corpus)")
     t.add_argument("--configs", default=None, help="folder holding builtin-{entropy,blt}.yaml (default: the repo's)")
-    t.add_argument("--entropy-steps", type=int, default=None, help="override train.steps of the entropy model")
-    t.add_argument("--blt-steps", type=int, default=None, help="override train.steps of the BLT")
-    t.add_argument("--mix-bytes", type=int, default=None, help="size of the training mix (default 30,000,000)")
-    t.add_argument("--stop-after", default=None, help="stop after this step (corpus, mix, entropy_model, ...)")
+    t.add_argument("--entropy-steps", type=positive_int, default=None, help="override train.steps of the entropy model")
+    t.add_argument("--blt-steps", type=positive_int, default=None, help="override train.steps of the BLT")
+    t.add_argument("--mix-bytes", type=positive_int, default=None, help="size of the training mix (default: the recipe's)")
+    t.add_argument("--stop-after", default=None, choices=STEPS, help="stop after this step")
     t.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from torchblt.builtin.recipe import CONFIGS, MIX_BYTES, run_recipe
 
-    for name in ("entropy_steps", "blt_steps", "mix_bytes"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     summary = run_recipe(args.out, corpus=args.corpus, cache=args.cache, configs=args.configs or CONFIGS,
                          entropy_steps=args.entropy_steps, blt_steps=args.blt_steps,
                          mix_bytes=args.mix_bytes or MIX_BYTES, stop_after=args.stop_after)

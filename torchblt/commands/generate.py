@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input and args.prompts:
         raise ValueError("give prompts either as arguments or with --input, not both")
     if not args.input and not args.prompts:
-        raise ValueError("no prompt: give PROMPT arguments or --input prompts.jsonl")
+        raise ValueError("no prompt: give [MODEL] PROMPT... or [MODEL] --input prompts.jsonl (no MODEL: the built-in model)")
     if args.output:
         from torchblt.outputs import refuse_existing
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +58,17 @@ def test_load_by_name_attaches_the_entropy_model(blt):
     assert blt.config.hash is not None and blt.config.patching.mode == "entropy"
     card = builtin_card()
     assert blt.config.patching.threshold == pytest.approx(card["calibration"]["threshold"], rel=1e-6)
+
+
+def test_first_load_in_a_fresh_process_imports_no_compiler():
+    # Building on the meta device used to run nn.Embedding's normal_ and RoPE's arithmetic through PyTorch's
+    # Python reference kernels, whose first use imports torch._dynamo and sympy: 3 s of a 3 s first load.
+    code = ("import sys; from torchblt import load_model; load_model('builtin'); load_model('builtin-entropy'); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy', 'torch._inductor') if m in sys.modules))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_generates_text(blt):

@@ -151,3 +151,39 @@ def test_serve_defaults_to_the_builtin_model():
 
     assert build_parser().parse_args(["serve"]).model == "builtin"
     assert build_parser().parse_args(["serve", "some/model"]).model == "some/model"
+
+
+def _package_data_globs() -> list[str]:
+    # pyproject.toml's [tool.setuptools.package-data] line for torchblt.builtin (read as text: tomllib is 3.11+)
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith('"torchblt.builtin" = ['))
+    return json.loads(line.split("=", 1)[1])
+
+
+def test_package_data_covers_every_file_of_the_builtin_model():
+    # what a wheel or an editable install carries: every file under torchblt/builtin/model matches a glob
+    globs = _package_data_globs()
+    files = [p.relative_to(BUILTIN_DIR.parent).as_posix() for p in BUILTIN_DIR.rglob("*") if p.is_file()]
+    assert {"model/model.safetensors", "model/entropy_model/model.safetensors", "model/README.md"} <= set(files)
+    missed = [f for f in files if not any(Path(f).match(g) and f.count("/") == g.count("/") for g in globs)]
+    assert not missed, f"not package data (add to pyproject.toml): {missed}"
+
+
+@pytest.mark.slow
+def test_built_wheel_carries_the_weights(tmp_path):
+    # `pip wheel` of a copy of the committed tree (no install): the wheel holds the weights, byte for byte
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "build", "*.egg-info",
+                                                            "__pycache__", "runs"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("torchblt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        for p in BUILTIN_DIR.rglob("*"):
+            if p.is_file():
+                name = "torchblt/builtin/" + p.relative_to(BUILTIN_DIR.parent).as_posix()
+                assert z.read(name) == p.read_bytes(), name

@@ -79,7 +79,8 @@ def _summarise(parts: list[dict], texts: list[bytes]) -> dict:
     nats = sum(p["nats"] for p in parts)
     n_bytes = sum(p["n_bytes"] for p in parts)
     patches = sum(p["n_patches"] for p in parts)
-    # patches hold BOS/EOS tokens too; report bytes per patch net of them
+    # tokens per patch, as the trainer logs it: BOS/EOS and the windows' left context included (so a
+    # document's bytes per patch are slightly more); Patcher-level bytes per patch: docs/builtin.md
     tokens = sum(p["n_tokens_patched"] for p in parts)
     xz, packed = xz_bpb(texts)
     bpb = nats / LN2 / n_bytes

@@ -171,8 +171,13 @@ def run_recipe(
     blt_steps: int | None = None,
     mix_bytes: int = MIX_BYTES,
     stop_after: str | None = None,
+    eval_bytes_per_source: int | None = None,
 ) -> dict:
-    """Run (or resume) the recipe in ``out``; returns the summary also written to ``out/recipe.json``."""
+    """Run (or resume) the recipe in ``out``; returns the summary also written to ``out/recipe.json``.
+
+    ``eval_bytes_per_source``: held-out bytes per source of the evaluation (default
+    :data:`~torchblt.builtin.package.EVAL_BYTES_PER_SOURCE`, what the model card's numbers use).
+    """
     out = Path(out)
     configs = Path(configs)
     for name in ("builtin-entropy.yaml", "builtin-blt.yaml"):
@@ -252,7 +257,7 @@ def run_recipe(
     if done("blt"):
         return log.data
 
-    from torchblt.builtin.package import evaluate_package, write_package
+    from torchblt.builtin.package import EVAL_BYTES_PER_SOURCE, evaluate_package, write_package
 
     pkg = out / "package" / "model.safetensors"
     if not pkg.is_file() or pkg.stat().st_mtime < (blt_run / "finished.json").stat().st_mtime:
@@ -261,6 +266,7 @@ def run_recipe(
         return log.data
     evaluated = out / "eval.json"
     if not evaluated.is_file() or evaluated.stat().st_mtime < pkg.stat().st_mtime:
-        log.timed("evaluate", lambda: evaluate_package(out, corpus_dir))
+        per_source = eval_bytes_per_source or EVAL_BYTES_PER_SOURCE
+        log.timed("evaluate", lambda: evaluate_package(out, corpus_dir, max_bytes_per_source=per_source))
     print(f"\nmodel card: {out / 'package' / 'README.md'}; held-out results: {evaluated}")
     return log.data

@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--entropy-steps", type=positive_int, default=None, help="override train.steps of the entropy model")
     t.add_argument("--blt-steps", type=positive_int, default=None, help="override train.steps of the BLT")
     t.add_argument("--mix-bytes", type=positive_int, default=None, help="size of the training mix (default: the recipe's)")
+    t.add_argument("--eval-bytes", type=positive_int, default=None,
+                   help="held-out bytes per source in the evaluation (default: 65536, the model card's)")
     t.add_argument("--stop-after", default=None, choices=STEPS, help="stop after this step")
     t.set_defaults(func=run_train)
 
@@ -37,7 +39,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     summary = run_recipe(args.out, corpus=args.corpus, cache=args.cache, configs=args.configs or CONFIGS,
                          entropy_steps=args.entropy_steps, blt_steps=args.blt_steps,
-                         mix_bytes=args.mix_bytes or MIX_BYTES, stop_after=args.stop_after)
+                         mix_bytes=args.mix_bytes or MIX_BYTES, stop_after=args.stop_after,
+                         eval_bytes_per_source=args.eval_bytes)
     print("\n== recipe: seconds per step (all invocations)")
     print(json.dumps(summary.get("seconds", {}), indent=1))
     return 0

@@ -136,7 +136,7 @@ def test_recipe_runs_end_to_end_from_one_command_and_resumes(tmp_path, monkeypat
     assert attached_entropy_model(shipped) is not None
     card = json.loads((out / "package" / "card.json").read_text())
     assert card["finished"]["blt"]["step"] == 3 and card["finished"]["entropy"]["step"] == 4
-    assert set(card["recipe_seconds"]) >= {"corpus", "mix", "entropy_model", "entropies", "calibrate", "blt"}
+    assert set(card["recipe_seconds"]) >= {"corpus", "mix", "entropy_model", "entropies", "calibrate", "blt", "evaluate"}
 
     stamp = {p: p.stat().st_mtime_ns for p in (out / "eval.json", out / "package" / "model.safetensors")}
     assert main(argv) == 0  # finished: nothing is trained, packaged or evaluated again

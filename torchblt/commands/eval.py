@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and the EOS are scored, the EOS counting as one byte. Documents longer than the context are scored in "
         "overlapping windows (every byte once, with at least half a context of history).",
     )
-    p.add_argument("model", help="model folder (any supported format) or hub repo id")
-    p.add_argument("data", nargs="+", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files")
+    p.add_argument("model", help="model folder (any supported format) or hub repo id; omitted (the first argument "
+                   "is a data file): the built-in model")
+    p.add_argument("data", nargs="*", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files")
     p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
     add_patching_options(p)
     p.add_argument("--context-bytes", type=int, help="window length in tokens (default: the model's)")
@@ -54,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.context_bytes is not None and args.context_bytes < 2:
         raise ValueError(f"--context-bytes must be >= 2, got {args.context_bytes}")
+    from torchblt.builtin import split_model_argument
+    from torchblt.data.sources import SUPPORTED_SUFFIXES
+
+    args.model, args.data = split_model_argument(args.model, args.data, lambda w: not w.endswith(SUPPORTED_SUFFIXES))
+    if not args.data:
+        raise ValueError("no data: give the files to evaluate (.txt, .jsonl[.gz], .parquet, .arrow)")
     sources = [check_source(p) for p in args.data]
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
     patcher = None

@@ -53,9 +53,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text with a BLT (KV-cached incremental decoding)",
-        description="Generate continuations of prompts with a BLT.",
+        description="Generate continuations of prompts with a BLT (MODEL omitted: the built-in model, e.g. "
+        "`blt generate \"Once upon a time\"`; a first word that names a folder or hub id is the model).",
     )
-    p.add_argument("model", help="model folder or hub repo id (anything load_model reads)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder or hub repo id (anything load_model reads); omitted: the built-in model")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text(s); several are generated as a batch")
     p.add_argument("--entropy-model", default=None, help="entropy model folder/repo (entropy patching)")
     p.add_argument("--max-new-bytes", type=non_negative_int, default=256, help="bytes to generate per prompt (default 256)")
@@ -164,15 +166,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from torchblt import load_model
+    from torchblt.builtin import split_model_argument
     from torchblt.generation import GenerationConfig, generate_stream, generate_tokens
     from torchblt.generation.api import encode_prompts, resolve_patcher
     from torchblt.generation.stream import StopCondition
     from torchblt.model.blt import BLT
 
+    if args.input and args.model is not None:
+        pass  # with --input there are no prompt arguments: the first word is the model, whatever it looks like
+    else:
+        args.model, args.prompts = split_model_argument(args.model, args.prompts)
     if args.input and args.prompts:
         raise ValueError("give prompts either as arguments or with --input, not both")
     if not args.input and not args.prompts:
-        raise ValueError("no prompt: give PROMPT arguments or --input prompts.jsonl")
+        raise ValueError("no prompt: give [MODEL] PROMPT... or [MODEL] --input prompts.jsonl (no MODEL: the built-in model)")
     if args.output:
         from torchblt.outputs import refuse_existing
 

@@ -1,5 +1,8 @@
 """``blt info MODEL``: architecture summary, parameter counts per part and FLOPs per byte.
 
+``blt info builtin`` also shows the built-in model's card: its data, training time and held-out bits per
+byte per language against ``xz -9e``.
+
 MODEL is a named configuration (``blt-1b``, ``blt-7b``, ``entropy-100m``, ``tiny-blt``, ``tiny-entropy``) —
 built on the meta device, so even blt-7b costs no memory — or anything :func:`torchblt.load_model` reads
 (only its config is read for the counts).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from torchblt.validation import positive_float
@@ -20,7 +24,8 @@ from torchblt.validation import positive_float
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="parameter counts and FLOPs per byte of a model or named config")
-    p.add_argument("model", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt, tiny-entropy) or model folder")
+    p.add_argument("model", help="named config (blt-1b, blt-7b, entropy-100m, tiny-blt, tiny-entropy), builtin, "
+                   "builtin-entropy, or a model folder")
     p.add_argument("--patch-size", type=positive_float, default=None, help="mean patch size for FLOPs (default: config's, 4.5)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     t = p.add_argument_group("training memory per rank (--train)")
@@ -52,18 +57,19 @@ def describe(name_or_path: str, patch_size: float | None = None, train: dict[str
     if name_or_path in NAMED_CONFIGS:
         config = named_config(name_or_path)
     else:
-        from pathlib import Path
+        from torchblt.builtin import NAMES
+        from torchblt.formats import read_config, resolve_model_path
 
-        from torchblt.formats import read_config
-
-        if not Path(name_or_path).exists() and name_or_path.count("/") != 1:
+        if not Path(name_or_path).exists() and name_or_path.count("/") != 1 and name_or_path not in NAMES:
             raise ValueError(f"{name_or_path!r} is neither a named config ({', '.join(sorted(NAMED_CONFIGS))}) nor a folder")
-        config = read_config(name_or_path)
+        folder = resolve_model_path(name_or_path)
+        config = read_config(folder)
     from torchblt import flops
 
     model = build_model(config, device="meta")
     info: dict[str, Any] = {
         "model": name_or_path,
+        **({} if name_or_path in NAMED_CONFIGS else {"path": str(folder)}),
         "kind": model_type(config),
         "parameters": flops.param_counts(model),
         "config": config_to_dict(config),
@@ -78,6 +84,18 @@ def describe(name_or_path: str, patch_size: float | None = None, train: dict[str
         from torchblt.train.memory import training_memory
 
         info["training_memory"] = training_memory(config, patch_size=patch_size, **train)
+    if name_or_path == "builtin" and not Path(name_or_path).exists():
+        from torchblt.builtin import builtin_card
+
+        card = builtin_card()
+        info["builtin"] = {
+            "held_out_bpb": {k: {"bpb": v["bpb"], "xz_9e_bpb": v["xz_9e_bpb"], "mean_patch": v["mean_patch_tokens"]}
+                             for k, v in card["eval"]["per_language"].items()},
+            "threshold": card["calibration"].get("threshold"),
+            "training_seconds": card["recipe_seconds"],
+            "weights_bytes": card["eval"]["package_bytes"],
+            "card": str(Path(info["path"]) / "README.md"),
+        }
     return info
 
 
@@ -117,4 +135,12 @@ def run(args: argparse.Namespace) -> int:
                      "total"):
             note = "  (estimate)" if part in ("activations", "embeddings_and_logits", "total") else ""
             print(f"  {part:<22} {mem[part] / 2**30:>9.2f} GiB{note}")
+    if "builtin" in info:
+        b = info["builtin"]
+        minutes = sum(b["training_seconds"].values()) / 60
+        print(f"built-in model: {b['weights_bytes']:,} bytes of bf16 weights, entropy threshold {b['threshold']:.4f}, "
+              f"recipe {minutes:.0f} min on 2 CPU cores; card: {b['card']}")
+        print("held-out bits per byte (vs xz -9e on the same files):")
+        for lang, v in b["held_out_bpb"].items():
+            print(f"  {lang:<4} {v['bpb']:.3f}  (xz {v['xz_9e_bpb']:.3f}; mean patch {v['mean_patch']})")
     return 0

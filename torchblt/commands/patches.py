@@ -1,8 +1,9 @@
-"""``blt patches MODEL TEXT|--file F``: show where the model's patcher cuts a text (terminal colours,
+"""``blt patches [MODEL] TEXT|--file F``: show where the model's patcher cuts a text (terminal colours,
 ``--entropies`` table, ``--plot out.png`` like the paper's Figure 4, ``--html out.html``).
 
 MODEL is a BLT folder (its own patching config; entropy patching needs its entropy model) or an entropy
-model folder (entropy patching with ``--threshold``, default the released models' 1.3354).
+model folder (entropy patching with ``--threshold``, default the released models' 1.3354). Omitted, it is
+the built-in model (``blt patches "Zürich ist schön"``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torchblt.commands.options import add_patching_options, patching_changes
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("patches", help="visualise patch boundaries and per-byte entropies of a text")
-    p.add_argument("model", help="BLT folder, or an entropy model folder")
+    p.add_argument("model", nargs="?", default=None, help="BLT folder, or an entropy model folder (omitted: builtin)")
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file (bytes as they are)")
     p.add_argument("--entropy-model", help="entropy model folder (default: MODEL/entropy_model)")
@@ -49,6 +50,7 @@ def _patcher(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from torchblt.builtin import split_model_argument
     from torchblt.eval.patches import (
         compute_patches,
         render_entropy_table,
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         write_plot,
     )
 
+    if args.text is None and args.file is None or args.model is None:
+        args.model, rest = split_model_argument(args.model, [] if args.text is None else [args.text])
+        args.text = rest[0] if rest else None
     if (args.text is None) == (args.file is None):
         raise ValueError("give the text either as an argument or with --file (not both)")
     if args.file is not None:

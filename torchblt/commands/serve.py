@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
         help="serve a BLT over an OpenAI-compatible HTTP API (streaming, continuous batching)",
         description="Serve a BLT over an OpenAI-compatible HTTP API: /v1/completions, /v1/models, /health, /metrics.",
     )
-    p.add_argument("model", help="model folder or hub repo id (anything load_model reads)")
+    p.add_argument("model", nargs="?", default="builtin",
+                   help="model folder or hub repo id (anything load_model reads); omitted: the built-in model")
     p.add_argument("--entropy-model", default=None, help="entropy model folder/repo (entropy patching)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -10,7 +10,8 @@ transformers BltForCausalLM  ``config.json`` (``"model_type": "blt"``) + ``model
 torchblt training checkpoint  ``RUN/checkpoints/step_N/`` (DCP) or the run folder ``RUN`` (newest checkpoint)  :mod:`.training`
 =========================  ===========================================================  =====================
 
-A path that does not exist locally and looks like ``org/name`` is fetched with ``huggingface_hub``.
+A path that does not exist locally and looks like ``org/name`` is fetched with ``huggingface_hub``;
+``"builtin"`` / ``"builtin-entropy"`` name the model shipped in the package (:mod:`torchblt.builtin`).
 Weights are matched strictly: a missing or unexpected tensor, or a wrong shape, is an error that lists
 them. A checkpoint cannot run code: safetensors and JSON hold no code, ``consolidated.pth`` is read with
 ``torch.load(weights_only=True)``, training checkpoints through :mod:`torchblt.train.safe_dcp` (a
@@ -75,6 +76,10 @@ def resolve_model_path(path: str | os.PathLike[str]) -> Path:
             p = p.parent  # allow pointing at a file inside the folder
         return p
     text = str(path)
+    from torchblt.builtin import NAMES, builtin_path
+
+    if text in NAMES:
+        return builtin_path(text)
     if text.count("/") == 1 and not text.startswith((".", "/")):
         from torchblt.formats.hub import download
 
@@ -107,7 +112,7 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     entropy_model: str | os.PathLike[str] | EntropyModel | None = None,
 ) -> Model:
-    """Load a BLT or an entropy model from a folder (any supported format) or a hub repo id.
+    """Load a BLT or an entropy model from a folder (any supported format), a hub repo id, or ``"builtin"``.
 
     The model is in eval mode, on ``device``, with parameters in ``dtype`` (fp32 by default; ``"bf16"``
     as the reference's inference path). A BLT folder that holds an ``entropy_model/`` sub-folder (as the

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchblt.model.masks import uses_window
-from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, trunc_normal_
+from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
 # Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
@@ -70,7 +70,7 @@ class EntropyModel(Transformer):
         self.config = config
         self.eos_id = config.eos_id
         t = config.transformer
-        self.tok_embeddings = nn.Embedding(config.vocab_size, t.dim)
+        self.tok_embeddings = embedding(config.vocab_size, t.dim)
         self.norm = RMSNorm(t.dim, t.norm_eps)
         self.output = nn.Linear(t.dim, config.vocab_size, bias=False)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchblt.model.transformer import embedding
+
 # Primes of the reference's hash functions (hash_index selects one).
 HASH_PRIMES = (
     1000000007,
@@ -69,7 +71,7 @@ class HashNgramEmbedding(nn.ModuleList):
     """
 
     def __init__(self, group_sizes: list[int], vocab_size: int, n_functions: int, dim: int) -> None:
-        super().__init__(nn.Embedding(vocab_size, dim) for _ in range(n_functions * len(group_sizes)))
+        super().__init__(embedding(vocab_size, dim) for _ in range(n_functions * len(group_sizes)))
         self.group_sizes = list(group_sizes)
         self.vocab_size = vocab_size
         self.n_functions = n_functions

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torchblt.model.cross_attention import CrossAttention, double_residual
-from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, trunc_normal_
+from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
 
 
 def pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, reductions: list[str]) -> torch.Tensor:
@@ -69,7 +69,7 @@ class LocalEncoder(Transformer):
         self.eos_id = eos_id
         self.slots_per_patch = slots_per_patch
         self.cross_attn_all_layers = cross_attn_all_layers
-        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.tok_embeddings = embedding(vocab_size, cfg.dim)
         self.patch_embedding_projection: nn.Linear | None = None
         self.cross_attn_layers: nn.ModuleList | None = None
         if cross_attn:

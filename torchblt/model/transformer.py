@@ -93,6 +93,18 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num_embeddings, dim)``; built on the meta device it skips the default init.
+
+    There ``nn.Embedding``'s ``normal_`` runs PyTorch's Python reference kernel, whose first use imports
+    ``torch._dynamo`` (seconds, once per process: most of a first ``load_model``). Meta builds are loaded
+    or ``init_weights``-ed before use, so the default init is never seen.
+    """
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+    return nn.Embedding(num_embeddings, dim)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -120,9 +132,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        # Computed on the CPU, then moved: arithmetic on meta tensors (models are built on the meta device
+        # before loading) runs PyTorch's Python reference kernels, whose first use imports torch._dynamo
+        # (seconds, once per process: most of a first load_model).
         d = self.head_dim
-        exponents = torch.arange(0, d, 2, device=device)[: d // 2].float() / d
-        return 1.0 / (self.theta ** exponents)
+        exponents = torch.arange(0, d, 2, device="cpu")[: d // 2].float() / d
+        inv_freq = 1.0 / (self.theta ** exponents)
+        return inv_freq.to(device if device is not None else torch.get_default_device())
 
     def reset_parameters(self) -> None:
         # the buffer is not in state dicts; recompute it after ``to_empty`` from the meta device

@@ -56,8 +56,9 @@ class TextDrafter(spec.Drafter):
     """The real drafter's cache and calls, with each row's text so far (prompt + stepped bytes) and the
     row's original index, for drafters that propose from a table (:meth:`propose`)."""
 
-    def prefill(self, prompts):
-        super().prefill(prompts)
+    def prefill(self, prompts, state):
+        super().prefill(prompts, state)
+        type(self).last_shared = self.shared
         self.text = [list(p) for p in prompts]
         self.row = list(range(len(prompts)))
 
@@ -74,6 +75,10 @@ class TextDrafter(spec.Drafter):
     def rollback(self, pos, doc):
         super().rollback(pos, doc)
         self.text = [t[:p] for t, p in zip(self.text, pos.tolist())]
+
+    def keep(self, x, kept, start_pos, start_doc, state):
+        super().keep(x, kept, start_pos, start_doc, state)
+        self.text = [t[:p] + r[: k + 1] for t, p, r, k in zip(self.text, start_pos.tolist(), x.tolist(), kept.tolist())]
 
     def select(self, rows):
         super().select(rows)
@@ -133,6 +138,8 @@ def test_greedy_is_plain_greedy_in_every_incremental_mode(name, oracle):
     prompts = prompts_ids(*PROMPTS)
     plain, fast = plain_and_speculative(model, patcher, prompts, k=5, stop_at_eos=False)
     assert_identical(plain, fast)
+    # entropy patching drafts on the state's own entropy-model cache, the other modes on the drafter's
+    assert OracleDrafter.last_shared == (patcher.mode == "entropy")
     # rows kept different numbers of drafts (none, some, all five) in the same rounds
     assert {0, 5} <= set(oracle.kept_histogram) and len(oracle.kept_histogram) >= 4
     assert oracle.accepted[4] > 0 and sum(oracle.drafted) > sum(oracle.accepted) > 0
@@ -205,7 +212,8 @@ def test_drafter_cache_equals_the_entropy_model_forward():
     engine = IncrementalEngine(tiny_model(0), patcher, 16, lookahead=4)
     prompts = prompts_ids(TEXT[:15], "ab")
     drafter = spec.Drafter(em, engine)
-    drafter.prefill(prompts)
+    drafter.prefill(prompts, None)
+    assert not drafter.shared  # another entropy model than the patcher's: its own cache
     texts = [list(p) for p in prompts]
     steps = [[70, 80], [EOS_ID, 90], [71, 72], [73, 74]]
     for step in steps:

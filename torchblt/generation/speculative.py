@@ -9,8 +9,9 @@ boundaries. Inside a patch (where it is confident, by construction) the BLT most
 it can propose bytes that the BLT then checks all at once. One round, per row, from the BLT's own next
 byte ``b`` (chosen at the end of the previous round, not yet stepped) at position ``T``:
 
-1. **draft**: the drafter (:class:`Drafter`: the entropy model with its own cache) steps ``b`` and then
-   each byte it drafts, one position per call, drafting ``d_1 .. d_m`` (``m <= K``): the argmax of its
+1. **draft**: the drafter (:class:`Drafter`: the entropy model on the state's entropy-model cache, or
+   its own) steps ``b`` and then each byte it drafts, one position per call, drafting ``d_1 .. d_m``
+   (``m <= K``): the argmax of its
    next-byte logits (greedy), or a draw from its own distribution ``q`` (sampling: its logits under
    the same temperature / top-k / top-p as the BLT's). With ``draft_threshold`` the draft stops after
    a byte whose drafter entropy exceeds it (``"patch"``: the patcher's threshold — the next byte would
@@ -26,7 +27,7 @@ byte ``b`` (chosen at the end of the previous round, not yet stepped) at positio
    ``max(0, p_i - q_i)`` renormalised; if every draft is kept draw it from ``p`` after the last;
 4. **roll back**: :meth:`~torchblt.generation.DecodeState.truncate` drops the ``m - a`` rejected
    positions from every BLT cache (the engine runs with ``lookahead = K + 1``), and the drafter's
-   cache forgets them too. A round emits ``a + 1`` bytes for one BLT step.
+   own cache (if it has one) forgets them too. A round emits ``a + 1`` bytes for one BLT step.
 
 Why it is exact. Greedy: every emitted byte is the argmax of the BLT's logits after exactly the bytes
 before it — a kept draft equals it by the acceptance test, the last byte is it by construction — and
@@ -91,13 +92,20 @@ def resolve_threshold(draft_threshold: float | str | None, patcher: Patcher) -> 
 
 
 class Drafter:
-    """The entropy model over each row's text so far, with its own cache: one byte per :meth:`step`.
+    """The entropy model over each row's text so far: one byte per :meth:`step`, on a cache of the
+    engine's kind (:class:`~torchblt.generation.cache.StackKV`, sized for the engine's ``lookahead``) that
+    :meth:`rollback` cuts back.
 
-    Its cache is a ring of the engine's kind (:class:`~torchblt.generation.cache.StackKV`, sized for the
-    engine's ``lookahead``), so rolling back a round's rejected bytes is :meth:`rollback`."""
+    When the engine's patcher runs this very entropy model (entropy patching) the drafter is ``shared``:
+    it drafts on the decoding state's own entropy-model cache and forgets its entries before the
+    verification step, whose entropy-model pass over the same bytes writes them again (the entropies
+    the patching rule needs). A round then costs the drafted bytes' calls and no more. Otherwise
+    (other patching modes, or another entropy model) it keeps its own cache, prefilled over the prompt
+    and advanced over every byte the BLT keeps."""
 
     def __init__(self, em: EntropyModel, engine: IncrementalEngine) -> None:
         self.em, self.engine = em, engine
+        self.shared = em is engine.em
         self.eos = em.config.eos_id
         param = next(em.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -115,8 +123,13 @@ class Drafter:
         return self.em(tokens, cache=cache.prepare(positions, docs))
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> None:
-        """The cache over every prompt (each on its own, in the engine's prefill chunks), batched."""
+    def prefill(self, prompts: list[list[int]], state: Any) -> None:
+        """The cache over every prompt (each on its own, in the engine's prefill chunks), batched;
+        shared: the engine's ``state`` (prefilled over the same prompts) already holds it."""
+        if self.shared:
+            self.cache = state.entropy
+            self.sync(state)
+            return
         caches = []
         chunk = self.engine.prefill_chunk
         zero = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -151,11 +164,28 @@ class Drafter:
         self.cache.truncate(pos.to(self.device))
         self.pos, self.doc = pos.to(self.device), doc.to(self.device)
 
+    def sync(self, state: Any) -> None:
+        """Shared: the position and document of the state's cursor (after its roll-back)."""
+        self.pos, self.doc = state.cursor.pos.clone(), state.cursor.entropy_doc.clone()
+
+    def keep(self, x: torch.Tensor, kept: torch.Tensor, start_pos: torch.Tensor, start_doc: torch.Tensor,
+             state: Any) -> None:
+        """After a round that started at ``start_pos`` and stepped ``x (B, n)``, of which the BLT kept
+        ``x[:, : kept + 1]``: the drafter's text is the round's start plus those bytes."""
+        if self.shared:
+            self.sync(state)
+            return
+        eos_seen = (x == self.eos).to(torch.int64).cumsum(1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        self.rollback(start_pos + kept + 1, start_doc + eos_seen[rows, kept].to(start_doc.device))
+
     @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:
+        """Keep ``rows`` (shared: after the state's own ``select``, which already kept the cache's)."""
         assert self.cache is not None, "prefill first"
         rows = rows.to(self.device)
-        self.cache.select(rows)
+        if not self.shared:
+            self.cache.select(rows)
         self.pos, self.doc = self.pos[rows], self.doc[rows]
 
 
@@ -253,7 +283,7 @@ def speculative_steps(model: BLT, prompt_ids: list[list[int]], patcher: Patcher,
     repeat = [where[tuple(p)] for p in prompt_ids]
     with torch.inference_mode():
         state, logits, prompt_starts = engine.prefill([list(p) for p in unique])
-        drafter.prefill([list(p) for p in unique])
+        drafter.prefill([list(p) for p in unique], state)
         if len(unique) < len(prompt_ids):
             idx = torch.tensor(repeat, dtype=torch.int64, device=state.cursor.pos.device)
             state.select(idx)
@@ -300,9 +330,12 @@ def _round(engine: IncrementalEngine, state: Any, drafter: Drafter, nxt: torch.T
     dev = nxt.device
     start_pos, start_doc = state.cursor.pos.clone(), drafter.doc.clone()
     limit = (remaining - 1).clamp(min=0, max=K)  # drafts a row may keep: never past max_new_bytes
-    tokens, qs = [nxt], []
-    for i in range(K + 1):
+    tokens, qs, stepped = [nxt], [], 0
+    for i in range(K):  # draft byte i + 1
+        if i >= int(limit.max()):
+            break
         dl = drafter.step(tokens[-1])  # (B, V): the drafter's next byte after tokens[i]
+        stepped += 1
         if threshold is not None:
             limit = torch.where(entropy(dl).to(dev) > threshold, limit.clamp(max=i), limit)
         if i >= int(limit.max()):
@@ -312,6 +345,10 @@ def _round(engine: IncrementalEngine, state: Any, drafter: Drafter, nxt: torch.T
         qs.append(q)
     x = torch.stack(tokens, 1)  # (B, n): the BLT's byte and the drafts
     n = x.shape[1]
+    if drafter.shared:  # the verification's own entropy-model pass steps these bytes again
+        drafter.rollback(start_pos, start_doc)
+    elif stepped < n:  # its own cache: every byte the BLT may keep
+        drafter.step(tokens[-1])
     L, after = engine._call(state, x, compiled=engine.compile)  # (B, n, V): logits after each byte
     L = L.float()
     if cfg.temperature > 0:
@@ -319,9 +356,7 @@ def _round(engine: IncrementalEngine, state: Any, drafter: Drafter, nxt: torch.T
     else:
         kept, bonus = _accept_greedy(L, x, limit)
     state.truncate(n - 1 - kept)
-    eos_seen = (x == drafter.eos).to(torch.int64).cumsum(1)
-    rows_ = torch.arange(x.shape[0], device=dev)
-    drafter.rollback(start_pos + kept + 1, start_doc + eos_seen[rows_, kept].to(start_doc.device))
+    drafter.keep(x, kept, start_pos, start_doc, state)
     flags = after.next_start.tolist()
     kept_l, x_l, bonus_l = kept.tolist(), x.tolist(), bonus.tolist()
     out = []

@@ -48,30 +48,34 @@ DEFAULT_PROMPTS = "/work/data/corpus/valid"
 
 
 def held_out_prompts(root: Path, n: int, n_bytes: int) -> list[bytes]:
-    """``n`` prompts of ``n_bytes``, one from each of ``n`` sources (round-robin over languages, sorted:
-    deterministic), cut from the middle of a file at a UTF-8 character boundary."""
-    by_lang = {lang.name: sorted(p for p in lang.rglob("*") if p.is_file() and p.stat().st_size > 4 * n_bytes)
-               for lang in sorted(root.iterdir()) if lang.is_dir()}
+    """``n`` prompts of ``n_bytes`` from files of ``root/<language>/<source>/`` (deterministic: round-robin
+    over languages, a new source each time while there are any), cut from the middle of a file at a
+    UTF-8 character boundary."""
+    groups = [d for d in sorted(root.iterdir()) if d.is_dir()] + [root]
+    queues = []
+    for d in groups:
+        files = sorted(p for p in (d.rglob("*") if d != root else d.glob("*"))
+                       if p.is_file() and p.stat().st_size > 4 * n_bytes)
+        first = {f.parent: f for f in reversed(files)}  # each source's first file
+        queues.append(sorted(first.values()) + [f for f in files if f not in first.values()])
     picks: list[Path] = []
-    seen_sources: set[Path] = set()
-    while len(picks) < n and any(by_lang.values()):
-        for files in by_lang.values():
-            while files and files[0].parent in seen_sources:
-                files.pop(0)
-            if files and len(picks) < n:
-                f = files.pop(0)
-                seen_sources.add(f.parent)
-                picks.append(f)
+    while len(picks) < n and any(queues):
+        for q in queues:
+            if q and len(picks) < n:
+                picks.append(q.pop(0))
+    if not picks:
+        raise SystemExit(f"{root}: no file of more than {4 * n_bytes} bytes")
+    distinct = len(picks)
+    picks = (picks * n)[:n]  # fewer files than prompts: other pieces of the same files
     out = []
-    for f in picks:
+    for i, f in enumerate(picks):
         data = f.read_bytes()
-        a = len(data) // 2
+        rep = i // distinct
+        a = len(data) * (rep + 1) // (rep + 2)
         while a < len(data) and (data[a] & 0xC0) == 0x80:  # not inside a character
             a += 1
         piece = data[a : a + n_bytes]
         out.append(piece.decode("utf-8", errors="ignore").encode("utf-8"))
-    if len(out) < n:
-        raise SystemExit(f"{root}: found only {len(out)} prompt sources of > {4 * n_bytes} bytes")
     return out
 
 
@@ -123,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     model = load_model(args.model, device=args.device, dtype=args.dtype).eval()
-    prompts = held_out_prompts(Path(args.prompts), 8, args.prompt_bytes)
+    root = Path(args.prompts)
+    if not root.is_dir():  # a machine without the corpus (the GPU script): the repository's own docs
+        print(f"{root}: no such folder; prompts from {ROOT / 'docs'} instead")
+        root = ROOT / "docs"
+    prompts = held_out_prompts(root, 8, args.prompt_bytes)
     ks = [int(k) for k in args.ks.split(",")]
     greedy = dict(max_new_bytes=args.new_bytes, stop_at_eos=False, compile=False)
     configs: list[tuple[str, GenerationConfig]] = [("plain", GenerationConfig(**greedy))]

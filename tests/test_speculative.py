@@ -156,6 +156,17 @@ def test_greedy_draft_lengths_and_the_real_drafter(k):
         assert fast.tokens == plain.tokens and fast.patch_starts == plain.patch_starts
 
 
+@pytest.mark.slow
+def test_compiled_verification_is_plain_greedy():
+    """compile=True: the verification step compiled once per (batch, n) shape (~6 min on 2 cores)."""
+    model, patcher = entropy_setup(0)
+    prompts = prompts_ids(*PROMPTS[:2])
+    plain = generate_tokens(model, prompts, patcher, config=GenerationConfig(max_new_bytes=24, stop_at_eos=False))
+    fast = generate_tokens(model, prompts, patcher, config=GenerationConfig(max_new_bytes=24, stop_at_eos=False,
+                                                                             speculative=2, compile=True))
+    assert fast.tokens == plain.tokens and fast.patch_starts == plain.patch_starts
+
+
 def eos_model():
     """A BLT that greedily writes EOS where it would write its favourite byte (EOS inside drafts)."""
     model, patcher = entropy_setup(8)

@@ -39,7 +39,7 @@ class GenerationConfig:
     BLT verifies them in one step (:mod:`.speculative`; the same bytes greedy, the same distribution
     sampling); ``None`` or ``0``: off. ``draft``: ``"greedy"`` or ``"sample"`` drafts (``"auto"``: sample
     when ``temperature > 0``); ``draft_threshold``: stop a draft after a byte whose entropy exceeds it
-    (``"patch"``: the patcher's threshold).
+    (``"patch"``: the patcher's threshold). Speculative rounds run the eager step unless ``compile=True``.
     """
 
     max_new_bytes: int = 256
@@ -152,10 +152,9 @@ def _steps(model, prompt_ids, patcher, cfg, generator, record_logits):
         device = next(model.parameters()).device
         gens = row_generators(len(prompt_ids), device, cfg.seed, generator)
         stops = StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos)
-        if cfg.speculative:
-            compile_step = cfg.compile if cfg.compile is not None else compile_pays(model, len(prompt_ids),
-                                                                                   cfg.max_new_bytes)
-            yield from speculative_steps(model, prompt_ids, patcher, cfg, gens, stops, record_logits, compile_step)
+        if cfg.speculative:  # eager unless asked: the verification compiles once per (batch, draft length)
+            yield from speculative_steps(model, prompt_ids, patcher, cfg, gens, stops, record_logits,
+                                         bool(cfg.compile))
             return
         engine = _engine(model, patcher, cfg, len(prompt_ids))
         with torch.inference_mode():

@@ -15,6 +15,9 @@
 #                             peak memory, MFU, and the ratio to the reference (46.1 K bytes/s, 73.9 GiB);
 #                             goal >= 2x with peak <= 60 GiB (~4 minutes)
 #   4. bench/patching.py      entropy-100m (bf16) patching 4 MB: bytes/s vs the reference's 163 K on an H200
+#   5. bench/speculative.py   speculative decoding (entropy model drafts, BLT verifies) vs plain cached decoding,
+#                             batch 1 and 8, on the built-in model (SPEC_MODEL=... for another; needs
+#                             load_model("builtin") or a path): acceptance per draft length, bytes/s
 # Runs from a source checkout without installing (PYTHONPATH); needs torch (CUDA), pyyaml, safetensors, pytest.
 # Results go to $OUT (default: gpu_results/): one log and one JSON per check; the last lines summarise.
 #
@@ -50,6 +53,10 @@ fi
 echo "== 4. entropy patching of 4 MB (entropy-100m, bf16)"
 timeout 240 "$PY" bench/patching.py --gpu --gpu-bytes ${PATCH_BYTES:-4000000} --json "$OUT/patching_gpu.json" 2>&1 \
     | tee "$OUT/patching_gpu.txt" || status=1
+
+echo "== 5. speculative decoding (built-in model, batch 1 and 8)"
+timeout 240 "$PY" bench/speculative.py --device cuda --model "${SPEC_MODEL:-builtin}" --threads 1 --repeats 2 \
+    --new-bytes 128 --ks 2,4,8 --json "$OUT/speculative_gpu.json" 2>&1 | tee "$OUT/speculative_gpu.txt" || status=1
 
 echo "== summary (exit $status)"
 tail -n 2 "$OUT/pytest_gpu.txt"

@@ -74,10 +74,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --output file")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch with --input (default 8)")
     p.add_argument("--no-cache", action="store_true", help="full recompute per byte (slow; for checking)")
+    p.add_argument("--speculative", type=non_negative_int, default=None, metavar="K",
+                   help="speculative decoding: the entropy model drafts up to K bytes, the BLT verifies them in one "
+                        "step (same output; docs/speculative.md)")
+    p.add_argument("--draft-threshold", type=_draft_threshold, default=None, metavar="X|patch",
+                   help="with --speculative: end a draft after a byte whose entropy exceeds X ('patch': the "
+                        "patch threshold)")
     add_device_option(p, "cpu", "default cpu")
     add_dtype_option(p, "fp32", "default fp32")
     p.set_defaults(func=run)
     p.__class__ = _IntermixedParser
+
+
+def _draft_threshold(value: str) -> float | str:
+    if value == "patch":
+        return value
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not x >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number or 'patch', got {value!r}")
+    return x
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
@@ -193,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(
         max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=list(args.stop), stop_at_eos=not args.no_stop_at_eos, use_cache=not args.no_cache,
+        speculative=args.speculative, draft_threshold=args.draft_threshold,
     )
     cfg.validate()  # bad flags fail before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
@@ -201,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     patcher = resolve_patcher(model, None, None)
     stop = StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos)
     kwargs = dict(max_new_bytes=cfg.max_new_bytes, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                  seed=cfg.seed, stop=cfg.stop, stop_at_eos=cfg.stop_at_eos, use_cache=cfg.use_cache)
+                  seed=cfg.seed, stop=cfg.stop, stop_at_eos=cfg.stop_at_eos, use_cache=cfg.use_cache,
+                  speculative=cfg.speculative, draft_threshold=cfg.draft_threshold)
 
     results: list[dict[str, Any]] = []
     if args.stream:

@@ -19,6 +19,7 @@ import torch
 from torchblt.generation.incremental import IncrementalEngine, compiled_before
 from torchblt.generation.reference import FullRecomputeEngine
 from torchblt.generation.sampling import row_generators, sample, validate_sampling
+from torchblt.generation.speculative import speculative_steps, validate_speculative
 from torchblt.generation.stream import StopCondition, StreamPiece, TextStream
 from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel
@@ -33,6 +34,12 @@ class GenerationConfig:
     ``compile`` (cached decoding only): run the decoding step ``torch.compile``'d (inductor on CPU, CUDA
     graphs on GPU); ``None`` (default) compiles where it pays (see :func:`compile_pays`); ``False`` is the
     eager step (same results). ``fused_step``: deprecated, ignored (the step weights are the model's).
+
+    ``speculative=K`` (cached decoding only): the entropy model drafts up to ``K`` bytes per round and the
+    BLT verifies them in one step (:mod:`.speculative`; the same bytes greedy, the same distribution
+    sampling); ``None`` or ``0``: off. ``draft``: ``"greedy"`` or ``"sample"`` drafts (``"auto"``: sample
+    when ``temperature > 0``); ``draft_threshold``: stop a draft after a byte whose entropy exceeds it
+    (``"patch"``: the patcher's threshold). Speculative rounds run the eager step unless ``compile=True``.
     """
 
     max_new_bytes: int = 256
@@ -45,6 +52,9 @@ class GenerationConfig:
     use_cache: bool = True
     compile: bool | None = None
     fused_step: bool | None = None
+    speculative: int | None = None
+    draft: str = "auto"
+    draft_threshold: float | str | None = None
 
     def validate(self) -> None:
         if int(self.max_new_bytes) != self.max_new_bytes or self.max_new_bytes < 0:
@@ -52,6 +62,7 @@ class GenerationConfig:
         validate_sampling(self.temperature, self.top_k, self.top_p)
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+        validate_speculative(self.speculative, self.draft, self.draft_threshold, self.use_cache)
 
 
 @dataclass
@@ -141,6 +152,10 @@ def _steps(model, prompt_ids, patcher, cfg, generator, record_logits):
         device = next(model.parameters()).device
         gens = row_generators(len(prompt_ids), device, cfg.seed, generator)
         stops = StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos)
+        if cfg.speculative:  # eager unless asked: the verification compiles once per (batch, draft length)
+            yield from speculative_steps(model, prompt_ids, patcher, cfg, gens, stops, record_logits,
+                                         bool(cfg.compile))
+            return
         engine = _engine(model, patcher, cfg, len(prompt_ids))
         with torch.inference_mode():
             logits = engine.start(prompt_ids)
@@ -212,9 +227,11 @@ def generate_tokens(
     )
 
 
-def _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache) -> GenerationConfig:
+def _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative=None,
+            draft_threshold=None) -> GenerationConfig:
     return GenerationConfig(max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=list(stop or []), stop_at_eos=stop_at_eos, use_cache=use_cache)
+                            seed=seed, stop=list(stop or []), stop_at_eos=stop_at_eos, use_cache=use_cache,
+                            speculative=speculative, draft_threshold=draft_threshold)
 
 
 def generate(
@@ -232,9 +249,13 @@ def generate(
     stop: list[str] | None = None,
     stop_at_eos: bool = True,
     use_cache: bool = True,
+    speculative: int | None = None,
+    draft_threshold: float | str | None = None,
 ) -> list[str]:
-    """Generate a continuation for every prompt (the prompt itself is not repeated). Returns texts."""
-    cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache)
+    """Generate a continuation for every prompt (the prompt itself is not repeated). Returns texts.
+    ``speculative`` / ``draft_threshold``: see :class:`GenerationConfig`."""
+    cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative,
+                  draft_threshold)
     out = generate_tokens(model, encode_prompts(prompts), patcher, entropy_model=entropy_model, config=cfg,
                           generator=generator)
     return out.texts
@@ -256,13 +277,16 @@ def generate_stream(
     stop_at_eos: bool = True,
     use_cache: bool = True,
     with_patches: bool = False,
+    speculative: int | None = None,
+    draft_threshold: float | str | None = None,
 ) -> Iterator[str] | Iterator[StreamPiece]:
     """Yield the continuation of one prompt as it is generated: ``str`` pieces, or :class:`StreamPiece`
     (text + patch index + whether that byte starts a patch) with ``with_patches=True``. No piece splits a
     UTF-8 character; the pieces joined equal ``generate(...)[0]``."""
     if not isinstance(prompt, (str, bytes)):
         raise ValueError(f"generate_stream takes one prompt (str or bytes), got {type(prompt).__name__}")
-    cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache)
+    cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative,
+                  draft_threshold)
     patcher = resolve_patcher(model, patcher, entropy_model)
     prompt_ids = encode_prompts([prompt])
     stream = TextStream(StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos))

@@ -318,3 +318,69 @@ def test_eval_and_patches_of_a_long_line_use_linear_attention(monkeypatch):
     assert fast.n_windows == dense.n_windows > 1 and fast.mean_patch_length == dense.mean_patch_length
     assert abs(fast.bpb - dense.bpb) < 1e-5
     assert compute_patches(text, patcher).patch_lengths == view.patch_lengths
+
+
+# --------------------------------------------------------------------------- tail rows, pieces of rows
+
+
+@pytest.mark.parametrize("n_layers,window,docs", [(1, 40, False), (2, 40, True), (3, 25, False), (2, 200, True)])
+def test_tail_rows_equal_the_full_forward(n_layers, window, docs, monkeypatch):
+    """``run_layers(..., keep_from=k)`` (each banded layer computes only the query rows the next layer
+    can see) equals the full forward's rows from ``k``, and computes fewer query rows."""
+    em = tiny_entropy_model(window=window, n_layers=n_layers).double()
+    T = 700
+    tokens = tokens_with_documents(2, T, seed=8) if docs else torch.randint(4, 260, (2, T))
+    queries: list[int] = []
+    real = transformer_mod.banded_attention
+    monkeypatch.setattr(transformer_mod, "banded_attention",
+                        lambda q, k, v, band: queries.append(q.shape[1]) or real(q, k, v, band))
+    with torch.no_grad():
+        mask = em.self_attention_mask(tokens)
+        assert mask.banded is not None
+        full = em.run_layers(em.tok_embeddings(tokens), mask)
+        assert queries == [T] * n_layers
+        for keep_from in (1, 63, 64, 333, 650, T - 1):
+            queries.clear()
+            tail = em.run_layers(em.tok_embeddings(tokens), mask, keep_from=keep_from)
+            torch.testing.assert_close(tail, full[:, keep_from:], atol=1e-12, rtol=0)
+            block = mask.banded.block
+            assert queries[-1] == T - keep_from // block * block  # the last layer: the kept rows' blocks
+            assert sum(queries) < n_layers * T or keep_from < block
+            assert queries == sorted(queries, reverse=True)  # each layer needs no more rows than the one before
+
+
+def test_tail_rows_in_chunked_entropies_fp32():
+    """The chunked entropies (each chunk's context rows only serve as keys) equal chunks computed in full
+    and cut afterwards, in fp32."""
+    em = tiny_entropy_model(window=30, dim=32)
+    tokens = tokens_with_documents(2, 2000, seed=9)
+    context = em.receptive_field
+    got = em.entropies(tokens, chunk_size=500)
+    with torch.no_grad():
+        for start in range(0, 2000, 500):
+            left = max(0, start - context)
+            want = entropy(em(tokens[:, left : start + 500]))[:, start - left :]
+            torch.testing.assert_close(got[:, start : start + 500], want, atol=2e-6, rtol=0)
+
+
+def test_rows_in_pieces_equal_one_call(monkeypatch):
+    """Without autograd a block's feed-forward half and the entropy head run in pieces of rows (in place);
+    the values equal the recorded one-call forward."""
+    em = tiny_entropy_model(window=16, dim=32)
+    tokens = tokens_with_documents(2, 300, seed=10)
+    one_piece = em.entropies(tokens)
+    recorded = entropy(em.double()(tokens)).detach()  # autograd records: one call per layer
+    monkeypatch.setattr(transformer_mod, "CPU_ROWS", 37)
+    assert [p.stop - p.start for p in transformer_mod.row_pieces(80, torch.device("cpu"))] == [37, 37, 6]
+    assert len(transformer_mod.row_pieces(80, torch.device("meta"))) == 1
+    torch.testing.assert_close(em.entropies(tokens), recorded.float(), atol=1e-12, rtol=0)  # float64
+    em.float()
+    torch.testing.assert_close(em.entropies(tokens), one_piece, atol=1e-6, rtol=0)
+    x = torch.randn(2, 90, 32)
+    block = em.layers[0]
+    rope = em.rope_for(torch.arange(90)[None])
+    m = build_self_attention_mask(tokens[:, :90], "local_block_causal", 16)
+    want = block(x, rope, m)
+    assert want.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, rope, m), want.detach(), atol=1e-6, rtol=0)

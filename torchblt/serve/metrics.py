@@ -1,7 +1,8 @@
 """Prometheus metrics of one server (its own registry, so several servers can live in one process).
 
 ``blt_requests_total{endpoint, status}``, ``blt_prompt_bytes_total``, ``blt_generated_bytes_total``,
-``blt_queue_depth`` (requests waiting), ``blt_running_rows`` (rows decoding now), ``blt_engine_batches``
+``blt_queue_depth`` (requests waiting), ``blt_running_rows`` (rows decoding now), ``blt_prefilling_rows``
+(rows whose prompt is being prefilled), ``blt_engine_batches``
 (batches the engine steps per byte: 1, every running row in one batch), ``blt_cache_bytes``, and the histograms ``blt_time_to_first_byte_seconds``
 (request arrival to its first new byte) and ``blt_inter_byte_latency_seconds`` (between two new bytes of
 one completion).
@@ -25,6 +26,8 @@ class Metrics:
         self.generated_bytes = Counter("blt_generated_bytes", "New bytes generated", registry=r)
         self.queue_depth = Gauge("blt_queue_depth", "Requests waiting for a decoding slot", registry=r)
         self.running_rows = Gauge("blt_running_rows", "Rows (completions) decoding now", registry=r)
+        self.prefilling_rows = Gauge("blt_prefilling_rows", "Rows whose prompt is being prefilled (chunk by chunk)",
+                                     registry=r)
         self.batches = Gauge("blt_engine_batches", "Batches the engine steps per byte (1: every running row in one batch)", registry=r)
         self.cache_bytes = Gauge("blt_cache_bytes", "Bytes held by the decoding caches", registry=r)
         self.ttfb = Histogram("blt_time_to_first_byte_seconds", "Request arrival to its first new byte",

@@ -4,14 +4,19 @@ A request (:class:`Job`) has one *choice* per prompt and ``n``; each choice is a
 batch. The scheduler thread loops over *ticks*:
 
 1. rows of cancelled (client gone) or failed jobs leave the batch;
-2. waiting choices are admitted while fewer than ``max_batch`` rows run (a job may be admitted in parts;
-   choices with ``max_tokens=0`` finish at once); the new rows are prefilled (``engine.join``) and
-   their prompts scored when ``echo`` + ``logprobs`` ask for it;
-3. every row samples its next byte from its logits with its own temperature / top-k / top-p and its own
+2. waiting choices are admitted while fewer than ``max_batch`` rows run or prefill (a job may be
+   admitted in parts; choices with ``max_tokens=0`` finish at once); their prompts are scored when
+   ``echo`` + ``logprobs`` ask for it, and each gets a prefill (``engine.begin``);
+3. prefills advance by at most ``prefill_chunk`` prompt bytes per tick (``engine.prefill``), oldest
+   first: a row's prompt is prefilled in chunks at fixed offsets (multiples of ``prefill_chunk``), so
+   its caches do not depend on what else runs, and a long prompt delays the running rows' next byte by
+   one chunk per tick, not by its whole prefill. Rows whose prefill is done join the batch
+   (``engine.admit``);
+4. every row samples its next byte from its logits with its own temperature / top-k / top-p and its own
    ``torch.Generator`` (seeded ``seed + choice index`` as :func:`torchblt.generate` seeds row ``i``),
    appends it, checks its stop condition (EOS, stop strings, ``max_tokens``: :mod:`torchblt.generation.stream`)
    and releases the text that is final (never half a UTF-8 character, never the start of a stop string);
-4. finished rows leave; the others take one ``engine.step``.
+5. finished rows leave; the others take one ``engine.step``.
 
 So a choice's bytes depend only on its prompt, its parameters and its seed: equal to the same request
 run alone, whatever else runs. Errors are contained: a job whose prefill, sampling or step raises gets
@@ -33,7 +38,7 @@ import torch
 
 from torchblt.generation.sampling import sample
 from torchblt.generation.stream import StopCondition, TextStream
-from torchblt.serve.engine import DecodeEngine
+from torchblt.serve.engine import DecodeEngine, Prefill
 from torchblt.serve.metrics import Metrics
 from torchblt.serve.protocol import APIError, CompletionRequest, TokenLogprob
 
@@ -132,11 +137,16 @@ class Row:
 class Scheduler:
     """Owns ``engine`` on its own thread; :meth:`submit` from any thread (the event loop)."""
 
-    def __init__(self, engine: DecodeEngine, metrics: Metrics, max_batch: int = 16, max_queue: int = 64) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, engine: DecodeEngine, metrics: Metrics, max_batch: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 128) -> None:
+        """``prefill_chunk``: prompt bytes prefilled per tick (0: every admitted prompt whole at once)."""
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
+            raise ValueError(f"max_batch must be >= 1, max_queue >= 0 and prefill_chunk >= 0, got {max_batch}, "
+                             f"{max_queue} and {prefill_chunk}")
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self._prefilling: list[tuple[Job, int, Prefill]] = []  # admitted choices being prefilled, oldest first
+        self.prefill_calls: list[int] = []  # prompt bytes prefilled per tick that prefilled (tests)
         self.device = getattr(engine, "device", torch.device("cpu"))
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -211,14 +221,14 @@ class Scheduler:
             self._thread.join(timeout)
 
     def _free_rows(self) -> int:
-        return self.max_batch - len(self._rows)
+        return self.max_batch - len(self._rows) - len(self._prefilling)
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not (self._stopping or self._aborting or self._rows or self._waiting):
+                while not (self._stopping or self._aborting or self._rows or self._waiting or self._prefilling):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -234,10 +244,10 @@ class Scheduler:
                 log.exception("scheduler tick failed; failing the running requests")
                 err = APIError(500, f"internal error while decoding: {type(e).__name__}: {e}", type="server_error",
                                code="internal_error")
-                for job in {r.job for r in self._rows} | {j for j, _ in admitted}:
+                for job in {r.job for r in self._rows} | {j for j, _ in admitted} | {j for j, _, _ in self._prefilling}:
                     self._fail(job, err, events)
                 self.engine.reset()
-                self._rows, self._logits = [], None
+                self._rows, self._logits, self._prefilling = [], None, []
             self._deliver(events)
             self.ticks += 1
         self._fail_all("the server shut down before this request finished")
@@ -249,8 +259,9 @@ class Scheduler:
             left = list(self._waiting)
             self._waiting.clear()
             self.metrics.queue_depth.set(0)
-        for job in {r.job for r in self._rows} | set(left):
+        for job in {r.job for r in self._rows} | set(left) | {j for j, _, _ in self._prefilling}:
             self._fail(job, err, events)
+        self._prefilling = []
         self._leave(list(range(len(self._rows))))
         self._deliver(events)
 
@@ -276,8 +287,11 @@ class Scheduler:
         gone = [i for i, r in enumerate(self._rows) if r.job.done]
         if gone:
             self._leave(gone)
+        self._prefilling = [p for p in self._prefilling if not p[0].done]  # their states are dropped
         if admitted:
             self._admit(admitted, events)
+        if self._prefilling:
+            self._prefill_some(events)
             self.max_rows = max(self.max_rows, len(self._rows))
         if self._rows:
             next_ids, finished = self._sample(events)
@@ -294,6 +308,7 @@ class Scheduler:
                 for job, e in failed_jobs.items():
                     self._fail(job, _internal(e), events)
         self.metrics.running_rows.set(len(self._rows))
+        self.metrics.prefilling_rows.set(len(self._prefilling))
         self.metrics.batches.set(self.engine.n_batches)
         self.metrics.cache_bytes.set(self.engine.cache_bytes())
 
@@ -318,31 +333,53 @@ class Scheduler:
                     self._finish_empty(job, i, events)
                 else:
                     new.append((job, i))
-        if not new:
+        for job, i in new:
+            req = job.request
+            try:
+                pending = self.engine.begin(req.prompts[i // req.n].ids, req.generation.max_new_bytes)
+            except Exception as e:  # noqa: BLE001
+                self._fail(job, _internal(e), events)
+                continue
+            self._prefilling.append((job, i, pending))
+
+    def _prefill_some(self, events: dict[Job, list[Event]]) -> None:
+        """Prefill chunks of the oldest prefills, at most ``prefill_chunk`` bytes in all (at least one chunk);
+        the rows whose prefill is done join the batch."""
+        chunk, spent = self.prefill_chunk, 0
+        for job, _, pending in self._prefilling:
+            while not job.done and not pending.done:
+                n = min(chunk, pending.remaining) if chunk else pending.remaining
+                if chunk and spent and spent + n > chunk:
+                    break
+                try:
+                    self.engine.prefill(pending, n)
+                except Exception as e:  # noqa: BLE001 - its row is its own: only its job fails
+                    self._fail(job, _internal(e), events)
+                spent += n
+            if chunk and spent >= chunk:
+                break
+        self.prefill_calls.append(spent)
+        ready = [(job, i, p) for job, i, p in self._prefilling if p.done and not job.done]
+        self._prefilling = [t for t in self._prefilling if not t[2].done and not t[0].done]
+        if not ready:
             return
-        groups = [new]
+        groups = [ready]
         try:
-            logits = self._join(new)
-        except Exception:  # noqa: BLE001 - retry job by job, so that one bad request fails alone
-            groups = [[(j, i) for j, i in new if j is job] for job in dict.fromkeys(j for j, _ in new)]
-            logits = None
+            logits = self.engine.admit([p for _, _, p in ready])
+        except Exception:  # noqa: BLE001 - retry row by row, so that one bad request fails alone
+            groups, logits = [[t] for t in ready], None
         for group in groups:
             if logits is None:
                 try:
-                    group_logits = self._join(group)
+                    group_logits = self.engine.admit([p for _, _, p in group])
                 except Exception as e:  # noqa: BLE001
                     self._fail(group[0][0], _internal(e), events)
                     continue
             else:
                 group_logits = logits
-            rows = [self._new_row(job, i) for job, i in group]
-            self._rows.extend(rows)
+            self._rows.extend(self._new_row(job, i) for job, i, _ in group)
             self._logits = group_logits if self._logits is None or not len(self._logits) else torch.cat(
                 [self._logits, group_logits])
-
-    def _join(self, new: list[tuple[Job, int]]) -> torch.Tensor:
-        prompts = [job.request.prompts[i // job.request.n].ids for job, i in new]
-        return self.engine.join(prompts, [job.request.generation.max_new_bytes for job, _ in new])
 
     def _new_row(self, job: Job, index: int) -> Row:
         g = job.request.generation

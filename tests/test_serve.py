@@ -362,6 +362,111 @@ def test_a_row_joining_a_running_batch_gets_its_solo_output(model):
                                    atol=1e-4, rtol=0)
 
 
+def _solo_greedy(model, prompt: list[int], n_new: int) -> list[tuple[int, torch.Tensor]]:
+    engine, seq = BatchEngine(model), []
+    logits = engine.join([prompt], [n_new])
+    for _ in range(n_new):
+        nxt = logits.argmax(-1)
+        seq.append((int(nxt[0]), logits[0]))
+        logits = engine.step(nxt).logits
+    return seq
+
+
+def test_rows_reuse_free_slots_without_copying_and_keep_their_solo_output(model):
+    """A row that leaves frees its slot (no copy of the batch); a joining row is written into it; free
+    slots are dropped (one select) after ``hold_steps``. Every row's greedy bytes and logits stay its solo run's."""
+    engine = BatchEngine(model, hold_steps=4)
+    plan = [(TEXT[:30], 3, 0), ("Hi", 12, 0), (TEXT[40:60], 5, 0), (TEXT[5:25], 9, 4)]  # prompt, new bytes, join step
+    prompts = [TOK.encode(t, add_eos=False) for t, _, _ in plan]
+    solo = [_solo_greedy(model, p, n) for p, (_, n, _) in zip(prompts, plan)]
+    got: list[list] = [[] for _ in plan]
+    live: list[int] = []
+    logits = None
+    slots_seen = []
+    for step in range(40):
+        joining = [r for r, (_, _, at) in enumerate(plan) if at == step]
+        if joining:
+            new = engine.join([prompts[r] for r in joining], [plan[r][1] for r in joining])
+            logits = new if logits is None else torch.cat([logits, new])
+            live += joining
+        nxt = logits.argmax(-1)
+        for i, r in enumerate(live):
+            got[r].append((int(nxt[i]), logits[i]))
+        done = [i for i, r in enumerate(live) if len(got[r]) == plan[r][1]]
+        if done:
+            engine.leave(done)
+            keep = [i for i in range(len(live)) if i not in done]
+            live, nxt = [live[i] for i in keep], nxt[keep]
+        if not live:
+            break
+        slots_seen.append((step, engine.n_rows, engine.n_slots, engine.compactions))
+        logits = engine.step(nxt).logits
+    assert engine.n_rows == 0 and engine.cache_bytes() == 0
+    # step 2: row 0 left (3 bytes), its slot held; step 4: row 2 left and row 3 took a free slot: still 3 slots
+    assert (2, 2, 3, 0) in slots_seen and (4, 2, 3, 0) in slots_seen, slots_seen
+    assert any(c > 0 and n == s for _, n, s, c in slots_seen), slots_seen  # compacted once a slot was held 4 steps
+    for r in range(len(plan)):
+        assert [t for t, _ in got[r]] == [t for t, _ in solo[r]], f"row {r}"
+        torch.testing.assert_close(torch.stack([lg for _, lg in got[r]]), torch.stack([lg for _, lg in solo[r]]),
+                                   atol=1e-4, rtol=0)
+
+
+class _LoggingEngine(BatchEngine):
+    """Logs the engine's calls: ("prefill", prompt bytes done, rows decoding) and ("step", rows)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple] = []
+
+    def prefill(self, pending, n_bytes):
+        before = pending.done_bytes
+        super().prefill(pending, n_bytes)
+        self.log.append(("prefill", len(pending.ids), pending.done_bytes - before, self.n_rows))
+
+    def step(self, next_ids):
+        self.log.append(("step", self.n_rows))
+        return super().step(next_ids)
+
+
+def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(model):
+    """A prompt longer than the prefill chunk is prefilled one chunk per tick while the running row keeps
+    decoding (never more than one chunk between two of its bytes), then joins; both outputs equal their solo runs."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.protocol import parse_completion_request
+    from torchblt.serve.scheduler import Finished, Job, Scheduler
+
+    engine = _LoggingEngine(model)
+    sched = Scheduler(engine, Metrics(), max_batch=4, prefill_chunk=16)
+    long_text = (TEXT * 3)[:170]
+    requests = {"running": {"prompt": "Hello", "max_tokens": 120, "temperature": 0},
+                "long": {"prompt": long_text, "max_tokens": 20, "temperature": 0.9, "seed": 3},
+                "short": {"prompt": "Hi", "max_tokens": 10, "temperature": 0}}
+    got: dict[str, list] = {k: [] for k in requests}
+    jobs = {k: Job(parse_completion_request({"model": NAME, **body}, model_name=NAME, max_prompt_bytes=1000,
+                                            max_tokens_limit=200), got[k].extend) for k, body in requests.items()}
+    sched.start()
+    try:
+        sched.submit(jobs["running"])
+        wait_until(lambda: engine.n_rows == 1)
+        sched.submit(jobs["long"])
+        sched.submit(jobs["short"])
+        wait_until(lambda: all(any(isinstance(e, Finished) for e in evs) for evs in got.values()), 60)
+    finally:
+        sched.stop()
+    n_long = len(TOK.encode(long_text, add_eos=False))
+    long_calls = [e for e in engine.log if e[0] == "prefill" and e[1] == n_long]
+    assert len(long_calls) == -(-n_long // 16) and all(e[2] <= 16 and e[3] >= 1 for e in long_calls)
+    between = 0  # prompt bytes prefilled between two steps
+    for e in engine.log:
+        between = 0 if e[0] == "step" else between + e[2]
+        assert between <= 16, engine.log
+    assert all(b <= 16 for b in sched.prefill_calls)
+    for k, body in requests.items():
+        kw = {key: body[key] for key in ("temperature", "seed") if key in body}
+        text = [e.text for e in got[k] if isinstance(e, Finished)]
+        assert text == [alone(model, body["prompt"], body["max_tokens"], **kw)], k
+
+
 # --------------------------------------------------------------------------- faults
 
 

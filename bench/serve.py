@@ -16,9 +16,11 @@ do); the clients of a level start staggered over ``--ramp`` seconds. For every l
   ``blt_engine_batches``, sampled from ``/metrics``);
 
 and the ratios at 16 clients to 1: aggregate throughput (goal >= 4) and p99 inter-byte latency (goal
-<= 5). An engine-only section in the same run times 16 rows decoded as one batch vs as 16 one-row
-batches vs one row alone (no HTTP): what merging the cohorts into one batch (the generation engine's
-``DecodeState.extend``) can bring.
+<= 5). An engine-only section in the same run (no HTTP) times 16 rows decoded as one batch vs as 16
+one-row batches vs one row alone (what batching can bring at most), one step at each batch size, the
+prefill of a 64- and a 512-byte prompt whole and in chunks (what ``--prefill-chunk`` costs and bounds),
+and what a row joining / leaving a 16-row batch costs by copying the batch (``DecodeState.extend`` /
+``select``) against writing it into a free slot (:func:`torchblt.serve.engine.put_rows`).
 
     python bench/serve.py                        # writes serve_bench.json, prints the table
     python bench/serve.py --json bench/serve_cpu.json --seconds 30
@@ -69,7 +71,8 @@ def serve_child(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, patcher = build_small()
     server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
-                                          drain_timeout=5), engine=BatchEngine(model, patcher))
+                                          drain_timeout=5, prefill_chunk=args.prefill_chunk),
+                       engine=BatchEngine(model, patcher))
     return run(server, port=args.port, log_level="warning")
 
 
@@ -220,12 +223,62 @@ def engine_section(threads: int, n_rows: int = 16, n_steps: int = 48) -> dict:
         return sum(len(g) for g in groups) * n_steps / (time.perf_counter() - t)
 
     decode([prompts[:1]])  # warm-up
-    return {
+    out = {
         "rows": n_rows,
         "steps": n_steps,
         "one_row_bytes_per_second": decode([prompts[:1]]),
         "one_batch_bytes_per_second": decode([prompts]),
         "one_row_batches_bytes_per_second": decode([[p] for p in prompts]),
+    }
+    out.update(engine_costs(model, patcher, prompts))
+    return out
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def engine_costs(model, patcher, prompts: list[list[int]]) -> dict:
+    """ms of one step per batch size, of prefills whole and in chunks, of a join / leave by copy or by slot."""
+    from torchblt.serve.engine import BatchEngine, put_rows
+
+    engine = BatchEngine(model, patcher)
+    batch = engine.join(prompts, [128] * len(prompts))
+    full = engine.state
+    ids = batch.argmax(-1)
+    step_ms = {}
+    for b in (1, 2, 4, 8, 16):
+        if b <= len(prompts):
+            part = full.copy().select(list(range(b)))
+            step_ms[b] = _median_ms(lambda part=part, b=b: engine.engine.step(part, ids[:b]))
+    long_prompt = (prompts[0] * 9)[:512]
+    prefill_ms: dict[str, dict[str, float]] = {}
+    for name, ids_ in (("64", prompts[0][:64]), ("512", long_prompt)):
+        row = {}
+        for chunk in (16, 64, 128, 0):
+            def run(chunk=chunk, ids_=ids_):
+                p = engine.begin(ids_, 1)
+                while not p.done:
+                    engine.prefill(p, chunk or p.remaining)
+            row[str(chunk or "whole")] = _median_ms(run, 3)
+        prefill_ms[name] = row
+    one = engine.begin(prompts[0], 128)
+    engine.prefill(one, one.remaining)
+    engine.engine.presize(one.state, 128)
+    rest = list(range(1, len(prompts)))
+    return {
+        "step_ms": step_ms,
+        "prefill_ms": prefill_ms,
+        "join_by_extend_ms": _median_ms(lambda: full.copy().select(rest).extend(one.state.copy()))
+        - _median_ms(lambda: full.copy().select(rest)),
+        "leave_by_select_ms": _median_ms(lambda: full.copy().select(rest)) - _median_ms(full.copy),
+        "join_into_slot_ms": _median_ms(lambda: put_rows(full, [0], one.state.copy())),
     }
 
 
@@ -245,6 +298,7 @@ def main() -> int:
     ap.add_argument("--ramp", type=float, default=3.0, help="clients start staggered over this (default 3 s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--prefill-chunk", type=int, default=128, help="the server's --prefill-chunk (default 128)")
     ap.add_argument("--json", default="serve_bench.json")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -256,7 +310,8 @@ def main() -> int:
     engine = engine_section(args.threads)
     port = free_port()
     child = subprocess.Popen([sys.executable, __file__, "--serve-child", "--port", str(port), "--threads",
-                              str(args.threads), "--max-batch", str(args.max_batch)],
+                              str(args.threads), "--max-batch", str(args.max_batch), "--prefill-chunk",
+                              str(args.prefill_chunk)],
                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     rows = []
     try:
@@ -290,12 +345,17 @@ def main() -> int:
                   "p99_inter_byte_ratio": hi["inter_byte_p99_ms"] / by[1]["inter_byte_p99_ms"]}
         print(f"\n{max(by)} clients vs 1: aggregate throughput x{ratios['throughput_ratio']:.2f} (goal >= 4), "
               f"p99 inter-byte latency x{ratios['p99_inter_byte_ratio']:.2f} (goal <= 5)")
+    print("engine only, ms per step by batch size:", {b: round(v, 1) for b, v in engine["step_ms"].items()})
+    print("prefill ms by chunk:", engine["prefill_ms"])
+    print(f"a row joining 15 by extend {engine['join_by_extend_ms']:.1f} ms, leaving 16 by select "
+          f"{engine['leave_by_select_ms']:.1f} ms, joining into a free slot {engine['join_into_slot_ms']:.1f} ms")
     print(f"engine only, {engine['rows']} rows x {engine['steps']} steps (bytes/s): one row "
           f"{engine['one_row_bytes_per_second']:.1f}; {engine['rows']} one-row batches (cohorts) "
           f"{engine['one_row_batches_bytes_per_second']:.1f}; one batch of {engine['rows']} "
           f"{engine['one_batch_bytes_per_second']:.1f} (x{engine['one_batch_bytes_per_second'] / engine['one_row_bytes_per_second']:.2f} one row)")
     out = {
         "meta": {"torch": torch.__version__, "threads": args.threads, "max_batch": args.max_batch,
+                 "prefill_chunk": args.prefill_chunk,
                  "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "argv": sys.argv[1:],
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "run_seconds": time.perf_counter() - t_start,

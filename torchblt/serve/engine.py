@@ -299,6 +299,7 @@ class BatchEngine:
         return out
 
 
+@torch.inference_mode()
 def put_rows(dst: DecodeState, slots: list[int], src: DecodeState) -> None:
     """Overwrite rows ``slots`` of ``dst`` with the rows of ``src`` (states of the same engine), in place:
     every per-row tensor of the state (the cursor and every ring's entries, positions and tags). A ring

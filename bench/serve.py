@@ -131,6 +131,16 @@ def sample_metrics(port: int, stop: threading.Event, out: list[tuple[float, floa
         stop.wait(0.2)
 
 
+def scheduler_seconds(port: int) -> dict[str, float]:
+    """``blt_scheduler_seconds_total`` by phase, now."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^blt_scheduler_seconds_total\{phase="(\w+)"\} (\S+)$', text, re.M)}
+
+
 def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
     start = time.perf_counter()
     window = (start + ramp, start + seconds)
@@ -158,8 +168,18 @@ def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
     for t in threads:
         t.start()
+    busy: list[dict[str, float]] = []
+
+    def at_window_edges() -> None:
+        for edge in window:
+            time.sleep(max(0.0, edge - time.perf_counter()))
+            busy.append(scheduler_seconds(port))
+
+    edges = threading.Thread(target=at_window_edges, daemon=True)
+    edges.start()
     for t in threads:
         t.join()
+    edges.join()
     stop.set()
     sampler.join()
     if errors:
@@ -186,6 +206,9 @@ def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
         "inter_byte_p99_ms": 1000 * quantile(inter, 0.99),
         "mean_running_rows": statistics.fmean(s[1] for s in steady) if steady else None,
         "mean_cohorts": statistics.fmean(s[2] for s in steady) if steady else None,
+        # share of the steady window the scheduler thread spent in each phase (the rest: idle or waiting)
+        "scheduler_share": {k: (busy[1].get(k, 0.0) - busy[0].get(k, 0.0)) / (window[1] - window[0])
+                            for k in busy[1]} if len(busy) == 2 else None,
     }
 
 
@@ -329,10 +352,11 @@ def main() -> int:
         for n in levels:
             row = run_level(port, n, args.seconds, min(args.ramp, args.seconds / 2))
             rows.append(row)
+            share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
             print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
                   f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
-                  f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}",
-                  flush=True)
+                  f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}"
+                  f" | scheduler: {share}", flush=True)
     finally:
         child.terminate()
         child.wait(60)

@@ -664,6 +664,9 @@ def test_models_health_metrics_tokenizer(server, client):
                  "blt_time_to_first_byte_seconds_bucket", "blt_inter_byte_latency_seconds_bucket"):
         assert name in text
     assert metric(url, "blt_generated_bytes_total") > 0
+    assert metric(url, "blt_prefilling_rows") == 0
+    for phase in ("admit", "prefill", "sample", "step", "deliver"):
+        assert metric(url, f'blt_scheduler_seconds_total{{phase="{phase}"}}') > 0, phase
     r = post(url, {"prompt": "é!", "add_special_tokens": False}, path="/tokenize")
     assert json.loads(r[2])["tokens"] == [0xC3 + 4, 0xA9 + 4, ord("!") + 4]
     assert json.loads(post(url, {"prompt": "<s>", "add_special_tokens": False}, path="/tokenize")[2])["tokens"] == [1]
@@ -715,6 +718,8 @@ def test_cli_bad_options_exit_2(model_dir, capsys):
 
     assert blt_main(["serve", str(model_dir), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
+    assert blt_main(["serve", str(model_dir), "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk must be >= 0, got -1" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir / "missing")]) == 2
     assert blt_main(["serve", str(model_dir / "entropy_model")]) == 2
     assert "entropy model" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 ``blt_requests_total{endpoint, status}``, ``blt_prompt_bytes_total``, ``blt_generated_bytes_total``,
 ``blt_queue_depth`` (requests waiting), ``blt_running_rows`` (rows decoding now), ``blt_prefilling_rows``
 (rows whose prompt is being prefilled), ``blt_engine_batches``
-(batches the engine steps per byte: 1, every running row in one batch), ``blt_cache_bytes``, and the histograms ``blt_time_to_first_byte_seconds``
+(batches the engine steps per byte: 1, every running row in one batch), ``blt_cache_bytes``,
+``blt_scheduler_seconds_total{phase}`` (where the scheduler thread's time goes), and the histograms ``blt_time_to_first_byte_seconds``
 (request arrival to its first new byte) and ``blt_inter_byte_latency_seconds`` (between two new bytes of
 one completion).
 """
@@ -29,6 +30,10 @@ class Metrics:
         self.prefilling_rows = Gauge("blt_prefilling_rows", "Rows whose prompt is being prefilled (chunk by chunk)",
                                      registry=r)
         self.batches = Gauge("blt_engine_batches", "Batches the engine steps per byte (1: every running row in one batch)", registry=r)
+        self.scheduler_seconds = Counter(
+            "blt_scheduler_seconds", "Time the scheduler thread spent, by phase of its ticks: admit (leave, score, "
+            "queue), prefill, sample (and stop checks, text), step (the engine), deliver (events to the event loop)",
+            ["phase"], registry=r)
         self.cache_bytes = Gauge("blt_cache_bytes", "Bytes held by the decoding caches", registry=r)
         self.ttfb = Histogram("blt_time_to_first_byte_seconds", "Request arrival to its first new byte",
                               buckets=_TTFB_BUCKETS, registry=r)

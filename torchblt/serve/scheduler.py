@@ -248,7 +248,9 @@ class Scheduler:
                     self._fail(job, err, events)
                 self.engine.reset()
                 self._rows, self._logits, self._prefilling = [], None, []
+            clock = _PhaseClock(self.metrics)
             self._deliver(events)
+            clock.lap("deliver")
             self.ticks += 1
         self._fail_all("the server shut down before this request finished")
 
@@ -284,17 +286,21 @@ class Scheduler:
         return out
 
     def _tick(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        clock = _PhaseClock(self.metrics)
         gone = [i for i, r in enumerate(self._rows) if r.job.done]
         if gone:
             self._leave(gone)
         self._prefilling = [p for p in self._prefilling if not p[0].done]  # their states are dropped
         if admitted:
             self._admit(admitted, events)
+        clock.lap("admit")
         if self._prefilling:
             self._prefill_some(events)
             self.max_rows = max(self.max_rows, len(self._rows))
+        clock.lap("prefill")
         if self._rows:
             next_ids, finished = self._sample(events)
+            clock.lap("sample")
             if finished:
                 done = set(finished)
                 keep = [i for i in range(len(self._rows)) if i not in done]
@@ -307,6 +313,7 @@ class Scheduler:
                 self._logits = out.logits
                 for job, e in failed_jobs.items():
                     self._fail(job, _internal(e), events)
+            clock.lap("step")
         self.metrics.running_rows.set(len(self._rows))
         self.metrics.prefilling_rows.set(len(self._prefilling))
         self.metrics.batches.set(self.engine.n_batches)
@@ -502,6 +509,18 @@ class Scheduler:
                 job.sink(evs)
             except Exception:  # noqa: BLE001 - the loop is gone (shutdown): nobody to tell
                 job.cancel()
+
+
+class _PhaseClock:
+    """Adds the time since the last lap to ``blt_scheduler_seconds_total{phase}``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics, self.t = metrics, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.metrics.scheduler_seconds.labels(phase).inc(now - self.t)
+        self.t = now
 
 
 def _internal(e: BaseException) -> APIError:

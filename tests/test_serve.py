@@ -467,6 +467,29 @@ def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(model):
         assert text == [alone(model, body["prompt"], body["max_tokens"], **kw)], k
 
 
+def test_the_choices_of_one_prompt_share_one_prefill(model):
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.protocol import parse_completion_request
+    from torchblt.serve.scheduler import Finished, Job, Scheduler
+
+    engine = _LoggingEngine(model)
+    sched = Scheduler(engine, Metrics(), max_batch=8, prefill_chunk=0)
+    body = {"model": NAME, "prompt": ["Hello there", "Zürich"], "n": 3, "max_tokens": 12, "temperature": 0.9,
+            "seed": 11}
+    got: list = []
+    job = Job(parse_completion_request(body, model_name=NAME, max_prompt_bytes=100, max_tokens_limit=100), got.extend)
+    sched.start()
+    try:
+        sched.submit(job)
+        wait_until(lambda: sum(isinstance(e, Finished) for e in got) == 6)
+    finally:
+        sched.stop()
+    assert [e[0] for e in engine.log].count("prefill") == 2  # one per prompt, not per choice
+    texts = [e.text for e in sorted((e for e in got if isinstance(e, Finished)), key=lambda e: e.index)]
+    assert texts == generate(model, ["Hello there"] * 3 + ["Zürich"] * 3, max_new_bytes=12, temperature=0.9,
+                             seed=11)
+
+
 # --------------------------------------------------------------------------- faults
 
 

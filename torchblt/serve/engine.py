@@ -185,14 +185,21 @@ class BatchEngine:
     @torch.inference_mode()
     def admit(self, pendings: list[Prefill]) -> torch.Tensor:
         """The rows of finished prefills join the batch (after its rows, in order: into free slots, or
-        appended); their first new bytes' logits ``(R, V)``."""
+        appended); their first new bytes' logits ``(R, V)``. A prefill listed several times (the ``n``
+        choices of one prompt) gives each its own copy of the state."""
         assert pendings and all(p.done and p.state is not None for p in pendings)
         states: list[DecodeState] = []
+        first: dict[int, DecodeState] = {}  # a prefill listed again (choices of one prompt): a copy of its state
         for p in pendings:
             assert p.state is not None
+            if id(p) in first:
+                states.append(first[id(p)].copy())
+                continue
             # no cache grows while the row decodes (nor while its slot is held after it)
-            self.engine.presize(p.state, p.max_new_bytes + self.hold_steps)
+            self.engine.presize(p.state, max(q.max_new_bytes for q in pendings if q is p) + self.hold_steps)
+            first[id(p)] = p.state
             states.append(p.state)
+        for p in pendings:
             p.state = None  # the batch owns it now
         logits = torch.cat([p.logits for p in pendings])  # type: ignore[misc]
         reuse = sorted(self.free)[: len(states)]

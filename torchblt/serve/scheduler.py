@@ -340,14 +340,17 @@ class Scheduler:
                     self._finish_empty(job, i, events)
                 else:
                     new.append((job, i))
+        shared: dict[tuple[int, int], Prefill] = {}  # the choices of one prompt admitted together: one prefill
         for job, i in new:
             req = job.request
+            key = (id(job), i // req.n)
             try:
-                pending = self.engine.begin(req.prompts[i // req.n].ids, req.generation.max_new_bytes)
+                if key not in shared:
+                    shared[key] = self.engine.begin(req.prompts[i // req.n].ids, req.generation.max_new_bytes)
             except Exception as e:  # noqa: BLE001
                 self._fail(job, _internal(e), events)
                 continue
-            self._prefilling.append((job, i, pending))
+            self._prefilling.append((job, i, shared[key]))
 
     def _prefill_some(self, events: dict[Job, list[Event]]) -> None:
         """Prefill chunks of the oldest prefills, at most ``prefill_chunk`` bytes in all (at least one chunk);
@@ -373,8 +376,11 @@ class Scheduler:
         groups = [ready]
         try:
             logits = self.engine.admit([p for _, _, p in ready])
-        except Exception:  # noqa: BLE001 - retry row by row, so that one bad request fails alone
-            groups, logits = [[t] for t in ready], None
+        except Exception:  # noqa: BLE001 - retry prefill by prefill, so that one bad request fails alone
+            by_prefill: dict[int, list[tuple[Job, int, Prefill]]] = {}
+            for t in ready:
+                by_prefill.setdefault(id(t[2]), []).append(t)
+            groups, logits = list(by_prefill.values()), None
         for group in groups:
             if logits is None:
                 try:

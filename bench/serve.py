@@ -268,18 +268,22 @@ def _median_ms(fn, repeats: int = 5) -> float:
 
 
 def engine_costs(model, patcher, prompts: list[list[int]]) -> dict:
-    """ms of one step per batch size, of prefills whole and in chunks, of a join / leave by copy or by slot."""
+    """ms per greedy step by batch size, of prefills whole and in chunks, of a join / leave by copy or by slot."""
     from torchblt.serve.engine import BatchEngine, put_rows
 
     engine = BatchEngine(model, patcher)
     batch = engine.join(prompts, [128] * len(prompts))
     full = engine.state
     ids = batch.argmax(-1)
-    step_ms = {}
+    step_ms = {}  # mean ms per step of 24 greedy steps (steps that close a patch and steps that do not)
     for b in (1, 2, 4, 8, 16):
         if b <= len(prompts):
-            part = full.copy().select(list(range(b)))
-            step_ms[b] = _median_ms(lambda part=part, b=b: engine.engine.step(part, ids[:b]))
+            part, nxt = full.copy().select(list(range(b))), ids[:b]
+            nxt = engine.engine.step(part, nxt).argmax(-1)  # warm-up
+            t = time.perf_counter()
+            for _ in range(24):
+                nxt = engine.engine.step(part, nxt).argmax(-1)
+            step_ms[b] = 1000 * (time.perf_counter() - t) / 24
     long_prompt = (prompts[0] * 9)[:512]
     prefill_ms: dict[str, dict[str, float]] = {}
     for name, ids_ in (("64", prompts[0][:64]), ("512", long_prompt)):
@@ -305,6 +309,47 @@ def engine_costs(model, patcher, prompts: list[list[int]]) -> dict:
     }
 
 
+@torch.inference_mode()
+def compiled_steps(threads: int, batches: list[int], warmup: int = 30, rounds: int = 6, steps: int = 10) -> dict:
+    """The compiled step (``IncrementalEngine(compile=True)``) against the eager one per batch size: the
+    time to compile (and run ``warmup`` steps: the parts that close a patch compile at their first use),
+    then ms per step, eager and compiled interleaved ``rounds`` times (a busy moment hits both)."""
+    from torchblt.generation import IncrementalEngine
+    from torchblt.tokenizer import ByteTokenizer
+
+    torch.set_num_threads(threads)
+    model, patcher = build_small()
+    tok = ByteTokenizer()
+    eager = IncrementalEngine(model, patcher, 0)
+    compiled = IncrementalEngine(model, patcher, 0, compile=True)
+    prompts = [tok.encode(prompt_for(i, 0), add_eos=False) for i in range(max(batches))]
+    out = {}
+    for b in batches:
+        state, logits, _ = eager.prefill(prompts[:b])
+        eager.presize(state, warmup + rounds * steps + 8)
+        states = {"eager": state.copy(), "compiled": state.copy()}
+        ids = {"eager": logits.argmax(-1), "compiled": logits.argmax(-1)}
+        t = time.perf_counter()
+        for _ in range(warmup):
+            ids["compiled"] = compiled.step(states["compiled"], ids["compiled"]).argmax(-1)
+        compile_s = time.perf_counter() - t
+        for _ in range(warmup):
+            ids["eager"] = eager.step(states["eager"], ids["eager"]).argmax(-1)
+        total = {"eager": 0.0, "compiled": 0.0}
+        for _ in range(rounds):
+            for name, engine in (("eager", eager), ("compiled", compiled)):
+                t = time.perf_counter()
+                for _ in range(steps):
+                    ids[name] = engine.step(states[name], ids[name]).argmax(-1)
+                total[name] += time.perf_counter() - t
+        row = {"compile_and_warmup_s": compile_s, "same_bytes": bool((ids["eager"] == ids["compiled"]).all())}
+        row.update({f"{k}_ms_per_step": 1000 * v / (rounds * steps) for k, v in total.items()})
+        out[b] = row
+        print(f"batch {b}: compile + {warmup} steps {compile_s:.1f} s; eager {row['eager_ms_per_step']:.1f} ms/step, "
+              f"compiled {row['compiled_ms_per_step']:.1f} ms/step", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -323,11 +368,23 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=128, help="the server's --prefill-chunk (default 128)")
     ap.add_argument("--json", default="serve_bench.json")
+    ap.add_argument("--compiled-steps", default=None, metavar="BATCHES",
+                    help="only measure the compiled vs the eager engine step at these batch sizes (e.g. 1,16; "
+                         "minutes: inductor compiles each)")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_child:
         return serve_child(args)
+    if args.compiled_steps:
+        t0 = time.perf_counter()
+        result = compiled_steps(args.threads, [int(b) for b in args.compiled_steps.split(",")])
+        Path(args.json).write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": args.threads,
+                                                        "argv": sys.argv[1:], "run_seconds": time.perf_counter() - t0,
+                                                        "load_average_at_end": os.getloadavg()},
+                                               "compiled_steps": result}, indent=1))
+        print(f"wrote {args.json}")
+        return 0
     levels = [int(c) for c in args.clients.split(",")]
     t_start = time.perf_counter()
     engine = engine_section(args.threads)

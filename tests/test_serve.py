@@ -490,6 +490,37 @@ def test_the_choices_of_one_prompt_share_one_prefill(model):
                              seed=11)
 
 
+def test_speculative_serving_equals_speculative_generate(model, monkeypatch):
+    """--speculative K (one request at a time): greedy bytes are plain greedy's; seeded sampling is
+    ``torchblt.generate(..., speculative=K)``'s; streaming, stop strings and logprobs work; the rounds
+    really go through the speculative driver."""
+    import torchblt.serve.scheduler as scheduler_module
+
+    calls = []
+    real = scheduler_module.speculative_steps
+    monkeypatch.setattr(scheduler_module, "speculative_steps", lambda *a, **k: calls.append(a[3].speculative)
+                        or real(*a, **k))
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=1, speculative=2))
+    with ThreadedServer(srv) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        prompt = "The quick brown fox"
+        out = c.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0, logprobs=1)
+        assert out.choices[0].text == alone(model, prompt, 30)
+        lp = out.choices[0].logprobs
+        assert all(abs(v - max(top.values())) < 1e-5 for v, top in zip(lp.token_logprobs, lp.top_logprobs))
+        out = c.completions.create(model=NAME, prompt=prompt, max_tokens=25, n=2, temperature=0.9, seed=5)
+        texts = [ch.text for ch in sorted(out.choices, key=lambda ch: ch.index)]
+        assert texts == generate(model, [prompt] * 2, max_new_bytes=25, temperature=0.9, seed=5, speculative=2)
+        full = alone(model, "Hello", 40, stop_at_eos=False)
+        stream = c.completions.create(model=NAME, prompt="Hello", max_tokens=40, temperature=0, stream=True,
+                                      stop=[full[8:10]], extra_body={"ignore_eos": True})
+        assert "".join(ch.choices[0].text for ch in stream if ch.choices) == alone(
+            model, "Hello", 40, stop=[full[8:10]], stop_at_eos=False)
+    assert calls == [2] * 4
+    with pytest.raises(ValueError, match="max_batch 1, got 4"):
+        BLTServer(model, ServeConfig(model_name=NAME, max_batch=4, speculative=2))
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -743,6 +774,8 @@ def test_cli_bad_options_exit_2(model_dir, capsys):
     assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir), "--prefill-chunk", "-1"]) == 2
     assert "--prefill-chunk must be >= 0, got -1" in capsys.readouterr().err
+    assert blt_main(["serve", str(model_dir), "--speculative", "2"]) == 2  # --max-batch 16
+    assert "--speculative needs --max-batch 1" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir / "missing")]) == 2
     assert blt_main(["serve", str(model_dir / "entropy_model")]) == 2
     assert "entropy model" in capsys.readouterr().err
@@ -793,3 +826,12 @@ def test_serving_on_cuda_equals_single_runs(model_dir):
         for t in threads:
             t.join(120)
     assert [results.get(i) for i in range(8)] == expected
+
+
+def test_default_threads_leave_a_core_to_http(monkeypatch):
+    from torchblt.commands import serve as serve_command
+
+    monkeypatch.setattr(serve_command, "torch_default_threads", lambda: 8)
+    for cores, expected in ((2, 1), (1, 1), (4, 3), (16, 8)):
+        monkeypatch.setattr(serve_command.os, "cpu_count", lambda cores=cores: cores)
+        assert serve_command.default_threads() == expected

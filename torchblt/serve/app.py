@@ -72,6 +72,7 @@ class ServeConfig:
     api_key: str | None = None
     drain_timeout: float = 30.0
     prefill_chunk: int = 128  # prompt bytes prefilled between two steps (0: whole prompts at once)
+    speculative: int | None = None  # the entropy model drafts up to K bytes per BLT step (max_batch 1 only)
 
     def validate(self) -> None:
         for name in ("max_batch", "max_tokens"):
@@ -81,6 +82,11 @@ class ServeConfig:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
+        if self.speculative is not None and (isinstance(self.speculative, bool) or self.speculative < 0):
+            raise ValueError(f"speculative must be >= 0 (drafted bytes per step), got {self.speculative}")
+        if self.speculative and self.max_batch != 1:
+            raise ValueError(f"speculative decoding runs one request at a time: it needs max_batch 1, got "
+                             f"{self.max_batch}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.drain_timeout < 0:
@@ -124,8 +130,13 @@ class BLTServer:
         if self.config.max_prompt_bytes is None:
             self.config.max_prompt_bytes = max(1, (self.context or 4096) - 1)
         self.metrics = Metrics()
+        if self.config.speculative:
+            patcher = getattr(self.engine, "patcher", None)
+            if patcher is None or patcher.entropy_model is None:
+                raise ValueError("speculative decoding drafts with the entropy model: this model has none (entropy "
+                                 "patching with an entropy model is needed)")
         self.scheduler = Scheduler(self.engine, self.metrics, self.config.max_batch, self.config.max_queue,
-                                   self.config.prefill_chunk)
+                                   self.config.prefill_chunk, self.config.speculative)
         self.created = now()
         # a body bigger than this cannot be a valid request (prompts as JSON token ids, ~6 characters each)
         self.body_limit = 64 * 1024 + MAX_PROMPTS * 8 * self.config.max_prompt_bytes

@@ -26,17 +26,19 @@ an error event and leaves; the other rows go on. Events go to the event loop thr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from torchblt.generation.sampling import sample
+from torchblt.generation.speculative import speculative_steps
 from torchblt.generation.stream import StopCondition, TextStream
 from torchblt.serve.engine import DecodeEngine, Prefill
 from torchblt.serve.metrics import Metrics
@@ -138,11 +140,17 @@ class Scheduler:
     """Owns ``engine`` on its own thread; :meth:`submit` from any thread (the event loop)."""
 
     def __init__(self, engine: DecodeEngine, metrics: Metrics, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128) -> None:
-        """``prefill_chunk``: prompt bytes prefilled per tick (0: every admitted prompt whole at once)."""
+                 prefill_chunk: int = 128, speculative: int | None = None) -> None:
+        """``prefill_chunk``: prompt bytes prefilled per tick (0: every admitted prompt whole at once).
+        ``speculative=K``: speculative decoding, one row at a time (``max_batch`` must be 1; ``engine`` a
+        :class:`~torchblt.serve.engine.BatchEngine`, whose model and patcher it uses)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
             raise ValueError(f"max_batch must be >= 1, max_queue >= 0 and prefill_chunk >= 0, got {max_batch}, "
                              f"{max_queue} and {prefill_chunk}")
+        if speculative and max_batch != 1:
+            raise ValueError(f"speculative decoding runs one request at a time: it needs max_batch 1, got {max_batch}")
+        self.speculative = speculative or 0
+        self._spec: tuple[Row, Iterator[tuple]] | None = None  # the speculative row and its driver
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._prefilling: list[tuple[Job, int, Prefill]] = []  # admitted choices being prefilled, oldest first
@@ -286,6 +294,16 @@ class Scheduler:
         return out
 
     def _tick(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        if self.speculative:
+            self._tick_speculative(admitted, events)
+        else:
+            self._tick_batch(admitted, events)
+        self.metrics.running_rows.set(len(self._rows))
+        self.metrics.prefilling_rows.set(len(self._prefilling))
+        self.metrics.batches.set(self.engine.n_batches if not self.speculative else len(self._rows))
+        self.metrics.cache_bytes.set(self.engine.cache_bytes())
+
+    def _tick_batch(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
         clock = _PhaseClock(self.metrics)
         gone = [i for i, r in enumerate(self._rows) if r.job.done]
         if gone:
@@ -314,10 +332,51 @@ class Scheduler:
                 for job, e in failed_jobs.items():
                     self._fail(job, _internal(e), events)
             clock.lap("step")
-        self.metrics.running_rows.set(len(self._rows))
-        self.metrics.prefilling_rows.set(len(self._prefilling))
-        self.metrics.batches.set(self.engine.n_batches)
-        self.metrics.cache_bytes.set(self.engine.cache_bytes())
+
+    def _tick_speculative(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        """``speculative=K`` (one row at a time): the row's bytes come from
+        :func:`torchblt.generation.speculative.speculative_steps` (the entropy model drafts up to ``K`` bytes,
+        the BLT verifies them in one step), up to ``K + 1`` bytes per tick."""
+        clock = _PhaseClock(self.metrics)
+        if self._spec is not None and self._spec[0].job.done:
+            self._end_speculative()
+        self._prefilling = [p for p in self._prefilling if not p[0].done]
+        if admitted:
+            self._admit(admitted, events)
+        clock.lap("admit")
+        if self._spec is None and self._prefilling:
+            job, i, pending = self._prefilling.pop(0)
+            row = self._new_row(job, i)
+            cfg = dataclasses.replace(job.request.generation, speculative=self.speculative)
+            model, patcher = self.engine.model, self.engine.patcher  # type: ignore[attr-defined]
+            steps = speculative_steps(model, [pending.ids], patcher, cfg, [row.generator], row.stop,
+                                      record_logits=job.request.logprobs is not None)
+            self._spec, self._rows = (row, steps), [row]
+        if self._spec is None:
+            return
+        row, steps = self._spec
+        try:
+            for _ in range(self.speculative + 1):
+                event = next(steps)
+                if event[0] == "prompt_starts":
+                    event = next(steps)
+                _, t, logits_row, _, _ = event
+                lp = _logprobs(logits_row[None], [row])[0] if logits_row is not None else None
+                self.metrics.generated_bytes.inc()
+                if self._emit(row, int(t), lp, time.perf_counter(), events):
+                    self._end_speculative()
+                    break
+        except StopIteration:  # the driver ended the row where its stop condition (the row's own) did
+            self._end_speculative()
+        except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+            self._fail(row.job, _internal(e), events)
+            self._end_speculative()
+        clock.lap("step")
+
+    def _end_speculative(self) -> None:
+        if self._spec is not None:
+            self._spec[1].close()
+        self._spec, self._rows = None, []
 
     # ------------------------------------------------------------------ steps of a tick
     def _admit(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
@@ -442,13 +501,7 @@ class Scheduler:
                         self._fail(self._rows[i].job, _internal(e), events)
                         bad.add(i)
         want_lp = [i for i, r in enumerate(self._rows) if r.job.request.logprobs is not None and i not in bad]
-        lp_rows: dict[int, tuple[torch.Tensor, list[tuple[int, float]]]] = {}
-        if want_lp:
-            logp = torch.log_softmax(logits[want_lp].float(), dim=-1)
-            for j, i in enumerate(want_lp):
-                k = self._rows[i].job.request.logprobs or 0
-                values, ids = logp[j].topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-                lp_rows[i] = (logp[j], list(zip(ids.tolist(), values.tolist())))
+        lp_rows = dict(zip(want_lp, _logprobs(logits[want_lp], [self._rows[i] for i in want_lp]))) if want_lp else {}
         now = time.perf_counter()
         ids_list = next_ids.tolist()
         finished = sorted(bad)
@@ -458,24 +511,31 @@ class Scheduler:
                 if i not in bad:
                     finished.append(i)
                 continue
-            t = ids_list[i]
             n_new += 1
-            if i in lp_rows:
-                logp_row, top = lp_rows[i]
-                row.pending_logprobs.append(TokenLogprob(t, float(logp_row[t]), top))
-            row.ids.append(t)
-            (self.metrics.ttfb if len(row.ids) == 1 else self.metrics.inter_byte).observe(now - row.last_time)
-            row.last_time = now
-            reason = row.stop.reason(row.ids)
-            if row.stream is not None and reason != "eos":
-                text = row.stream.push(t)
-                if text:
-                    events.setdefault(row.job, []).append(Delta(row.index, text, self._take_logprobs(row)))
-            if reason is not None:
-                self._finish(row, reason, events)
+            if self._emit(row, ids_list[i], lp_rows.get(i), now, events):
                 finished.append(i)
         self.metrics.generated_bytes.inc(n_new)
         return next_ids, sorted(set(finished))
+
+    def _emit(self, row: Row, t: int, lp: tuple[torch.Tensor, list[tuple[int, float]]] | None, now: float,
+              events: dict[Job, list[Event]]) -> bool:
+        """Append byte ``t`` to ``row`` (its log-probabilities ``lp``, see :func:`_logprobs`): metrics, text
+        released, stop condition. True when the row is finished."""
+        if lp is not None:
+            logp_row, top = lp
+            row.pending_logprobs.append(TokenLogprob(t, float(logp_row[t]), top))
+        row.ids.append(t)
+        (self.metrics.ttfb if len(row.ids) == 1 else self.metrics.inter_byte).observe(now - row.last_time)
+        row.last_time = now
+        reason = row.stop.reason(row.ids)
+        if row.stream is not None and reason != "eos":
+            text = row.stream.push(t)
+            if text:
+                events.setdefault(row.job, []).append(Delta(row.index, text, self._take_logprobs(row)))
+        if reason is not None:
+            self._finish(row, reason, events)
+            return True
+        return False
 
     def _take_logprobs(self, row: Row) -> list[TokenLogprob] | None:
         if row.job.request.logprobs is None:
@@ -515,6 +575,17 @@ class Scheduler:
                 job.sink(evs)
             except Exception:  # noqa: BLE001 - the loop is gone (shutdown): nobody to tell
                 job.cancel()
+
+
+def _logprobs(logits: torch.Tensor, rows: list[Row]) -> list[tuple[torch.Tensor, list[tuple[int, float]]]]:
+    """Per row: the log-probabilities of ``logits (R, V)`` and the row's ``logprobs`` most likely ``(id, logp)``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for j, row in enumerate(rows):
+        k = row.job.request.logprobs or 0
+        values, ids = logp[j].topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+        out.append((logp[j], list(zip(ids.tolist(), values.tolist()))))
+    return out
 
 
 class _PhaseClock:

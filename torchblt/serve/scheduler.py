@@ -18,6 +18,10 @@ batch. The scheduler thread loops over *ticks*:
    and releases the text that is final (never half a UTF-8 character, never the start of a stop string);
 5. finished rows leave; the others take one ``engine.step``.
 
+With ``speculative=K`` (``max_batch`` 1) steps 3-5 are instead the rounds of
+:func:`torchblt.generation.speculative.speculative_steps` for the one running row (up to ``K + 1`` bytes per
+tick; its prompt is prefilled by that driver).
+
 So a choice's bytes depend only on its prompt, its parameters and its seed: equal to the same request
 run alone, whatever else runs. Errors are contained: a job whose prefill, sampling or step raises gets
 an error event and leaves; the other rows go on. Events go to the event loop through a sink callback

@@ -319,96 +319,72 @@ def test_sixteen_staggered_clients_each_equal_their_single_run(server, model):
     wait_until(lambda: srv.engine.n_rows == 0)
 
 
-def test_a_row_joining_a_running_batch_gets_its_solo_output(model):
-    """Continuous batching in the engine: rows join a batch that is already decoding (one batch, not one
-    per arrival) and leave it, and every row's greedy bytes and logits are those it gets alone."""
-    engine = BatchEngine(model)
-    prompts = [TOK.encode(t, add_eos=False) for t in (TEXT[:30], "Hi", TEXT[40:60])]
-    n_new = 24
-    solo = []
-    for p in prompts:
-        alone_engine = BatchEngine(model)
-        logits, seq = alone_engine.join([p], [n_new]), []
-        for _ in range(n_new):
-            nxt = logits.argmax(-1)
-            seq.append((int(nxt[0]), logits[0]))
-            logits = alone_engine.step(nxt).logits
-        solo.append(seq)
-    got: list[list] = [[], [], []]
-    joins = {0: [0], 5: [1, 2]}  # step -> rows that join before it
+def _solo_greedy(model, prompt: list[int], n_new: int) -> list[tuple[int, torch.Tensor]]:
+    return _drive(BatchEngine(model), [prompt], [n_new], {0: [0]})[0]
+
+
+def _drive(engine, prompts, n_new: list[int], joins: dict[int, list[int]], on_step=None) -> list[list]:
+    """Greedy decoding through ``engine``: rows ``joins[step]`` join before ``step``, each leaves after its
+    ``n_new`` bytes; ``on_step(step, live)`` before every engine step. Per row: ``[(byte, logits), ...]``."""
+    got: list[list] = [[] for _ in prompts]
     live: list[int] = []
     logits = None
-    for step in range(n_new + 5):
+    for step in range(max(n_new) + max(joins) + 1):
         if step in joins:
-            new = engine.join([prompts[r] for r in joins[step]], [n_new] * len(joins[step]))
+            new = engine.join([prompts[r] for r in joins[step]], [n_new[r] for r in joins[step]])
             logits = new if logits is None else torch.cat([logits, new])
             live += joins[step]
         nxt = logits.argmax(-1)
         for i, r in enumerate(live):
             got[r].append((int(nxt[i]), logits[i]))
-        done = [i for i, r in enumerate(live) if len(got[r]) == n_new]
+        done = [i for i, r in enumerate(live) if len(got[r]) == n_new[r]]
         if done:
             engine.leave(done)
             keep = [i for i in range(len(live)) if i not in done]
             live, nxt = [live[i] for i in keep], nxt[keep]
         if not live:
             break
-        assert engine.n_batches == 1 and engine.n_rows == len(live)
+        if on_step is not None:
+            on_step(step, live)
         logits = engine.step(nxt).logits
     assert engine.n_rows == 0 and engine.cache_bytes() == 0
-    for r in range(3):
+    return got
+
+
+def _assert_solo(got: list[list], solo: list[list]) -> None:
+    for r in range(len(solo)):
         assert [t for t, _ in got[r]] == [t for t, _ in solo[r]], f"row {r}"
         torch.testing.assert_close(torch.stack([lg for _, lg in got[r]]), torch.stack([lg for _, lg in solo[r]]),
                                    atol=1e-4, rtol=0)
 
 
-def _solo_greedy(model, prompt: list[int], n_new: int) -> list[tuple[int, torch.Tensor]]:
-    engine, seq = BatchEngine(model), []
-    logits = engine.join([prompt], [n_new])
-    for _ in range(n_new):
-        nxt = logits.argmax(-1)
-        seq.append((int(nxt[0]), logits[0]))
-        logits = engine.step(nxt).logits
-    return seq
+def test_a_row_joining_a_running_batch_gets_its_solo_output(model):
+    """Continuous batching in the engine: rows join a batch that is already decoding (one batch, not one
+    per arrival) and leave it, and every row's greedy bytes and logits are those it gets alone."""
+    engine = BatchEngine(model)
+    prompts = [TOK.encode(t, add_eos=False) for t in (TEXT[:30], "Hi", TEXT[40:60])]
+    solo = [_solo_greedy(model, p, 24) for p in prompts]
+
+    def check(step, live):
+        assert engine.n_batches == 1 and engine.n_rows == len(live)
+
+    _assert_solo(_drive(engine, prompts, [24] * 3, {0: [0], 5: [1, 2]}, check), solo)
 
 
 def test_rows_reuse_free_slots_without_copying_and_keep_their_solo_output(model):
     """A row that leaves frees its slot (no copy of the batch); a joining row is written into it; free
     slots are dropped (one select) after ``hold_steps``. Every row's greedy bytes and logits stay its solo run's."""
     engine = BatchEngine(model, hold_steps=4)
-    plan = [(TEXT[:30], 3, 0), ("Hi", 12, 0), (TEXT[40:60], 5, 0), (TEXT[5:25], 9, 4)]  # prompt, new bytes, join step
-    prompts = [TOK.encode(t, add_eos=False) for t, _, _ in plan]
-    solo = [_solo_greedy(model, p, n) for p, (_, n, _) in zip(prompts, plan)]
-    got: list[list] = [[] for _ in plan]
-    live: list[int] = []
-    logits = None
+    texts, n_new = [TEXT[:30], "Hi", TEXT[40:60], TEXT[5:25]], [3, 12, 5, 9]
+    prompts = [TOK.encode(t, add_eos=False) for t in texts]
+    solo = [_solo_greedy(model, p, n) for p, n in zip(prompts, n_new)]
     slots_seen = []
-    for step in range(40):
-        joining = [r for r, (_, _, at) in enumerate(plan) if at == step]
-        if joining:
-            new = engine.join([prompts[r] for r in joining], [plan[r][1] for r in joining])
-            logits = new if logits is None else torch.cat([logits, new])
-            live += joining
-        nxt = logits.argmax(-1)
-        for i, r in enumerate(live):
-            got[r].append((int(nxt[i]), logits[i]))
-        done = [i for i, r in enumerate(live) if len(got[r]) == plan[r][1]]
-        if done:
-            engine.leave(done)
-            keep = [i for i in range(len(live)) if i not in done]
-            live, nxt = [live[i] for i in keep], nxt[keep]
-        if not live:
-            break
-        slots_seen.append((step, engine.n_rows, engine.n_slots, engine.compactions))
-        logits = engine.step(nxt).logits
-    assert engine.n_rows == 0 and engine.cache_bytes() == 0
+    got = _drive(engine, prompts, n_new, {0: [0, 1, 2], 4: [3]},
+                 lambda step, live: slots_seen.append((step, engine.n_rows, engine.n_slots, engine.compactions)))
     # step 2: row 0 left (3 bytes), its slot held; step 4: row 2 left and row 3 took a free slot: still 3 slots
     assert (2, 2, 3, 0) in slots_seen and (4, 2, 3, 0) in slots_seen, slots_seen
     assert any(c > 0 and n == s for _, n, s, c in slots_seen), slots_seen  # compacted once a slot was held 4 steps
-    for r in range(len(plan)):
-        assert [t for t, _ in got[r]] == [t for t, _ in solo[r]], f"row {r}"
-        torch.testing.assert_close(torch.stack([lg for _, lg in got[r]]), torch.stack([lg for _, lg in solo[r]]),
-                                   atol=1e-4, rtol=0)
+    _assert_solo(got, solo)
 
 
 class _LoggingEngine(BatchEngine):

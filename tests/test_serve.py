@@ -375,15 +375,18 @@ def test_rows_reuse_free_slots_without_copying_and_keep_their_solo_output(model)
     """A row that leaves frees its slot (no copy of the batch); a joining row is written into it; free
     slots are dropped (one select) after ``hold_steps``. Every row's greedy bytes and logits stay its solo run's."""
     engine = BatchEngine(model, hold_steps=4)
-    texts, n_new = [TEXT[:30], "Hi", TEXT[40:60], TEXT[5:25]], [3, 12, 5, 9]
+    # row 3 asks for more bytes than the others: its slot's caches are larger, so the batch's grow to them
+    texts, n_new = [TEXT[:30], "Hi", TEXT[40:60], TEXT[5:25]], [3, 12, 5, 70]
     prompts = [TOK.encode(t, add_eos=False) for t in texts]
     solo = [_solo_greedy(model, p, n) for p, n in zip(prompts, n_new)]
-    slots_seen = []
+    seen, capacity = [], {}
     got = _drive(engine, prompts, n_new, {0: [0, 1, 2], 4: [3]},
-                 lambda step, live: slots_seen.append((step, engine.n_rows, engine.n_slots, engine.compactions)))
+                 lambda step, live: (seen.append((step, engine.n_rows, engine.n_slots, engine.compactions)),
+                                     capacity.setdefault(step, engine.state.global_.capacity)))
     # step 2: row 0 left (3 bytes), its slot held; step 4: row 2 left and row 3 took a free slot: still 3 slots
-    assert (2, 2, 3, 0) in slots_seen and (4, 2, 3, 0) in slots_seen, slots_seen
-    assert any(c > 0 and n == s for _, n, s, c in slots_seen), slots_seen  # compacted once a slot was held 4 steps
+    assert (2, 2, 3, 0) in seen and (4, 2, 3, 0) in seen, seen
+    assert capacity[4] > capacity[3], capacity
+    assert any(c > 0 and n == s for _, n, s, c in seen), seen  # compacted once a slot was held 4 steps
     _assert_solo(got, solo)
 
 

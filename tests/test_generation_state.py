@@ -321,3 +321,27 @@ def test_generation_config_compile_and_deprecated_fused_step(monkeypatch):
     assert built == [api.compile_pays(model, 1, 4)] and built[0] is False  # a few bytes: not worth compiling
     with pytest.warns(DeprecationWarning, match="fused_step"):
         generate_tokens(model, prompts_ids("ab"), patcher, config=GenerationConfig(max_new_bytes=2, fused_step=True))
+
+
+def test_compiled_small_query_attention_equals_sdpa():
+    """A compiled CPU call with few queries writes attention out as products and a softmax (see
+    ``scaled_dot_product``): it must equal SDPA, with boolean and additive masks and grouped-query heads,
+    and call SDPA for more queries than ``SMALL_QUERIES``."""
+    from torchblt.model import transformer
+
+    torch.manual_seed(0)
+    compiled = torch.compile(transformer.scaled_dot_product, fullgraph=True, dynamic=False)
+    k, v = torch.randn(2, 11, 2, 8), torch.randn(2, 11, 2, 8)
+    for tq, kind in ((1, "bool"), (3, "additive"), (transformer.SMALL_QUERIES + 1, "bool")):
+        q = torch.randn(2, tq, 4, 8)
+        allowed = torch.rand(2, 1, tq, 11) > 0.4
+        allowed[..., 0] = True  # every query sees a key
+        mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        want = transformer.scaled_dot_product(q, k, v, mask)
+        torch.testing.assert_close(compiled(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
+    # the written-out form is what the compiled graph runs for few queries: no flash-attention kernel
+    from torch._inductor.utils import run_and_get_code
+
+    fresh = torch.compile(transformer.scaled_dot_product, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(fresh, q[:, :2], k, v, allowed[:, :, :2])
+    assert "flash_attention" not in "".join(code)

@@ -74,8 +74,14 @@ DENSE_CROSS_MAX = 1 << 18  # slots x bytes of the encoder's closing cross-attent
 # Inductor on CPU: one- and two-row matrix products become a multiply-and-sum that inductor generates
 # itself (a dot product per output over the weight's contiguous rows, reading it once) instead of a BLAS
 # call whose one-row kernel reads memory well under its bandwidth (measured: bench/generation.py).
+# ``cpp_wrapper``: the code that allocates buffers and calls the kernels of a compiled part is C++ instead of
+# Python; a decoding step is a few hundred small kernels, and the Python wrapper was ~1 ms of a ~3 ms step
+# (light config, 1 thread: 3.29 -> 2.64 ms/step with the small-query attention of
+# :func:`torchblt.model.transformer.scaled_dot_product`; small config 7.71 -> 6.89; measured interleaved in one
+# process under bench-idle). It makes a cold compile slower (C++ for the wrapper too).
 CPU_OPTIONS: dict[str, Any] = {"post_grad_fusion_options": {"decompose_mm_pass": {
-    "cpu_max_first_dimension_decomposition": 2, "cpu_max_other_dimension_decomposition": 1 << 16}}}
+    "cpu_max_first_dimension_decomposition": 2, "cpu_max_other_dimension_decomposition": 1 << 16}},
+    "cpp_wrapper": True}
 
 
 

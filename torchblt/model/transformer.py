@@ -221,6 +221,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     return out.transpose(1, 2)  # type: ignore[union-attr]
 
 
+SMALL_QUERIES = 8  # queries per row up to which a compiled CPU attention is written out (see scaled_dot_product)
+
+
 def scaled_dot_product(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,11 +231,21 @@ def scaled_dot_product(
     mask: torch.Tensor | None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """SDPA on ``(B, T, H, Dh)`` tensors with GQA (repeat-interleaved KV heads); returns ``(B, Tq, H, Dh)``."""
+    """SDPA on ``(B, T, H, Dh)`` tensors with GQA (repeat-interleaved KV heads); returns ``(B, Tq, H, Dh)``.
+
+    Compiled on CPU, a call with few queries (a decoding step) is written out as products and a softmax,
+    which inductor fuses with the code around it, instead of the flash-attention kernel (an opaque call per
+    layer: ~12% of a compiled step); the same attention, equal within float rounding."""
     n_rep = q.shape[2] // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
         v = v.repeat_interleave(n_rep, dim=2)
+    if q.shape[1] <= SMALL_QUERIES and not is_causal and q.device.type == "cpu" and torch.compiler.is_compiling():
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scores = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return (scores.softmax(-1) @ vt).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
     )

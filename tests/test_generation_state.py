@@ -169,6 +169,41 @@ def test_extend_joins_a_running_batch_and_select_keeps_rows():
         run.extend(IncrementalEngine(model, patcher, 8, lookahead=2).prefill([p1])[0])
 
 
+def test_put_replaces_a_row_in_place_and_the_newcomer_decodes_as_alone():
+    """``DecodeState.put``: a request takes the row of one that finished (no copy of the others'
+    caches); the newcomer (a longer prompt: its rings are larger) and the running row decode as alone."""
+    model, patcher = entropy_setup(7)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=40)
+    p1, p2, p3 = prompts_ids(TEXT[:12], "hi", TEXT[40:95])
+    feed = text_bytes(TEXT[:16])
+    alone = {}
+    for key, p in (("a", p1), ("c", p3)):
+        s, lg, _ = engine.prefill([p])
+        out = [lg]
+        for t in feed:
+            out.append(engine.step(s, torch.tensor([t])))
+        alone[key] = torch.stack(out)[:, 0]
+    run, lg, _ = engine.prefill([p1, p2])
+    got = {"a": [lg[0]], "c": []}
+    for t in feed[:6]:
+        got["a"].append(engine.step(run, torch.tensor([t, t]))[0])
+    row_a = run.encoder.tensors[0][0].clone()
+    newcomer, lg3, _ = engine.prefill([p3])
+    run.put([1], newcomer)  # b finished: c takes its row
+    assert torch.equal(run.encoder.tensors[0][0], row_a)  # the running row is untouched
+    got["c"].append(lg3[0])
+    for i in range(10):
+        lg = engine.step(run, torch.tensor([feed[6 + i], feed[i]]))
+        got["a"].append(lg[0])
+        got["c"].append(lg[1])
+    for key in "ac":
+        seq = torch.stack(got[key])
+        torch.testing.assert_close(seq, alone[key][: len(seq)], atol=ATOL, rtol=0)
+        assert torch.equal(seq.argmax(-1), alone[key][: len(seq)].argmax(-1)), key
+    with pytest.raises(ValueError, match="put of 1 rows into 2"):
+        run.put([0, 1], newcomer)
+
+
 @pytest.mark.parametrize("name", ["entropy", "cross-windows", "concat-static", "causal"])
 def test_chunked_prefill_equals_one_chunk(name):
     model, patcher = SETUPS[name]()

@@ -141,6 +141,19 @@ class Ring:
         self.tensors = [self.layout(torch.cat([a, b])) for a, b in zip(self.tensors, other.tensors, strict=True)]
         self.pos, self.tag = torch.cat([self.pos, other.pos]), torch.cat([self.tag, other.tag])
 
+    def put(self, rows: torch.Tensor, other: Ring) -> None:
+        """Overwrite ``rows`` with ``other``'s rows, in place (the smaller ring grows to the larger capacity
+        first): a row joins a batch in a free row without copying the others (``extend`` copies them all)."""
+        if other.capacity < self.capacity:
+            other = other.copy()
+            other.grow(self.capacity)
+        elif other.capacity > self.capacity:
+            self.grow(other.capacity)
+        rows = rows.to(self.pos.device)
+        for mine, theirs in zip(self.tensors, other.tensors, strict=True):
+            mine[rows] = theirs.to(mine.dtype)
+        self.pos[rows], self.tag[rows] = other.pos, other.tag
+
     def copy(self) -> Ring:
         out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)

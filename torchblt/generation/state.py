@@ -1,4 +1,4 @@
-"""The decoding state of a batch of rows: one dataclass tree, with ``select`` / ``extend`` / ``truncate``.
+"""The decoding state of a batch of rows: one dataclass tree, with ``select`` / ``extend`` / ``put`` / ``truncate``.
 
 Shape legend: B rows, n new bytes of one call, w patches an encoder slot may read (``window_encoder`` or
 1), tw bytes of context kept for the hash n-grams and the patching rule, H snapshots kept for roll-back.
@@ -188,6 +188,28 @@ class DecodeState:
             self.history = Cursor.zip(lambda a, b: torch.cat([a, b]), self.history, other.history)
         for mine, theirs in zip(self.rings(), other.rings(), strict=True):
             mine.extend(theirs)
+        self.spans = None
+        return self
+
+    @torch.inference_mode()
+    def put(self, rows: list[int] | torch.Tensor, other: DecodeState) -> DecodeState:
+        """Overwrite this state's ``rows`` with ``other``'s rows, in order (states of the same engine), in
+        place; returns ``self``. A server's free row (a request that finished) takes a joining request
+        without copying the running rows' caches, as ``extend`` + ``select`` would."""
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.cursor.pos.device)
+        if index.numel() != other.batch:
+            raise ValueError(f"put of {other.batch} rows into {index.numel()} rows")
+        if other.lookahead != self.lookahead or (other.entropy is None) != (self.entropy is None):
+            raise ValueError("put needs a state of the same engine (same model and lookahead)")
+
+        def put(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:  # the cursor is small: new tensors
+            return mine.index_copy(0, index, theirs.to(mine.dtype))
+
+        self.cursor = Cursor.zip(put, self.cursor, other.cursor)
+        if self.history is not None and other.history is not None:
+            self.history = Cursor.zip(put, self.history, other.history)
+        for mine, theirs in zip(self.rings(), other.rings(), strict=True):
+            mine.put(index, theirs)
         self.spans = None
         return self
 

@@ -43,7 +43,6 @@ import torch
 from torchblt.eval.bpb import _forward_batch, default_context, make_windows
 from torchblt.generation import DecodeState, IncrementalEngine
 from torchblt.generation.api import resolve_patcher
-from torchblt.generation.state import Cursor
 from torchblt.model.blt import BLT
 from torchblt.patching import Patcher
 
@@ -123,7 +122,7 @@ class BatchEngine:
     The state's rows are *slots*: ``live[i]`` is the slot of the batch's row ``i``. A row that leaves
     frees its slot without copying the batch (``select`` copies every cache: measured at about one
     step of a 16-row batch per join or leave); a joining row is written into a free slot in place
-    (:func:`put_rows`). Free slots are stepped with EOS bytes (their output is dropped; EOS keeps
+    (``DecodeState.put``). Free slots are stepped with EOS bytes (their output is dropped; EOS keeps
     their documents, and so the caches they need, short) until a row reuses them, or the batch is
     compacted (one ``select``): when a slot has been free ``hold_steps`` steps, or more slots are
     free than a quarter of the live rows."""
@@ -205,7 +204,7 @@ class BatchEngine:
         reuse = sorted(self.free)[: len(states)]
         if reuse:
             assert self.state is not None
-            put_rows(self.state, reuse, DecodeState.cat(states[: len(reuse)]))
+            self.state.put(reuse, DecodeState.cat(states[: len(reuse)]))
             for s in reuse:
                 del self.free[s]
             self.live += reuse
@@ -304,31 +303,6 @@ class BatchEngine:
                 values, ids = torch.zeros(len(lp), 0), torch.zeros(len(lp), 0, dtype=torch.int64)
             out.append(PromptScores(lp, ids.cpu(), values.cpu()))
         return out
-
-
-@torch.inference_mode()
-def put_rows(dst: DecodeState, slots: list[int], src: DecodeState) -> None:
-    """Overwrite rows ``slots`` of ``dst`` with the rows of ``src`` (states of the same engine), in place:
-    every per-row tensor of the state (the cursor and every ring's entries, positions and tags). A ring
-    of ``src`` smaller than ``dst``'s grows to its capacity (``Ring.grow``; and ``dst``'s, the other way)."""
-    idx = torch.tensor(slots, dtype=torch.int64, device=dst.cursor.pos.device)
-    assert len(slots) == src.batch and dst.lookahead == src.lookahead and (src.history is None) == (dst.history is None)
-    def put(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # the cursor is small: new tensors (no aliasing)
-        return d.index_copy(0, idx, s.to(d.dtype))
-
-    dst.cursor = Cursor.zip(put, dst.cursor, src.cursor)
-    if dst.history is not None and src.history is not None:
-        dst.history = Cursor.zip(put, dst.history, src.history)
-    for mine, theirs in zip(dst.rings(), src.rings(), strict=True):
-        if theirs.capacity < mine.capacity:
-            theirs.grow(mine.capacity)
-        elif theirs.capacity > mine.capacity:
-            mine.grow(theirs.capacity)
-        i = idx.to(mine.pos.device)
-        for d, s in zip(mine.tensors, theirs.tensors, strict=True):
-            d[i] = s.to(d.dtype)
-        mine.pos[i], mine.tag[i] = theirs.pos, theirs.tag
-    dst.spans = None
 
 
 CohortEngine = BatchEngine  # the interim name (rows joined as cohorts then); kept for existing imports

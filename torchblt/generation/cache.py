@@ -141,6 +141,14 @@ class Ring:
         self.tensors = [self.layout(torch.cat([a, b])) for a, b in zip(self.tensors, other.tensors, strict=True)]
         self.pos, self.tag = torch.cat([self.pos, other.pos]), torch.cat([self.tag, other.tag])
 
+    def take(self, rows: torch.Tensor) -> Ring:
+        """A new ring holding copies of ``rows`` (this one unchanged; :meth:`put` writes them back)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.tensors = [self.layout(t[rows]) for t in self.tensors]
+        out.pos, out.tag = self.pos[rows], self.tag[rows]
+        return out
+
     def put(self, rows: torch.Tensor, other: Ring) -> None:
         """Overwrite ``rows`` with ``other``'s rows, in place (the smaller ring grows to the larger capacity
         first): a row joins a batch in a free row without copying the others (``extend`` copies them all)."""
@@ -153,6 +161,17 @@ class Ring:
         for mine, theirs in zip(self.tensors, other.tensors, strict=True):
             mine[rows] = theirs.to(mine.dtype)
         self.pos[rows], self.tag[rows] = other.pos, other.tag
+
+    def put_entries(self, rows: torch.Tensor, other: Ring, positions: torch.Tensor, keep: torch.Tensor) -> None:
+        """Copy the entries at ``positions (R, m)`` (where ``keep``) of ``other`` (a :meth:`take` of ``rows``
+        of this ring, of the same capacity) back into ``rows``: what a call on the taken rows wrote."""
+        slots = other.slots(positions, keep)
+        rows = rows.to(self.pos.device)[:, None].expand_as(slots)
+        mine_rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+        for mine, theirs in zip(self.tensors, other.tensors, strict=True):
+            mine[rows, slots] = theirs[mine_rows, slots]
+        self.pos[rows, slots], self.tag[rows, slots] = other.pos[mine_rows, slots], other.tag[mine_rows, slots]
+        self.pos[:, -1] = -1
 
     def copy(self) -> Ring:
         out = object.__new__(type(self))

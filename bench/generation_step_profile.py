@@ -1,4 +1,4 @@
-"""Where one eager decoding step spends its time: batch 1, greedy, the bench's configs (issue 12).
+"""Where one eager decoding step spends its time: greedy, batch 1 (or ``--batch``), the bench's configs (issue 12).
 
 Builds the model of :mod:`bench.generation` (same weights, same entropy threshold), prefills a 64-byte
 prompt, then decodes ``--new-bytes`` bytes with the eager step and prints ms per step, then per step:
@@ -9,7 +9,8 @@ two profiles can be compared op by op:
     cpu-run py bench/generation_step_profile.py --threads 1
     BENCH_TORCHBLT_ROOT=/work/wt-main0 cpu-run py bench/generation_step_profile.py --threads 1
 
-Profile times are inflated by the profilers; the ms per step is measured without them.
+Profile times are inflated by the profilers; the ms per step is measured without them (``--no-profile``:
+only that, e.g. a 16-row batch step of two checkouts, alternating under ``bench-idle``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-bytes", type=int, default=128)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (64-byte prompts)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="only the ms per step")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, em, threshold = bench.build(args.config, torch.device("cpu"), torch.float32)
     patcher = Patcher("entropy", threshold=threshold, entropy_model=em)
-    rows = bench.prompts(1, 64)
+    rows = bench.prompts(args.batch, 64)
     n = args.new_bytes
 
     @torch.inference_mode()
@@ -54,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run()  # warm-up
     times = sorted(run() for _ in range(3))
-    print(f"{sys.modules['torchblt'].__file__}: {args.config}, {args.threads} thread(s), "
+    print(f"{sys.modules['torchblt'].__file__}: {args.config}, batch {args.batch}, {args.threads} thread(s), "
           f"ms/step {times[1]:.2f} (runs {', '.join(f'{t:.2f}' for t in times)})")
+    if not args.profile:
+        return 0
 
     from torch.profiler import profile
 

@@ -20,7 +20,7 @@ and the ratios at 16 clients to 1: aggregate throughput (goal >= 4) and p99 inte
 one-row batches vs one row alone (what batching can bring at most), one step at each batch size, the
 prefill of a 64- and a 512-byte prompt whole and in chunks (what ``--prefill-chunk`` costs and bounds),
 and what a row joining / leaving a 16-row batch costs by copying the batch (``DecodeState.extend`` /
-``select``) against writing it into a free slot (:func:`torchblt.serve.engine.put_rows`).
+``select``) against writing it into a free slot (``DecodeState.put``).
 
     python bench/serve.py                        # writes serve_bench.json, prints the table
     python bench/serve.py --json bench/serve_cpu.json --seconds 30
@@ -269,7 +269,7 @@ def _median_ms(fn, repeats: int = 5) -> float:
 
 def engine_costs(model, patcher, prompts: list[list[int]]) -> dict:
     """ms per greedy step by batch size, of prefills whole and in chunks, of a join / leave by copy or by slot."""
-    from torchblt.serve.engine import BatchEngine, put_rows
+    from torchblt.serve.engine import BatchEngine
 
     engine = BatchEngine(model, patcher)
     batch = engine.join(prompts, [128] * len(prompts))
@@ -305,7 +305,7 @@ def engine_costs(model, patcher, prompts: list[list[int]]) -> dict:
         "join_by_extend_ms": _median_ms(lambda: full.copy().select(rest).extend(one.state.copy()))
         - _median_ms(lambda: full.copy().select(rest)),
         "leave_by_select_ms": _median_ms(lambda: full.copy().select(rest)) - _median_ms(full.copy),
-        "join_into_slot_ms": _median_ms(lambda: put_rows(full, [0], one.state.copy())),
+        "join_into_slot_ms": _median_ms(lambda: full.put([0], one.state.copy())),
     }
 
 

@@ -131,20 +131,31 @@ class Ring:
         self.tensors = [self.layout(t[rows]) for t in self.tensors]
         self.pos, self.tag = self.pos[rows], self.tag[rows]
 
-    def extend(self, other: Ring) -> None:
-        """Append ``other``'s rows (the smaller ring grows to the larger capacity first)."""
+    def _shell(self) -> Ring:
+        """A new ring object sharing this one's tensors (for a caller that replaces them)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def _match_capacity(self, other: Ring) -> Ring:
+        """Grow this ring to ``other``'s capacity if smaller; returns ``other``, or a regrown ring of its rows
+        when it is the smaller (``grow`` writes into new tensors: ``other`` stays as it is)."""
         if other.capacity > self.capacity:
             self.grow(other.capacity)
         elif other.capacity < self.capacity:
-            other = other.copy()
+            other = other._shell()
             other.grow(self.capacity)
+        return other
+
+    def extend(self, other: Ring) -> None:
+        """Append ``other``'s rows (the smaller ring grows to the larger capacity first)."""
+        other = self._match_capacity(other)
         self.tensors = [self.layout(torch.cat([a, b])) for a, b in zip(self.tensors, other.tensors, strict=True)]
         self.pos, self.tag = torch.cat([self.pos, other.pos]), torch.cat([self.tag, other.tag])
 
     def take(self, rows: torch.Tensor) -> Ring:
         """A new ring holding copies of ``rows`` (this one unchanged; :meth:`put` writes them back)."""
-        out = object.__new__(type(self))
-        out.__dict__.update(self.__dict__)
+        out = self._shell()
         out.tensors = [self.layout(t[rows]) for t in self.tensors]
         out.pos, out.tag = self.pos[rows], self.tag[rows]
         return out
@@ -152,11 +163,7 @@ class Ring:
     def put(self, rows: torch.Tensor, other: Ring) -> None:
         """Overwrite ``rows`` with ``other``'s rows, in place (the smaller ring grows to the larger capacity
         first): a row joins a batch in a free row without copying the others (``extend`` copies them all)."""
-        if other.capacity < self.capacity:
-            other = other.copy()
-            other.grow(self.capacity)
-        elif other.capacity > self.capacity:
-            self.grow(other.capacity)
+        other = self._match_capacity(other)
         rows = rows.to(self.pos.device)
         for mine, theirs in zip(self.tensors, other.tensors, strict=True):
             mine[rows] = theirs.to(mine.dtype)
@@ -174,8 +181,7 @@ class Ring:
         self.pos[:, -1] = -1
 
     def copy(self) -> Ring:
-        out = object.__new__(type(self))
-        out.__dict__.update(self.__dict__)
+        out = self._shell()
         out.tensors = [self.layout(t.clone()) for t in self.tensors]
         out.pos, out.tag = self.pos.clone(), self.tag.clone()
         return out

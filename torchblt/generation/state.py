@@ -181,8 +181,7 @@ class DecodeState:
         """Append ``other``'s rows after this state's (states of the same engine). In place; returns ``self``.
 
         Rows never read each other, so a row that joins a running batch decodes exactly as it does alone."""
-        if other.lookahead != self.lookahead or (other.entropy is None) != (self.entropy is None):
-            raise ValueError("extend needs a state of the same engine (same model and lookahead)")
+        self._check_same_engine(other, "extend")
         self.cursor = Cursor.zip(lambda a, b: torch.cat([a, b]), self.cursor, other.cursor)
         if self.history is not None and other.history is not None:
             self.history = Cursor.zip(lambda a, b: torch.cat([a, b]), self.history, other.history)
@@ -190,6 +189,10 @@ class DecodeState:
             mine.extend(theirs)
         self.spans = None
         return self
+
+    def _check_same_engine(self, other: DecodeState, op: str) -> None:
+        if other.lookahead != self.lookahead or (other.entropy is None) != (self.entropy is None):
+            raise ValueError(f"{op} needs a state of the same engine (same model and lookahead)")
 
     @torch.inference_mode()
     def put(self, rows: list[int] | torch.Tensor, other: DecodeState) -> DecodeState:
@@ -199,8 +202,7 @@ class DecodeState:
         index = torch.as_tensor(rows, dtype=torch.int64, device=self.cursor.pos.device)
         if index.numel() != other.batch:
             raise ValueError(f"put of {other.batch} rows into {index.numel()} rows")
-        if other.lookahead != self.lookahead or (other.entropy is None) != (self.entropy is None):
-            raise ValueError("put needs a state of the same engine (same model and lookahead)")
+        self._check_same_engine(other, "put")
 
         def put(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:  # the cursor is small: new tensors
             return mine.index_copy(0, index, theirs.to(mine.dtype))

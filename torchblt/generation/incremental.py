@@ -277,16 +277,29 @@ class IncrementalEngine:
         states, logits, starts = [], [], []
         for ids in prompts:
             state = self.new_state(1)
-            tokens = torch.tensor([ids], dtype=torch.int64, device=self.device)
-            flags = [True]
-            for a in range(0, len(ids), self.prefill_chunk):
-                out, after = self._call(state, tokens[:, a : a + self.prefill_chunk], compiled=False)
-                flags += after.next_start[0].tolist()
+            last, flags = self.prefill_row(state, ids)
             self.presize(state, self.max_new_bytes)
             states.append(state)
-            logits.append(out[:, -1])
-            starts.append(flags[: len(ids)])
+            logits.append(last)
+            starts.append([True, *flags][: len(ids)])
         return DecodeState.cat(states), torch.cat(logits).float(), starts
+
+    @torch.inference_mode()
+    def prefill_row(self, state: DecodeState, ids: list[int], start: int = 0,
+                    end: int | None = None) -> tuple[torch.Tensor, list[bool]]:
+        """Prefill bytes ``ids[start:end]`` of a one-row ``state`` that holds ``ids[:start]`` (eager, in
+        chunks of ``prefill_chunk`` bytes from ``start``): the logits ``(1, V)`` after the last of them and
+        whether each next position starts a patch. A prompt may be prefilled in parts (a server prefilling
+        a joining request between steps of the running ones)."""
+        end = len(ids) if end is None else end
+        if not 0 <= start < end <= len(ids):
+            raise ValueError(f"prefill of bytes {start}..{end} of a {len(ids)}-byte prompt")
+        tokens = torch.tensor([ids[start:end]], dtype=torch.int64, device=self.device)
+        flags: list[bool] = []
+        for a in range(0, end - start, self.prefill_chunk):
+            out, after = self._call(state, tokens[:, a : a + self.prefill_chunk], compiled=False)
+            flags += after.next_start[0].tolist()
+        return out[:, -1], flags
 
     def presize(self, state: DecodeState, n_bytes: int) -> None:
         """Grow the caches that grow so that ``n_bytes`` more bytes fit without re-allocating."""
@@ -492,9 +505,9 @@ class IncrementalEngine:
         B = state.batch
         if rows.numel() == B:
             return self._close(state, before, after, view, m)
-        sub = replace(state, cursor=state.cursor.map(lambda t: t[rows]), patch_bytes=state.patch_bytes.take(rows),
-                      global_=state.global_.take(rows), patch_slots=state.patch_slots.take(rows))
         take = lambda cur: cur.map(lambda t: t[rows])  # noqa: E731
+        sub = replace(state, cursor=take(state.cursor), patch_bytes=state.patch_bytes.take(rows),
+                      global_=state.global_.take(rows), patch_slots=state.patch_slots.take(rows))
         closed = self._close(sub, take(before), take(after), view, m)
         # what the close part wrote: the closing patches' global keys/values and decoder slots
         k = torch.arange(m, device=rows.device)[None]

@@ -23,9 +23,8 @@ when they joined (the scheduler's guarantee that a request's output equals ``tor
 :class:`~torchblt.generation.DecodeState` for every running row (continuous batching): ``join`` prefills
 the new rows and extends the running state with them (``DecodeState.extend``), so a request that arrives while others are
 decoding joins their batch at the next step; ``leave`` is ``select`` of the others. A joining row is
-prefilled on its own one-row state (``IncrementalEngine.new_state(1)``) by multi-byte steps of the
-engine over its prompt's chunks (a step over ``n`` bytes is the prefill's own call: the engine's chunked
-prefill driven from outside), so its caches and logits do not depend on what else runs or when its
+prefilled on its own one-row state (``IncrementalEngine.new_state(1)``) in parts
+(``IncrementalEngine.prefill_row``: the engine's own chunked prefill, driven from outside), so its caches and logits do not depend on what else runs or when its
 chunks ran. Rows never read each
 other in the engine, so a row's bytes are those it gets alone. A step that raises is retried row by row
 (each on its own copy of its row) so that only the rows whose step fails are removed: a step moves a
@@ -169,17 +168,13 @@ class BatchEngine:
 
     @torch.inference_mode()
     def prefill(self, pending: Prefill, n_bytes: int) -> None:
-        """Prefill the next ``n_bytes`` (at least 1) of ``pending``'s prompt: multi-byte steps of its own
-        state, in pieces of at most the engine's ``prefill_chunk``, as ``IncrementalEngine.prefill`` runs them."""
+        """Prefill the next ``n_bytes`` (at least 1) of ``pending``'s prompt into its own state
+        (``IncrementalEngine.prefill_row``: the engine's prefill, in parts)."""
         if pending.state is None:
             pending.state = self.engine.new_state(1)
         end = min(len(pending.ids), pending.done_bytes + max(1, n_bytes))
-        for a in range(pending.done_bytes, end, self.engine.prefill_chunk):
-            b = min(end, a + self.engine.prefill_chunk)
-            tokens = torch.tensor([pending.ids[a:b]], dtype=torch.int64, device=self.device)
-            logits = self.engine.step(pending.state, tokens)  # (1, n, V)
-            pending.done_bytes = b
-            pending.logits = logits[:, -1].float()
+        last, _ = self.engine.prefill_row(pending.state, pending.ids, pending.done_bytes, end)
+        pending.done_bytes, pending.logits = end, last.float()
 
     @torch.inference_mode()
     def admit(self, pendings: list[Prefill]) -> torch.Tensor:

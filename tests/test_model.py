@@ -19,7 +19,7 @@ from torchblt.model.config import (
     tiny_entropy,
 )
 from torchblt.model.masks import set_attention_backend
-from torchblt.model.transformer import StackConfig, ffn_hidden_dim
+from torchblt.model.transformer import Linear, StackConfig, ffn_hidden_dim
 
 
 def test_init_weights_covers_every_parameter():
@@ -171,3 +171,32 @@ def test_config_validation_errors():
         StackConfig(dim=8, n_layers=1, n_heads=2, attention="local_block_causal").validate("encoder")
     with pytest.raises(ValueError, match="divisible"):
         StackConfig(dim=10, n_layers=1, n_heads=3).validate("encoder")
+
+
+def test_linear_small_rows_product_equals_linear():
+    """``Linear`` multiplies 2-3 rows as ``W @ x.T`` outside autograd (one pass over the weight) and is
+    ``F.linear`` everywhere else: the same values, a contiguous result, nn.Linear's parameters."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias=False)
+    assert list(layer.state_dict()) == ["weight"] and isinstance(layer, torch.nn.Linear)
+    for shape in [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (2, 3)]:
+        x = torch.randn(*shape, 48)
+        rows = x.numel() // 48
+        with torch.inference_mode(), mock.patch("torch.mm", wraps=torch.mm) as mm:
+            out = layer(x)
+        assert mm.called == (2 <= rows <= 3), shape
+        assert out.shape == (*shape, 40) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+        # training: exactly F.linear, and gradients flow
+        y = layer(x)
+        assert torch.equal(y, F.linear(x, layer.weight))
+        y.sum().backward()
+        assert layer.weight.grad is not None
+        layer.weight.grad = None
+    with torch.inference_mode(), mock.patch("torch.mm", wraps=torch.mm) as mm:  # bf16: F.linear
+        layer.to(torch.bfloat16)(torch.randn(2, 1, 48, dtype=torch.bfloat16))
+    assert not mm.called

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchblt.model.masks import PatchCrossMask
-from torchblt.model.transformer import RMSNorm, flex_attention, scaled_dot_product, trunc_normal_
+from torchblt.model.transformer import Linear, RMSNorm, flex_attention, scaled_dot_product, trunc_normal_
 
 
 def gathered_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PatchCrossMask) -> torch.Tensor:
@@ -82,10 +82,10 @@ class CrossAttention(nn.Module):
         inner = n_heads * self.head_dim
         self.cross_attn_norm_q = RMSNorm(dim, norm_eps)
         self.cross_attn_norm_kv = RMSNorm(dim, norm_eps)
-        self.wq = nn.Linear(dim, inner, bias=False)
-        self.wk = nn.Linear(dim, inner, bias=False)
-        self.wv = nn.Linear(dim, inner, bias=False)
-        self.wo = nn.Linear(inner, dim, bias=False)
+        self.wq = Linear(dim, inner, bias=False)
+        self.wk = Linear(dim, inner, bias=False)
+        self.wv = Linear(dim, inner, bias=False)
+        self.wo = Linear(inner, dim, bias=False)
 
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(B, Tk, H, Dh)`` of ``kv (B, Tk, D)`` (cacheable: they depend on ``kv`` only)."""

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from torchblt.model.masks import uses_window
 from torchblt.model.transformer import (
+    Linear,
     RMSNorm,
     StackCache,
     StackConfig,
@@ -80,7 +80,7 @@ class EntropyModel(Transformer):
         t = config.transformer
         self.tok_embeddings = embedding(config.vocab_size, t.dim)
         self.norm = RMSNorm(t.dim, t.norm_eps)
-        self.output = nn.Linear(t.dim, config.vocab_size, bias=False)
+        self.output = Linear(t.dim, config.vocab_size, bias=False)
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: StackCache | None = None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torchblt.model.cross_attention import CrossAttention, double_residual
-from torchblt.model.transformer import RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
+from torchblt.model.transformer import Linear, RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
 
 
 def pool_patches(h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int, reductions: list[str]) -> torch.Tensor:
@@ -70,10 +70,10 @@ class LocalEncoder(Transformer):
         self.slots_per_patch = slots_per_patch
         self.cross_attn_all_layers = cross_attn_all_layers
         self.tok_embeddings = embedding(vocab_size, cfg.dim)
-        self.patch_embedding_projection: nn.Linear | None = None
+        self.patch_embedding_projection: Linear | None = None
         self.cross_attn_layers: nn.ModuleList | None = None
         if cross_attn:
-            self.patch_embedding_projection = nn.Linear(cfg.dim, cfg.dim * slots_per_patch, bias=False)
+            self.patch_embedding_projection = Linear(cfg.dim, cfg.dim * slots_per_patch, bias=False)
             n_cross = cfg.n_layers if cross_attn_all_layers else 1
             self.cross_attn_layers = nn.ModuleList(
                 CrossAttention(cfg.dim, cross_attn_heads, cfg.norm_eps) for _ in range(n_cross)
@@ -178,7 +178,7 @@ class GlobalTransformer(Transformer):
         super().__init__(cfg)
         self.eos_id = eos_id
         self.token_embedding_projection = (
-            nn.Linear(input_dim, cfg.dim, bias=False) if input_dim != cfg.dim else None
+            Linear(input_dim, cfg.dim, bias=False) if input_dim != cfg.dim else None
         )
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
@@ -220,7 +220,7 @@ class LocalDecoder(Transformer):
         self.slots_per_patch = slots_per_patch if cross_attn else 1
         self.cross_attn_all_layers = cross_attn_all_layers
         self.patch_embedding_projection = (
-            nn.Linear(global_dim, cfg.dim * self.slots_per_patch, bias=False) if global_dim != cfg.dim else None
+            Linear(global_dim, cfg.dim * self.slots_per_patch, bias=False) if global_dim != cfg.dim else None
         )
         self.cross_attn_layers: nn.ModuleList | None = None
         if cross_attn:
@@ -229,7 +229,7 @@ class LocalDecoder(Transformer):
                 CrossAttention(cfg.dim, cross_attn_heads, cfg.norm_eps) for _ in range(n_cross)
             )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.output = Linear(cfg.dim, vocab_size, bias=False)
 
     def patch_slots(self, h_global: torch.Tensor) -> torch.Tensor:
         """Global outputs ``(B, P, G)`` -> key/value slots ``(B, P*K, D)`` (or ``(B, P, D)`` without cross-attn)."""

@@ -380,3 +380,35 @@ def test_compiled_small_query_attention_equals_sdpa():
     fresh = torch.compile(transformer.scaled_dot_product, fullgraph=True, dynamic=False)
     _, code = run_and_get_code(fresh, q[:, :2], k, v, allowed[:, :, :2])
     assert "flash_attention" not in "".join(code)
+
+
+def test_stack_rows_prepare_equals_a_call_on_the_rows_taken_out():
+    """``StackKV.rows_of(rows).prepare`` (the global step of a batch's closing rows, caches in place) stores
+    and returns what the same call on a copy of those rows does, and leaves the other rows untouched."""
+    from torchblt.generation.cache import StackKV
+
+    torch.manual_seed(0)
+    B, C, H, D, layers = 5, 16, 2, 4, 2
+    stack = StackKV.for_stack(layers, B, C, H, D, None, True, torch.float32, torch.device("cpu"))
+    filled = torch.arange(6)[None].expand(B, 6)  # six stored entries per row, one document
+    stack.write(filled, [torch.randn(B, 6, H, D) for _ in range(2 * layers)], torch.zeros(B, 6, dtype=torch.int64))
+    before = stack.copy()
+    rows = torch.tensor([3, 1])
+    positions = torch.tensor([[6], [6]])
+    docs = torch.zeros(2, 1, dtype=torch.int64)
+    keep = torch.tensor([[True], [False]])  # row 1's entry is computed and discarded
+    new = [(torch.randn(2, 1, H, D), torch.randn(2, 1, H, D)) for _ in range(layers)]
+
+    taken = before.take(rows)
+    ref = taken.prepare(positions, docs, keep, view=8)
+    in_place = stack.rows_of(rows).prepare(positions, docs, keep, view=8)
+    assert torch.equal(ref.mask.dense, in_place.mask.dense)
+    for i, (k, v) in enumerate(new):
+        for got, want in zip(in_place.layers[i].update(k, v), ref.layers[i].update(k, v), strict=True):
+            assert torch.equal(got, want)
+    for j, t in enumerate(stack.tensors):
+        assert torch.equal(t[rows], taken.tensors[j])
+        others = torch.tensor([0, 2, 4])
+        assert torch.equal(t[others], before.tensors[j][others])
+    assert torch.equal(stack.pos[rows], taken.pos) and torch.equal(stack.tag[rows], taken.tag)
+    assert stack.pos[3, 6] == 6 and stack.pos[1, 6] == -1

@@ -48,6 +48,13 @@ def last_kept(keep: torch.Tensor | None, positions: torch.Tensor, capacity: int)
     return kept & (kept.flip(1).to(torch.int64).cumsum(1).flip(1) <= capacity)
 
 
+def _row_index(slots: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The row index ``(R, 1)`` of a write at ``slots (R, n)``: ``rows``, or every row in order."""
+    if rows is None:
+        return torch.arange(slots.shape[0], device=slots.device)[:, None]
+    return rows.to(slots.device)[:, None]
+
+
 class Ring:
     """Per-row ring storage: ``tensors[i] (B, C + 1, ...)``, ``pos (B, C + 1)``, ``tag (B, C + 1)``."""
 
@@ -76,15 +83,17 @@ class Ring:
         slots = positions % self.capacity
         return slots if keep is None else torch.where(keep, slots, self.capacity)
 
-    def store(self, slots: torch.Tensor, values: list[torch.Tensor], first: int = 0) -> None:
-        """``values[j] (B, n, ...)`` into ``tensors[first + j]`` at ``slots (B, n)`` (:meth:`slots`)."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+    def store(self, slots: torch.Tensor, values: list[torch.Tensor], first: int = 0,
+              rows: torch.Tensor | None = None) -> None:
+        """``values[j] (B, n, ...)`` into ``tensors[first + j]`` at ``slots (B, n)`` (:meth:`slots`); with
+        ``rows (R,)``: ``values[j] (R, n, ...)`` into those rows."""
+        rows = _row_index(slots, rows)
         for store, value in zip(self.tensors[first : first + len(values)], values, strict=True):
             store.index_put_((rows, slots), value.to(store.dtype))
 
     def store_meta(self, slots: torch.Tensor, positions: torch.Tensor, tag: torch.Tensor,
-                   keep: torch.Tensor | None) -> None:
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+                   keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+        rows = _row_index(slots, rows)
         self.pos.index_put_((rows, slots), positions if keep is None else torch.where(keep, positions, -1))
         self.tag.index_put_((rows, slots), tag.to(self.tag.dtype))
         self.pos[:, -1] = -1  # the discard slot never holds an entry
@@ -201,9 +210,14 @@ class _LayerWriter:
     view: int
     write_first: bool
     before: torch.Tensor | None = None  # (B, window - 1) slots of the entries before the new ones, in order
+    rows: torch.Tensor | None = None  # (R,): a call on these rows of the cache only (the new entries' rows)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_all, v_all = self.cache.tensors[self.index], self.cache.tensors[self.index + 1]
+        if self.rows is not None:  # store first, then copy out the rows' leading slots (head-major: one copy)
+            self.cache.store(self.slots, [k, v], self.index, self.rows)
+            k_rows, v_rows = (t.transpose(1, 2)[self.rows, :, : self.view].transpose(1, 2) for t in (k_all, v_all))
+            return k_rows, v_rows
         if self.before is not None:  # the window before the new entries, in position order (banded)
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             k_old, v_old = k_all[rows, self.before], v_all[rows, self.before]
@@ -252,16 +266,30 @@ class StackKV(Ring):
         return self.window is None or self.capacity >= self.window + n - 1
 
     def prepare(self, positions: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor | None = None,
-                view: int | None = None) -> PreparedStack:
+                view: int | None = None, rows: torch.Tensor | None = None) -> PreparedStack:
         """The cache of a call over new entries at ``positions (B, n)`` in documents ``docs (B, n)``
         (``keep (B, n)``: the entries to store; the others are computed and discarded). Stores their
         metadata and builds the mask ``(B, 1, n, N)`` of the new queries against the ``N`` keys each layer
         returns. ``view``: the leading slots that can hold an entry after this call (default: all).
 
         A query that sees no key (a discarded entry's) sees every key instead: no row produces a NaN,
-        which a masked-out value would still carry into the other rows' weighted sums."""
+        which a masked-out value would still carry into the other rows' weighted sums.
+
+        ``rows (R,)``: a call on those rows only (``positions``, ``docs``, ``keep`` are ``(R, n)``; a batch's
+        global step for the rows that close a patch): the other rows are untouched, and of the call's rows
+        only the ``view`` slots the call reads are copied out (not the whole ring). Needs room to store
+        the new entries first (:meth:`write_first`)."""
         first = self.write_first(positions.shape[1])
         view = self.capacity if view is None else min(view, self.capacity)
+        if rows is not None:
+            if not first:
+                raise ValueError(f"a call on some rows stores its {positions.shape[1]} entries first: "
+                                 f"capacity {self.capacity} is too small for window {self.window}")
+            slots = self.slots(positions, keep)
+            self.store_meta(slots, positions, docs, keep, rows)
+            kpos, kdoc = self.pos[rows, :view], self.tag[rows, :view]
+            layers = [_LayerWriter(self, 2 * i, slots, view, True, rows=rows) for i in range(self.n_layers)]
+            return PreparedStack(positions, self._mask(positions, docs, kpos, kdoc), layers)
         if not first and keep is None and self.window is not None and band_pays(positions.shape[1], self.window):
             return self._prepare_banded(positions, docs)
         if not first:
@@ -272,12 +300,21 @@ class StackKV(Ring):
         self.store_meta(slots, positions, docs, keep)
         if first:
             kpos, kdoc = self.pos[:, :view], self.tag[:, :view]
+        layers = [_LayerWriter(self, 2 * i, slots, view, first) for i in range(self.n_layers)]
+        return PreparedStack(positions, self._mask(positions, docs, kpos, kdoc), layers)
+
+    def rows_of(self, rows: torch.Tensor) -> StackRows:
+        """These rows of the stack, for a call on them only (their caches stay in place)."""
+        return StackRows(self, rows)
+
+    def _mask(self, positions: torch.Tensor, docs: torch.Tensor, kpos: torch.Tensor,
+              kdoc: torch.Tensor) -> SelfAttentionMask:
+        """The new queries' mask against keys at ``kpos`` (-1: empty) in documents ``kdoc``; a query that
+        would see no key sees every key (see :meth:`prepare`)."""
         allowed = self_attention_mask_dense(positions, kpos, docs if self.documents else None,
                                             kdoc if self.documents else None, self.window)
         allowed = allowed & (kpos >= 0)[:, None, None, :]
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        layers = [_LayerWriter(self, 2 * i, slots, view, first) for i in range(self.n_layers)]
-        return PreparedStack(positions, SelfAttentionMask(dense=allowed), layers)
+        return SelfAttentionMask(dense=allowed | ~allowed.any(-1, keepdim=True))
 
     def _prepare_banded(self, positions: torch.Tensor, docs: torch.Tensor) -> PreparedStack:
         """A call over many more new entries than the window (a long prefill chunk): each layer attends over
@@ -298,3 +335,15 @@ class StackKV(Ring):
         layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before) for i in range(self.n_layers)]
         self.store_meta(slots, positions, docs, keep)
         return PreparedStack(positions, SelfAttentionMask(dense=None, banded=band), layers)
+
+
+@dataclass
+class StackRows:
+    """Rows ``rows (R,)`` of a :class:`StackKV`: :meth:`prepare` is the stack's for a call on those rows."""
+
+    stack: StackKV
+    rows: torch.Tensor
+
+    def prepare(self, positions: torch.Tensor, docs: torch.Tensor, keep: torch.Tensor | None = None,
+                view: int | None = None) -> PreparedStack:
+        return self.stack.prepare(positions, docs, keep, view, rows=self.rows)

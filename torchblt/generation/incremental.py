@@ -500,20 +500,22 @@ class IncrementalEngine:
         """Eager :meth:`_close` of a batch, on the rows that close a patch only: in a batch of ``B`` rows at
         ~4.5 bytes per patch only ~``B / 4.5`` rows close one per step, and the global model over every row
         (padding for the others) was most of a 16-row step. The rows' caches that the close part reads or
-        writes (their encoder bytes, global keys/values, decoder slots) are taken out and put back."""
+        writes (their encoder bytes, decoder slots) are taken out and put back; the global model's cache stays
+        in place and is read and written for those rows (:meth:`StackKV.rows_of`: a copy of only the slots
+        the step reads, where taking the rows out copied their whole rings, sized for a patch per byte)."""
         rows = after.next_start.any(1).nonzero().flatten()  # data-dependent: eager only
         B = state.batch
         if rows.numel() == B:
             return self._close(state, before, after, view, m)
         take = lambda cur: cur.map(lambda t: t[rows])  # noqa: E731
         sub = replace(state, cursor=take(state.cursor), patch_bytes=state.patch_bytes.take(rows),
-                      global_=state.global_.take(rows), patch_slots=state.patch_slots.take(rows))
+                      global_=state.global_.rows_of(rows), patch_slots=state.patch_slots.take(rows))
         closed = self._close(sub, take(before), take(after), view, m)
-        # what the close part wrote: the closing patches' global keys/values and decoder slots
+        # what the close part wrote in the taken rings: the closing patches' decoder slots (the global
+        # model's keys/values went into the rows in place)
         k = torch.arange(m, device=rows.device)[None]
         patch = sub.cursor.n_closed[:, None] + k
         valid = k < after.next_start[rows].sum(1, keepdim=True)
-        state.global_.put_entries(rows, sub.global_, patch, valid)
         state.patch_slots.put_entries(rows, sub.patch_slots, patch, valid)
         if closed is None:
             return None

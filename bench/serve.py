@@ -16,7 +16,9 @@ do); the clients of a level start staggered over ``--ramp`` seconds. For every l
   ``blt_engine_batches``, sampled from ``/metrics``);
 
 and the ratios at 16 clients to 1: aggregate throughput (goal >= 4) and p99 inter-byte latency (goal
-<= 5). An engine-only section in the same run (no HTTP) times 16 rows decoded as one batch vs as 16
+<= 5). Every level is measured ``--rounds`` times (default 2) in alternating order (1, 4, 16, 16, 4, 1) and
+the rounds are pooled: this machine's speed drifts by 10-20% within minutes, and a ratio of two levels
+measured minutes apart carried that drift. An engine-only section in the same run (no HTTP) times 16 rows decoded as one batch vs as 16
 one-row batches vs one row alone (what batching can bring at most), one step at each batch size, the
 prefill of a 64- and a 512-byte prompt whole and in chunks (what ``--prefill-chunk`` costs and bounds),
 and what a row joining / leaving a 16-row batch costs by copying the batch (``DecodeState.extend`` /
@@ -195,6 +197,7 @@ def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
         raise RuntimeError("a request streamed a different number of bytes than it asked for")
     steady = [s for s in samples if window[0] <= s[0] <= window[1]] or samples
     return {
+        "_raw": {"ttfb": ttfb, "inter": inter, "in_window": in_window},
         "clients": n_clients,
         "requests": len(results),
         "bytes": n_bytes,
@@ -209,6 +212,34 @@ def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
         # share of the steady window the scheduler thread spent in each phase (the rest: idle or waiting)
         "scheduler_share": {k: (busy[1].get(k, 0.0) - busy[0].get(k, 0.0)) / (window[1] - window[0])
                             for k in busy[1]} if len(busy) == 2 else None,
+    }
+
+
+def pool(runs: list[dict]) -> dict:
+    """One level's rounds as one: bytes/s over the summed windows, quantiles over every request and byte
+    of all rounds, means of the sampled gauges and scheduler shares."""
+    if len(runs) == 1:
+        return {k: v for k, v in runs[0].items() if k != "_raw"}
+    ttfb = [x for r in runs for x in r["_raw"]["ttfb"]]
+    inter = [x for r in runs for x in r["_raw"]["inter"]]
+    window = sum(r["window_seconds"] for r in runs)
+    shares = [r["scheduler_share"] for r in runs if r["scheduler_share"]]
+    mean = lambda key: statistics.fmean(r[key] for r in runs if r[key] is not None)  # noqa: E731
+    return {
+        "clients": runs[0]["clients"],
+        "rounds": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "bytes": sum(r["bytes"] for r in runs),
+        "window_seconds": window,
+        "bytes_per_second": sum(r["_raw"]["in_window"] for r in runs) / window,
+        "bytes_per_second_by_round": [r["bytes_per_second"] for r in runs],
+        "ttfb_p50_ms": 1000 * quantile(ttfb, 0.5),
+        "ttfb_p99_ms": 1000 * quantile(ttfb, 0.99),
+        "inter_byte_p50_ms": 1000 * quantile(inter, 0.5),
+        "inter_byte_p99_ms": 1000 * quantile(inter, 0.99),
+        "mean_running_rows": mean("mean_running_rows"),
+        "mean_cohorts": mean("mean_cohorts"),
+        "scheduler_share": {k: statistics.fmean(s[k] for s in shares) for k in shares[0]} if shares else None,
     }
 
 
@@ -365,6 +396,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=25.0, help="length of each level (default 25)")
     ap.add_argument("--ramp", type=float, default=3.0, help="clients start staggered over this (default 3 s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="measure every level this many times, in alternating order, and pool (default 2)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=128, help="the server's --prefill-chunk (default 128)")
     ap.add_argument("--json", default="serve_bench.json")
@@ -406,14 +439,26 @@ def main() -> int:
                 time.sleep(0.5)
         print(f"{'clients':>7} {'requests':>8} | {'bytes/s':>8} | {'TTFB p50':>9} {'p99':>8} | "
               f"{'inter-byte p50':>14} {'p99':>8} | {'rows':>5} {'batches':>7}   (ms)")
-        for n in levels:
+        # rounds in alternating order (1, 4, 16, 16, 4, 1, ...): this machine's speed drifts by 10-20% over
+        # minutes (memory bandwidth shared with other tenants), so each level is measured early and late
+        order = [n for r in range(args.rounds) for n in (levels if r % 2 == 0 else levels[::-1])]
+        runs: dict[int, list[dict]] = {n: [] for n in levels}
+        for i, n in enumerate(order):
             row = run_level(port, n, args.seconds, min(args.ramp, args.seconds / 2))
-            rows.append(row)
+            runs[n].append(row)
             share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
             print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
                   f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
                   f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}"
-                  f" | scheduler: {share}", flush=True)
+                  f" | scheduler: {share}" + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else ""),
+                  flush=True)
+        rows = [pool(runs[n]) for n in levels]
+        if args.rounds > 1:
+            print("pooled over the rounds:")
+            for row in rows:
+                print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
+                      f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
+                      f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}")
     finally:
         child.terminate()
         child.wait(60)
@@ -437,7 +482,8 @@ def main() -> int:
     out = {
         "meta": {"torch": torch.__version__, "threads": args.threads, "max_batch": args.max_batch,
                  "prefill_chunk": args.prefill_chunk,
-                 "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "argv": sys.argv[1:],
+                 "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "rounds": args.rounds,
+                 "order": order, "argv": sys.argv[1:],
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "run_seconds": time.perf_counter() - t_start,
                  "load_average_at_end": os.getloadavg()},

@@ -321,7 +321,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
         if (2 <= rows <= SMALL_ROWS and self.bias is None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
+                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+                and type(self.weight.data) is torch.Tensor):  # not a sharded (DTensor) weight
             out = torch.mm(self.weight, x.reshape(rows, self.in_features).T).T.contiguous()
             return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

@@ -312,11 +312,11 @@ class Linear(nn.Linear):
 
     A decoding step multiplies few rows by each weight (a batch's global step: the rows that close a
     patch). The CPU BLAS's ``x @ W.T`` for 2-3 rows costs 1.5-2x one row (it reads ``W`` once per row),
-    while ``W @ x.T`` reads ``W`` once for all of them: the global model's 42 weight matrices of
-    bench/generation.py's small config, 1 thread, 2 / 3 rows, 19.5 / 25.7 ms as ``x @ W.T`` against
-    11.3 / 15.5 ms (``bench/small_rows.py``). Only outside autograd, on CPU,
-    in float32 and without bias; everywhere else, and for one or 4+ rows, :func:`torch.nn.functional.linear`.
-    The two products sum in different orders: equal to float32 rounding, not bitwise."""
+    while ``W @ x.T`` reads ``W`` once for all of them: the 43 weights of bench/generation.py's small
+    global model, 1 thread, 2 / 3 rows, 23.7 / 33.4 ms as ``x @ W.T`` against 13.1 / 20.8 ms
+    (``bench/small_rows.py``). Only outside autograd, on CPU, in float32, without bias and for a plain
+    (unsharded) weight; everywhere else, and for one or 4+ rows, :func:`torch.nn.functional.linear`. The two
+    products sum in different orders: equal to float32 rounding, not bitwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0

@@ -502,7 +502,8 @@ class IncrementalEngine:
         (padding for the others) was most of a 16-row step. The rows' caches that the close part reads or
         writes (their encoder bytes, decoder slots) are taken out and put back; the global model's cache stays
         in place and is read and written for those rows (:meth:`StackKV.rows_of`: a copy of only the slots
-        the step reads, where taking the rows out copied their whole rings, sized for a patch per byte)."""
+        the step reads, where taking the rows out copied their whole rings, sized for a patch per byte; the
+        global model has no window — the config allows none — so its ring always stores first)."""
         rows = after.next_start.any(1).nonzero().flatten()  # data-dependent: eager only
         B = state.batch
         if rows.numel() == B:

@@ -218,8 +218,6 @@ def run_level(port: int, n_clients: int, seconds: float, ramp: float) -> dict:
 def pool(runs: list[dict]) -> dict:
     """One level's rounds as one: bytes/s over the summed windows, quantiles over every request and byte
     of all rounds, means of the sampled gauges and scheduler shares."""
-    if len(runs) == 1:
-        return {k: v for k, v in runs[0].items() if k != "_raw"}
     ttfb = [x for r in runs for x in r["_raw"]["ttfb"]]
     inter = [x for r in runs for x in r["_raw"]["inter"]]
     window = sum(r["window_seconds"] for r in runs)
@@ -241,6 +239,13 @@ def pool(runs: list[dict]) -> dict:
         "mean_cohorts": mean("mean_cohorts"),
         "scheduler_share": {k: statistics.fmean(s[k] for s in shares) for k in shares[0]} if shares else None,
     }
+
+
+def row_text(row: dict) -> str:
+    """A level's line of the table."""
+    return (f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
+            f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
+            f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}")
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -447,18 +452,13 @@ def main() -> int:
             row = run_level(port, n, args.seconds, min(args.ramp, args.seconds / 2))
             runs[n].append(row)
             share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
-            print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
-                  f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
-                  f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}"
-                  f" | scheduler: {share}" + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else ""),
-                  flush=True)
+            print(row_text(row) + f" | scheduler: {share}"
+                  + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else ""), flush=True)
         rows = [pool(runs[n]) for n in levels]
         if args.rounds > 1:
             print("pooled over the rounds:")
             for row in rows:
-                print(f"{row['clients']:>7} {row['requests']:>8} | {row['bytes_per_second']:>8.1f} | "
-                      f"{row['ttfb_p50_ms']:>9.1f} {row['ttfb_p99_ms']:>8.1f} | {row['inter_byte_p50_ms']:>14.2f} "
-                      f"{row['inter_byte_p99_ms']:>8.2f} | {row['mean_running_rows']:>5.1f} {row['mean_cohorts']:>7.1f}")
+                print(row_text(row))
     finally:
         child.terminate()
         child.wait(60)

@@ -390,6 +390,21 @@ def test_rows_reuse_free_slots_without_copying_and_keep_their_solo_output(model)
     _assert_solo(got, solo)
 
 
+def test_a_row_in_a_reused_slot_before_the_running_rows_gets_its_own_bytes(model):
+    """A joining row takes the slot of a row that left, ahead of a running row: the batch's order (running
+    row, newcomer) is no longer the slots' order (newcomer in slot 0) although no slot is free. Each row's
+    bytes go to its own slot and its logits come back in the batch's order (a step once fed them by slot)."""
+    engine = BatchEngine(model)
+    prompts = [TOK.encode(t, add_eos=False) for t in (TEXT[:30], "Hi", TEXT[40:60])]
+    n_new = [3, 20, 16]
+    solo = [_solo_greedy(model, p, n) for p, n in zip(prompts, n_new)]
+    seen = []
+    got = _drive(engine, prompts, n_new, {0: [0, 1], 4: [2]},
+                 lambda step, live: seen.append((step, list(engine.live), len(engine.free))))
+    assert (4, [1, 0], 0) in seen, seen  # the newcomer sits in slot 0, behind the running row, no slot free
+    _assert_solo(got, solo)
+
+
 class _LoggingEngine(BatchEngine):
     """Logs the engine's calls: ("prefill", prompt bytes done, rows decoding) and ("step", rows)."""
 

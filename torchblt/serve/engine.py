@@ -221,16 +221,20 @@ class BatchEngine:
         self._maybe_compact()
         assert self.state is not None
         rows = list(range(self.n_rows))
-        live = torch.tensor(self.live, dtype=torch.int64, device=self.device)
         ids = next_ids.to(self.device, torch.int64)
-        if self.free:
+        # the batch's row i is slot live[i]: a row that took a free slot may sit before running rows in
+        # the slots' order even when no slot is free, so the bytes go by slot and the logits come back
+        # in the batch's order unless every row is in its own slot
+        by_slot = self.live != rows or bool(self.free)
+        if by_slot:
+            live = torch.tensor(self.live, dtype=torch.int64, device=self.device)
             ids = torch.full((self.n_slots,), self.model.config.eos_id, dtype=torch.int64,
                              device=self.device).index_copy_(0, live, ids)
         try:
             logits = self._step(self.state, ids, rows).float()
             for s in self.free:
                 self.free[s] += 1
-            return StepOutput(logits[live] if self.free else logits)
+            return StepOutput(logits[live] if by_slot else logits)
         except Exception:  # noqa: BLE001 - find the rows that fail; the others go on
             pass
         # the batch's step failed (the state is still the one before it): step each row alone

@@ -24,8 +24,11 @@ prefill of a 64- and a 512-byte prompt whole and in chunks (what ``--prefill-chu
 and what a row joining / leaving a 16-row batch costs by copying the batch (``DecodeState.extend`` /
 ``select``) against writing it into a free slot (``DecodeState.put``).
 
+With ``--prefill-thread on,off`` it starts one server per setting and runs each level on both in turn (which
+goes first alternates), so the prefill thread's gain is a ratio of one run.
+
     python bench/serve.py                        # writes serve_bench.json, prints the table
-    python bench/serve.py --json bench/serve_cpu.json --seconds 30
+    python bench/serve.py --threads 1 --prefill-thread on,off --json bench/serve_cpu.json   # ~6.5 minutes
 """
 
 from __future__ import annotations
@@ -72,8 +75,10 @@ def serve_child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, patcher = build_small()
+    prefill_thread = {"auto": None, "on": True, "off": False}[args.prefill_thread]
     server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
-                                          drain_timeout=5, prefill_chunk=args.prefill_chunk),
+                                          drain_timeout=5, prefill_chunk=args.prefill_chunk,
+                                          prefill_thread=prefill_thread),
                        engine=BatchEngine(model, patcher))
     return run(server, port=args.port, log_level="warning")
 
@@ -405,6 +410,9 @@ def main() -> int:
                     help="measure every level this many times, in alternating order, and pool (default 2)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=128, help="the server's --prefill-chunk (default 128)")
+    ap.add_argument("--prefill-thread", default="auto",
+                    help="the server's --prefill-thread (auto, on, off), or several comma-separated: one server "
+                         "each, their levels interleaved in one run (e.g. on,off: the thread's ratio)")
     ap.add_argument("--json", default="serve_bench.json")
     ap.add_argument("--compiled-steps", default=None, metavar="BATCHES",
                     help="only measure the compiled vs the eager engine step at these batch sizes (e.g. 1,16; "
@@ -424,53 +432,78 @@ def main() -> int:
         print(f"wrote {args.json}")
         return 0
     levels = [int(c) for c in args.clients.split(",")]
+    settings = args.prefill_thread.split(",")
+    if not settings or any(x not in ("auto", "on", "off") for x in settings) or len(set(settings)) != len(settings):
+        raise SystemExit(f"--prefill-thread: auto, on or off, comma-separated without repeats; got {args.prefill_thread!r}")
     t_start = time.perf_counter()
     engine = engine_section(args.threads)
-    port = free_port()
-    child = subprocess.Popen([sys.executable, __file__, "--serve-child", "--port", str(port), "--threads",
-                              str(args.threads), "--max-batch", str(args.max_batch), "--prefill-chunk",
-                              str(args.prefill_chunk)],
-                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    rows = []
+    servers: dict[str, tuple[int, subprocess.Popen]] = {}
+    results: dict[str, dict] = {}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                one_request(port, prompt_for(0, 0), 8)  # up and warm
-                break
-            except OSError:
-                if child.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.5)
+        for setting in settings:
+            port = free_port()
+            servers[setting] = port, subprocess.Popen(
+                [sys.executable, __file__, "--serve-child", "--port", str(port), "--threads", str(args.threads),
+                 "--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
+                 "--prefill-thread", setting], env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        for setting, (port, child) in servers.items():
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    one_request(port, prompt_for(0, 0), 8)  # up and warm
+                    break
+                except OSError:
+                    if child.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"the server (--prefill-thread {setting}) did not start") from None
+                    time.sleep(0.5)
         print(f"{'clients':>7} {'requests':>8} | {'bytes/s':>8} | {'TTFB p50':>9} {'p99':>8} | "
               f"{'inter-byte p50':>14} {'p99':>8} | {'rows':>5} {'batches':>7}   (ms)")
         # rounds in alternating order (1, 4, 16, 16, 4, 1, ...): this machine's speed drifts by 10-20% over
-        # minutes (memory bandwidth shared with other tenants), so each level is measured early and late
+        # minutes (memory bandwidth shared with other tenants), so each level is measured early and late;
+        # with several servers, each level runs on each server in turn (alternating which goes first)
         order = [n for r in range(args.rounds) for n in (levels if r % 2 == 0 else levels[::-1])]
-        runs: dict[int, list[dict]] = {n: [] for n in levels}
+        runs: dict[tuple[str, int], list[dict]] = {(x, n): [] for x in settings for n in levels}
         for i, n in enumerate(order):
-            row = run_level(port, n, args.seconds, min(args.ramp, args.seconds / 2))
-            runs[n].append(row)
-            share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
-            print(row_text(row) + f" | scheduler: {share}"
-                  + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else ""), flush=True)
-        rows = [pool(runs[n]) for n in levels]
-        if args.rounds > 1:
-            print("pooled over the rounds:")
-            for row in rows:
-                print(row_text(row))
+            for setting in (settings if i % 2 == 0 else settings[::-1]):
+                row = run_level(servers[setting][0], n, args.seconds, min(args.ramp, args.seconds / 2))
+                runs[setting, n].append(row)
+                share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
+                print(row_text(row) + f" | scheduler: {share}"
+                      + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else "")
+                      + (f" [prefill thread {setting}]" if len(settings) > 1 else ""), flush=True)
+        for setting in settings:
+            rows = [pool(runs[setting, n]) for n in levels]
+            if args.rounds > 1 or len(settings) > 1:
+                print("pooled over the rounds" + (f" (prefill thread {setting}):" if len(settings) > 1 else ":"))
+                for row in rows:
+                    print(row_text(row))
+            by = {r["clients"]: r for r in rows}
+            ratios = {}
+            if 1 in by and max(by) > 1:
+                hi = by[max(by)]
+                ratios = {"clients": max(by),
+                          "throughput_ratio": hi["bytes_per_second"] / by[1]["bytes_per_second"],
+                          "p99_inter_byte_ratio": hi["inter_byte_p99_ms"] / by[1]["inter_byte_p99_ms"]}
+            results[setting] = {"levels": rows, "ratios": ratios}
     finally:
-        child.terminate()
-        child.wait(60)
-    by = {r["clients"]: r for r in rows}
-    ratios = {}
-    if 1 in by and max(by) > 1:
-        hi = by[max(by)]
-        ratios = {"clients": max(by),
-                  "throughput_ratio": hi["bytes_per_second"] / by[1]["bytes_per_second"],
-                  "p99_inter_byte_ratio": hi["inter_byte_p99_ms"] / by[1]["inter_byte_p99_ms"]}
-        print(f"\n{max(by)} clients vs 1: aggregate throughput x{ratios['throughput_ratio']:.2f} (goal >= 4), "
-              f"p99 inter-byte latency x{ratios['p99_inter_byte_ratio']:.2f} (goal <= 5)")
+        for _, child in servers.values():
+            child.terminate()
+        for _, child in servers.values():
+            child.wait(60)
+    print()
+    for setting, res in results.items():
+        ratios = res["ratios"]
+        if ratios:
+            print(f"{ratios['clients']} clients vs 1"
+                  + (f" (prefill thread {setting})" if len(settings) > 1 else "")
+                  + f": aggregate throughput x{ratios['throughput_ratio']:.2f} (goal >= 4), "
+                  f"p99 inter-byte latency x{ratios['p99_inter_byte_ratio']:.2f} (goal <= 5)")
+    if len(settings) > 1:
+        a, b = settings[0], settings[1]
+        for ra, rb in zip(results[a]["levels"], results[b]["levels"], strict=True):
+            print(f"{ra['clients']:>3} clients: prefill thread {a} / {b}: bytes/s x"
+                  f"{ra['bytes_per_second'] / rb['bytes_per_second']:.2f}, p99 inter-byte x"
+                  f"{ra['inter_byte_p99_ms'] / rb['inter_byte_p99_ms']:.2f}")
     print("engine only, ms per step by batch size:", {b: round(v, 1) for b, v in engine["step_ms"].items()})
     print("prefill ms by chunk:", engine["prefill_ms"])
     print(f"a row joining 15 by extend {engine['join_by_extend_ms']:.1f} ms, leaving 16 by select "
@@ -481,14 +514,15 @@ def main() -> int:
           f"{engine['one_batch_bytes_per_second']:.1f} (x{engine['one_batch_bytes_per_second'] / engine['one_row_bytes_per_second']:.2f} one row)")
     out = {
         "meta": {"torch": torch.__version__, "threads": args.threads, "max_batch": args.max_batch,
-                 "prefill_chunk": args.prefill_chunk,
+                 "prefill_chunk": args.prefill_chunk, "prefill_thread": settings,
                  "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "rounds": args.rounds,
                  "order": order, "argv": sys.argv[1:],
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "run_seconds": time.perf_counter() - t_start,
                  "load_average_at_end": os.getloadavg()},
-        "levels": rows,
-        "ratios": ratios,
+        "levels": results[settings[0]]["levels"],  # the first --prefill-thread setting's
+        "ratios": results[settings[0]]["ratios"],
+        **({"by_prefill_thread": results} if len(settings) > 1 else {}),
         "engine": engine,
     }
     Path(args.json).write_text(json.dumps(out, indent=1))

@@ -73,7 +73,10 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=16, max_queue=64, max_prompt_bytes=200))
+    # prompts prefilled on the prefill thread, as blt serve runs on a 2-core CPU (the scheduler-thread
+    # prefill has its own tests below)
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=16, max_queue=64, max_prompt_bytes=200,
+                                       prefill_thread=True))
     with ThreadedServer(srv) as url:
         yield srv, url
 
@@ -117,6 +120,12 @@ def metric(url: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, name
     return float(m.group(1))
+
+
+def metric_value(metrics, name: str) -> float:
+    """A sample of a server's Metrics, read from its own registry."""
+    text = metrics.render()[0].decode()
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
@@ -267,7 +276,19 @@ def test_lm_eval_local_completions_equals_blt_model(server, model, tmp_path, mon
 
 
 def test_sixteen_staggered_clients_each_equal_their_single_run(server, model):
-    srv, url = server
+    _sixteen_staggered_clients(*server, model)
+
+
+def test_sixteen_staggered_clients_prefilled_between_steps(model):
+    """The same with the prompts prefilled by the scheduler's thread between two steps (--prefill-thread off)."""
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_batch=16, max_queue=64, max_prompt_bytes=200,
+                                       prefill_thread=False))
+    assert not srv.scheduler.prefill_thread
+    with ThreadedServer(srv) as url:
+        _sixteen_staggered_clients(srv, url, model)
+
+
+def _sixteen_staggered_clients(srv, url, model):
     rng = torch.Generator().manual_seed(0)
     jobs = []
     for i in range(16):
@@ -461,13 +482,14 @@ def test_a_long_prompt_joins_a_running_batch_chunk_by_chunk(model):
         assert text == [alone(model, body["prompt"], body["max_tokens"], **kw)], k
 
 
-def test_the_choices_of_one_prompt_share_one_prefill(model):
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_the_choices_of_one_prompt_share_one_prefill(model, prefill_thread):
     from torchblt.serve.metrics import Metrics
     from torchblt.serve.protocol import parse_completion_request
     from torchblt.serve.scheduler import Finished, Job, Scheduler
 
     engine = _LoggingEngine(model)
-    sched = Scheduler(engine, Metrics(), max_batch=8, prefill_chunk=0)
+    sched = Scheduler(engine, Metrics(), max_batch=8, prefill_chunk=0, prefill_thread=prefill_thread)
     body = {"model": NAME, "prompt": ["Hello there", "Zürich"], "n": 3, "max_tokens": 12, "temperature": 0.9,
             "seed": 11}
     got: list = []
@@ -482,6 +504,112 @@ def test_the_choices_of_one_prompt_share_one_prefill(model):
     texts = [e.text for e in sorted((e for e in got if isinstance(e, Finished)), key=lambda e: e.index)]
     assert texts == generate(model, ["Hello there"] * 3 + ["Zürich"] * 3, max_new_bytes=12, temperature=0.9,
                              seed=11)
+
+
+class _SlowPrefillEngine(_LoggingEngine):
+    """Each prefill call takes ``delay`` seconds more and is logged with its thread and its time span."""
+
+    def __init__(self, *args, delay: float = 0.05, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay, self.spans, self.step_times = delay, [], []
+
+    def prefill(self, pending, n_bytes):
+        t = time.perf_counter()
+        time.sleep(self.delay)
+        super().prefill(pending, n_bytes)
+        self.spans.append((threading.current_thread().name, t, time.perf_counter()))
+
+    def step(self, next_ids):
+        self.step_times.append(time.perf_counter())
+        return super().step(next_ids)
+
+
+def _job(body: dict, sink):
+    from torchblt.serve.protocol import parse_completion_request
+    from torchblt.serve.scheduler import Job
+
+    return Job(parse_completion_request({"model": NAME, **body}, model_name=NAME, max_prompt_bytes=1000,
+                                        max_tokens_limit=400), sink)
+
+
+def test_the_prefill_thread_prefills_while_the_running_rows_step(model):
+    """With the prefill thread a long prompt's chunks run beside the running row's steps (steps happen while
+    a chunk is being prefilled, on the other thread); both outputs equal their solo runs."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.scheduler import Finished, Scheduler
+
+    engine = _SlowPrefillEngine(model, delay=0.04)
+    metrics = Metrics()
+    sched = Scheduler(engine, metrics, max_batch=4, prefill_chunk=16, prefill_thread=True)
+    long_text = (TEXT * 3)[:170]
+    requests = {"running": {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True},
+                "long": {"prompt": long_text, "max_tokens": 20, "temperature": 0.9, "seed": 3}}
+    got: dict[str, list] = {k: [] for k in requests}
+    sched.start()
+    try:
+        sched.submit(_job(requests["running"], got["running"].extend))
+        wait_until(lambda: engine.n_rows == 1)
+        sched.submit(_job(requests["long"], got["long"].extend))
+        wait_until(lambda: all(any(isinstance(e, Finished) for e in evs) for evs in got.values()), 60)
+    finally:
+        sched.stop()
+    long_spans = [(a, b) for name, a, b in engine.spans[1:]]  # the first prefill is the running row's
+    n_chunks = -(-len(TOK.encode(long_text, add_eos=False)) // 16)
+    assert len(long_spans) == n_chunks and {name for name, _, _ in engine.spans} == {"blt-prefill"}
+    inside = sum(any(a < t < b for a, b in long_spans) for t in engine.step_times)
+    assert inside >= 5, (inside, len(engine.step_times))  # the row kept decoding during the prefill
+    assert metric_value(metrics, "blt_prefill_thread_seconds_total") >= n_chunks * 0.04
+    for k, body in requests.items():
+        kw = {key: body[key] for key in ("temperature", "seed") if key in body}
+        if body.get("ignore_eos"):
+            kw["stop_at_eos"] = False
+        text = [e.text for e in got[k] if isinstance(e, Finished)]
+        assert text == [alone(model, body["prompt"], body["max_tokens"], **kw)], k
+
+
+def test_a_cancelled_request_stops_its_prefill_on_the_thread_and_nothing_spins(model):
+    """A request cancelled while the prefill thread works on it: its prefill stops at the end of a chunk, it
+    never joins, and while only prefills run the scheduler's thread waits instead of ticking."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.scheduler import Finished, Scheduler
+
+    engine = _SlowPrefillEngine(model, delay=0.1)
+    sched = Scheduler(engine, Metrics(), max_batch=4, prefill_chunk=8, prefill_thread=True)
+    got: list = []
+    sched.start()
+    try:
+        job = _job({"prompt": TEXT[:80], "max_tokens": 10, "temperature": 0}, got.extend)
+        sched.submit(job)
+        time.sleep(0.35)  # about three of its ten chunks
+        ticks = sched.ticks
+        job.cancel()
+        time.sleep(0.3)
+        assert ticks <= 3 and len(engine.spans) <= 6, (ticks, len(engine.spans))
+        assert engine.n_rows == 0 and not any(e[0] == "step" for e in engine.log)
+        wait_until(lambda: not sched._handed and not sched._prefilling)
+        after: list = []
+        sched.submit(_job({"prompt": "Hi", "max_tokens": 6, "temperature": 0}, after.extend))
+        wait_until(lambda: any(isinstance(e, Finished) for e in after))
+    finally:
+        sched.stop()
+    assert [e.text for e in after if isinstance(e, Finished)] == [alone(model, "Hi", 6)]
+
+
+def test_prefill_thread_where_it_pays(model, monkeypatch):
+    """Default (None): on for a CPU engine on one torch thread with another core; off with more torch
+    threads, on one core, and for --speculative; True/False as given."""
+    from torchblt.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app.os, "cpu_count", lambda: 2)
+    assert BLTServer(model, ServeConfig(model_name=NAME)).scheduler.prefill_thread  # one_thread: 1 torch thread
+    assert not BLTServer(model, ServeConfig(model_name=NAME, prefill_thread=False)).scheduler.prefill_thread
+    assert not BLTServer(model, ServeConfig(model_name=NAME, max_batch=1, speculative=2)).scheduler.prefill_thread
+    monkeypatch.setattr(serve_app.os, "cpu_count", lambda: 1)
+    assert not BLTServer(model, ServeConfig(model_name=NAME)).scheduler.prefill_thread
+    assert BLTServer(model, ServeConfig(model_name=NAME, prefill_thread=True)).scheduler.prefill_thread
+    monkeypatch.setattr(serve_app.os, "cpu_count", lambda: 4)
+    torch.set_num_threads(2)
+    assert not BLTServer(model, ServeConfig(model_name=NAME)).scheduler.prefill_thread
 
 
 def test_speculative_serving_equals_speculative_generate(model, monkeypatch):
@@ -678,13 +806,15 @@ def test_failing_rows_do_not_take_down_the_others(model):
         assert post(url, good)[0] == 200 and get(url, "/health")[0] == 200
 
 
-def test_a_bad_request_in_a_shared_prefill_fails_alone(model):
-    """Requests admitted in the same tick are prefilled together; when that raises, each is retried alone."""
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_a_bad_request_in_a_shared_prefill_fails_alone(model, prefill_thread):
+    """Requests admitted in the same tick are prefilled together; when that raises, each is retried alone
+    (on the prefill thread: the failing prefill is reported, its job fails, the other joins)."""
     from torchblt.serve.metrics import Metrics
     from torchblt.serve.protocol import parse_completion_request
     from torchblt.serve.scheduler import Failed, Finished, Job, Scheduler
 
-    sched = Scheduler(_FaultyEngine(model), Metrics(), max_batch=4)
+    sched = Scheduler(_FaultyEngine(model), Metrics(), max_batch=4, prefill_thread=prefill_thread)
     got: dict[str, list] = {"good": [], "bad": []}
     jobs = {}
     for name, prompt in (("good", "Hello"), ("bad", "BOOM")):
@@ -768,6 +898,8 @@ def test_cli_bad_options_exit_2(model_dir, capsys):
     assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir), "--prefill-chunk", "-1"]) == 2
     assert "--prefill-chunk must be >= 0, got -1" in capsys.readouterr().err
+    assert blt_main(["serve", str(model_dir), "--prefill-thread", "maybe"]) == 2
+    assert "--prefill-thread: invalid choice: 'maybe'" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir), "--speculative", "2"]) == 2  # --max-batch 16
     assert "--speculative needs --max-batch 1" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir / "missing")]) == 2

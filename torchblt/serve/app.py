@@ -19,6 +19,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,6 +29,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -73,6 +75,9 @@ class ServeConfig:
     drain_timeout: float = 30.0
     prefill_chunk: int = 128  # prompt bytes prefilled between two steps (0: whole prompts at once)
     speculative: int | None = None  # the entropy model drafts up to K bytes per BLT step (max_batch 1 only)
+    # prefill joining requests on a thread of their own, beside the steps; None: where it pays
+    # (:func:`prefill_thread_pays`: a CPU engine on one torch thread, with another core)
+    prefill_thread: bool | None = None
 
     def validate(self) -> None:
         for name in ("max_batch", "max_tokens"):
@@ -93,6 +98,14 @@ class ServeConfig:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+
+
+def prefill_thread_pays(engine: DecodeEngine) -> bool:
+    """Does a prefill thread beside the steps pay? On a CPU engine whose steps run on one torch thread, with
+    a second core for it (measured on 2 cores: bench/serve.py, docs/serving.md). With more torch threads the
+    steps already use the cores, and on a GPU both threads would queue on one device."""
+    device = torch.device(getattr(engine, "device", "cpu"))
+    return device.type == "cpu" and torch.get_num_threads() == 1 and (os.cpu_count() or 1) >= 2
 
 
 class _ClientGone(Exception):
@@ -135,8 +148,10 @@ class BLTServer:
             if patcher is None or patcher.entropy_model is None:
                 raise ValueError("speculative decoding drafts with the entropy model: this model has none (entropy "
                                  "patching with an entropy model is needed)")
+        if self.config.prefill_thread is None:
+            self.config.prefill_thread = prefill_thread_pays(self.engine) and not self.config.speculative
         self.scheduler = Scheduler(self.engine, self.metrics, self.config.max_batch, self.config.max_queue,
-                                   self.config.prefill_chunk, self.config.speculative)
+                                   self.config.prefill_chunk, self.config.speculative, self.config.prefill_thread)
         self.created = now()
         # a body bigger than this cannot be a valid request (prompts as JSON token ids, ~6 characters each)
         self.body_limit = 64 * 1024 + MAX_PROMPTS * 8 * self.config.max_prompt_bytes

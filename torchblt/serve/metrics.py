@@ -4,7 +4,8 @@
 ``blt_queue_depth`` (requests waiting), ``blt_running_rows`` (rows decoding now), ``blt_prefilling_rows``
 (rows whose prompt is being prefilled), ``blt_engine_batches``
 (batches the engine steps per byte: 1, every running row in one batch), ``blt_cache_bytes``,
-``blt_scheduler_seconds_total{phase}`` (where the scheduler thread's time goes), and the histograms ``blt_time_to_first_byte_seconds``
+``blt_scheduler_seconds_total{phase}`` (where the scheduler thread's time goes),
+``blt_prefill_thread_seconds_total`` (time the prefill thread spent prefilling, when it runs), and the histograms ``blt_time_to_first_byte_seconds``
 (request arrival to its first new byte) and ``blt_inter_byte_latency_seconds`` (between two new bytes of
 one completion).
 """
@@ -34,6 +35,9 @@ class Metrics:
             "blt_scheduler_seconds", "Time the scheduler thread spent, by phase of its ticks: admit (leave, score, "
             "queue), prefill, sample (and stop checks, text), step (the engine), deliver (events to the event loop)",
             ["phase"], registry=r)
+        self.prefill_thread_seconds = Counter(
+            "blt_prefill_thread_seconds", "Time the prefill thread spent prefilling prompts (--prefill-thread)",
+            registry=r)
         self.cache_bytes = Gauge("blt_cache_bytes", "Bytes held by the decoding caches", registry=r)
         self.ttfb = Histogram("blt_time_to_first_byte_seconds", "Request arrival to its first new byte",
                               buckets=_TTFB_BUCKETS, registry=r)

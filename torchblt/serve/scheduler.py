@@ -11,7 +11,10 @@ batch. The scheduler thread loops over *ticks*:
    first: a row's prompt is prefilled in chunks at fixed offsets (multiples of ``prefill_chunk``), so
    its caches do not depend on what else runs, and a long prompt delays the running rows' next byte by
    one chunk per tick, not by its whole prefill. Rows whose prefill is done join the batch
-   (``engine.admit``);
+   (``engine.admit``). With ``prefill_thread`` the chunks run instead on a thread of their own (the same
+   chunks, in the same order, one prefill after another), beside the batch's steps: on a CPU with a core
+   the decoding step does not use, a joining request's prefill then no longer stalls the running rows,
+   and the tick only admits the rows whose prefill that thread has finished;
 4. every row samples its next byte from its logits with its own temperature / top-k / top-p and its own
    ``torch.Generator`` (seeded ``seed + choice index`` as :func:`torchblt.generate` seeds row ``i``),
    appends it, checks its stop condition (EOS, stop strings, ``max_tokens``: :mod:`torchblt.generation.stream`)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -140,12 +144,51 @@ class Row:
         return (g.temperature, g.top_k, g.top_p)
 
 
+class _PrefillThread:
+    """Prefills joining rows on a thread of its own, one after another in the order they were handed over,
+    in the chunks the scheduler's thread would run (``prefill_chunk`` bytes at fixed offsets), so a row's
+    caches are the same bytes whichever thread built them. Each prefill touches only its own one-row
+    state (:class:`~torchblt.serve.engine.Prefill`), never the running batch; the scheduler reads a
+    prefill again only after it is reported in :attr:`finished` (the queue orders the two threads)."""
+
+    def __init__(self, engine: DecodeEngine, chunk: int, metrics: Metrics, on_finished: Callable[[], None]) -> None:
+        self.engine, self.chunk, self.metrics, self.on_finished = engine, chunk, metrics, on_finished
+        self._todo: queue.SimpleQueue[tuple[Job, Prefill] | None] = queue.SimpleQueue()
+        self.finished: deque[tuple[Prefill, BaseException | None]] = deque()  # in the order they finished
+        self._thread = threading.Thread(target=self._run, name="blt-prefill", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, pending: Prefill) -> None:
+        self._todo.put((job, pending))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._todo.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while (item := self._todo.get()) is not None:
+            job, pending = item
+            error: BaseException | None = None
+            t = time.perf_counter()
+            try:
+                while not pending.done and not job.done:  # a cancelled job's prefill stops at a chunk's end
+                    self.engine.prefill(pending, min(self.chunk, pending.remaining) if self.chunk else pending.remaining)
+            except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails only this job
+                error = e
+            self.metrics.prefill_thread_seconds.inc(time.perf_counter() - t)
+            self.finished.append((pending, error))
+            self.on_finished()
+
+
 class Scheduler:
     """Owns ``engine`` on its own thread; :meth:`submit` from any thread (the event loop)."""
 
     def __init__(self, engine: DecodeEngine, metrics: Metrics, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 128, speculative: int | None = None) -> None:
+                 prefill_chunk: int = 128, speculative: int | None = None, prefill_thread: bool = False) -> None:
         """``prefill_chunk``: prompt bytes prefilled per tick (0: every admitted prompt whole at once).
+        ``prefill_thread``: prefill on a second thread, beside the steps (see the module docstring; not
+        with ``speculative``, whose driver prefills its row itself).
         ``speculative=K``: speculative decoding, one row at a time (``max_batch`` must be 1; ``engine`` a
         :class:`~torchblt.serve.engine.BatchEngine`, whose model and patcher it uses)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 0:
@@ -170,9 +213,14 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self.max_rows = 0  # the most rows that ever decoded side by side
+        self.prefill_thread = bool(prefill_thread) and not self.speculative
+        self._prefiller: _PrefillThread | None = None
+        self._handed: set[int] = set()  # ids of the prefills handed to the prefill thread and not yet reported
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
+        if self.prefill_thread:
+            self._prefiller = _PrefillThread(self.engine, self.prefill_chunk, self.metrics, self.wake)
         self._thread = threading.Thread(target=self._run, name="blt-scheduler", daemon=True)
         self._thread.start()
 
@@ -231,16 +279,24 @@ class Scheduler:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._prefiller is not None:
+            self._prefiller.stop(timeout)
 
     def _free_rows(self) -> int:
         return self.max_batch - len(self._rows) - len(self._prefilling)
+
+    def _prefill_work(self) -> bool:
+        """(under the lock) can a tick advance a prefill now? Not while the prefill thread runs them all."""
+        if self._prefiller is None:
+            return bool(self._prefilling)
+        return bool(self._prefiller.finished) or any(id(p) not in self._handed for _, _, p in self._prefilling)
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not (self._stopping or self._aborting or self._rows or self._waiting or self._prefilling):
+                while not (self._stopping or self._aborting or self._rows or self._waiting or self._prefill_work()):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -316,9 +372,11 @@ class Scheduler:
         if admitted:
             self._admit(admitted, events)
         clock.lap("admit")
-        if self._prefilling:
+        if self._prefiller is not None:
+            self._prefill_elsewhere(events)
+        elif self._prefilling:
             self._prefill_some(events)
-            self.max_rows = max(self.max_rows, len(self._rows))
+        self.max_rows = max(self.max_rows, len(self._rows))
         clock.lap("prefill")
         if self._rows:
             next_ids, finished = self._sample(events)
@@ -434,6 +492,37 @@ class Scheduler:
         self.prefill_calls.append(spent)
         ready = [(job, i, p) for job, i, p in self._prefilling if p.done and not job.done]
         self._prefilling = [t for t in self._prefilling if not t[2].done and not t[0].done]
+        self._join(ready, events)
+
+    def _prefill_elsewhere(self, events: dict[Job, list[Event]]) -> None:
+        """Hand the new prefills to the prefill thread; the rows of those it finished join the batch."""
+        assert self._prefiller is not None
+        for job, _, pending in self._prefilling:
+            if id(pending) not in self._handed:  # the choices of one prompt share one prefill
+                self._handed.add(id(pending))
+                self._prefiller.submit(job, pending)
+        reported: dict[int, BaseException | None] = {}
+        while self._prefiller.finished:
+            pending, error = self._prefiller.finished.popleft()
+            self._handed.discard(id(pending))
+            reported[id(pending)] = error
+        if not reported:
+            return
+        ready = []
+        for t in self._prefilling:
+            job, _, pending = t
+            if id(pending) not in reported or job.done:
+                continue
+            error = reported[id(pending)]
+            if error is not None:
+                self._fail(job, _internal(error), events)
+            else:
+                ready.append(t)
+        self._prefilling = [t for t in self._prefilling if id(t[2]) not in reported and not t[0].done]
+        self._join(ready, events)
+
+    def _join(self, ready: list[tuple[Job, int, Prefill]], events: dict[Job, list[Event]]) -> None:
+        """The rows of finished prefills join the batch (``engine.admit``; one by one if that fails)."""
         if not ready:
             return
         groups = [ready]

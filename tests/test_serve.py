@@ -595,6 +595,64 @@ def test_a_cancelled_request_stops_its_prefill_on_the_thread_and_nothing_spins(m
     assert [e.text for e in after if isinstance(e, Finished)] == [alone(model, "Hi", 6)]
 
 
+class _SlowScoringEngine(_SlowPrefillEngine):
+    """Scoring takes ``score_delay`` seconds more (logged with its thread and span); prompts holding "BAD"
+    fail to score."""
+
+    def __init__(self, *args, score_delay: float = 0.3, **kwargs):
+        super().__init__(*args, delay=0.0, **kwargs)
+        self.score_delay, self.score_spans = score_delay, []
+
+    def score(self, sequences, top):
+        t = time.perf_counter()
+        time.sleep(self.score_delay)
+        if any("BAD" in TOK.decode(ids) for ids in sequences):
+            raise RuntimeError("scoring exploded")
+        out = super().score(sequences, top)
+        self.score_spans.append((threading.current_thread().name, t, time.perf_counter()))
+        return out
+
+
+def test_echo_logprobs_prompts_are_scored_on_the_prefill_thread(model):
+    """With the prefill thread an ``echo`` + ``logprobs`` prompt is scored there while the running row steps;
+    its rows are held meanwhile; its entries equal those scored in the scheduler's thread; a prompt that fails
+    to score fails its request alone, and a request cancelled while scored never starts."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.scheduler import Failed, Finished, Scheduler, Started, prompt_logprobs
+
+    engine = _SlowScoringEngine(model, score_delay=0.3)
+    sched = Scheduler(engine, Metrics(), max_batch=4, prefill_thread=True)
+    scored_body = {"prompt": TEXT[:40], "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2}
+    got: dict[str, list] = {"running": [], "scored": [], "bad": [], "gone": []}
+    sched.start()
+    try:
+        sched.submit(_job({"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True},
+                          got["running"].extend))
+        wait_until(lambda: engine.n_rows == 1)
+        scored = _job(scored_body, got["scored"].extend)
+        sched.submit(scored)
+        wait_until(lambda: sched._scoring)
+        assert sched._free_rows() == 2  # the running row and the scored one's row
+        bad = _job({**scored_body, "prompt": "BAD prompt"}, got["bad"].extend)
+        gone = _job({**scored_body, "prompt": "gone soon"}, got["gone"].extend)
+        sched.submit(bad)
+        sched.submit(gone)
+        wait_until(lambda: len(sched._scoring) == 3)
+        gone.cancel()
+        wait_until(lambda: any(isinstance(e, Finished) for e in got["scored"]) and got["bad"], 30)
+        wait_until(lambda: not sched._scoring and any(isinstance(e, Finished) for e in got["running"]), 30)
+    finally:
+        sched.stop()
+    assert {name for name, _, _ in engine.score_spans} == {"blt-prefill"}
+    name, a, b = engine.score_spans[0]
+    assert sum(a < t < b for t in engine.step_times) >= 3  # the running row kept decoding while it was scored
+    started = [e for e in got["scored"] if isinstance(e, Started)]
+    assert started[0].prompt_logprobs == prompt_logprobs(BatchEngine(model), scored.request, [0])[0]
+    assert [e.text for e in got["scored"] if isinstance(e, Finished)] == [alone(model, TEXT[:40], 5)]
+    assert isinstance(got["bad"][-1], Failed) and "scoring exploded" in got["bad"][-1].error.message
+    assert got["gone"] == []  # cancelled while scored: never started
+
+
 def test_prefill_thread_where_it_pays(model, monkeypatch):
     """Default (None): on for a CPU engine on one torch thread with another core; off with more torch
     threads, on one core, and for --speculative; True/False as given."""

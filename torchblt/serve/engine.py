@@ -16,6 +16,10 @@
   (:mod:`torchblt.eval.bpb`: the same windows, patching and forward), so log-likelihoods through the
   server equal theirs.
 
+With the scheduler's prefill thread, ``prefill`` and ``score`` run on that thread while ``step``, ``admit`` and
+``leave`` run on the scheduler's: an engine must keep a prefill's one-row state apart from the running batch
+(``BatchEngine`` does: a prefill touches only its own state, and the model's modules hold no state of a call).
+
 Every row gets exactly what it gets alone: its logits do not depend on which rows share the batch or
 when they joined (the scheduler's guarantee that a request's output equals ``torchblt.generate`` on it).
 

@@ -6,7 +6,8 @@ batch. The scheduler thread loops over *ticks*:
 1. rows of cancelled (client gone) or failed jobs leave the batch;
 2. waiting choices are admitted while fewer than ``max_batch`` rows run or prefill (a job may be
    admitted in parts; choices with ``max_tokens=0`` finish at once); their prompts are scored when
-   ``echo`` + ``logprobs`` ask for it, and each gets a prefill (``engine.begin``);
+   ``echo`` + ``logprobs`` ask for it (on the prefill thread when there is one, see 3: the choices start,
+   their rows held meanwhile, once the scores are back), and each gets a prefill (``engine.begin``);
 3. prefills advance by at most ``prefill_chunk`` prompt bytes per tick (``engine.prefill``), oldest
    first: a row's prompt is prefilled in chunks at fixed offsets (multiples of ``prefill_chunk``), so
    its caches do not depend on what else runs, and a long prompt delays the running rows' next byte by
@@ -144,8 +145,19 @@ class Row:
         return (g.temperature, g.top_k, g.top_p)
 
 
+@dataclass(eq=False)
+class _Scoring:
+    """The prompts of a job to score (``echo`` + ``logprobs``) on the prefill thread, for its admitted
+    choices ``indices``; ``entries`` (prompt index -> its entries) once done."""
+
+    job: Job
+    indices: list[int]
+    prompts: list[int]
+    entries: dict[int, list[TokenLogprob]] | None = None
+
+
 class _PrefillThread:
-    """Prefills joining rows on a thread of its own, one after another in the order they were handed over,
+    """Prefills joining rows (and scores ``echo`` + ``logprobs`` prompts) on a thread of its own, one after another in the order they were handed over,
     in the chunks the scheduler's thread would run (``prefill_chunk`` bytes at fixed offsets), so a row's
     caches are the same bytes whichever thread built them. Each prefill touches only its own one-row
     state (:class:`~torchblt.serve.engine.Prefill`), never the running batch; the scheduler reads a
@@ -153,13 +165,13 @@ class _PrefillThread:
 
     def __init__(self, engine: DecodeEngine, chunk: int, metrics: Metrics, on_finished: Callable[[], None]) -> None:
         self.engine, self.chunk, self.metrics, self.on_finished = engine, chunk, metrics, on_finished
-        self._todo: queue.SimpleQueue[tuple[Job, Prefill] | None] = queue.SimpleQueue()
-        self.finished: deque[tuple[Prefill, BaseException | None]] = deque()  # in the order they finished
+        self._todo: queue.SimpleQueue[tuple[Job, Prefill | _Scoring] | None] = queue.SimpleQueue()
+        self.finished: deque[tuple[Prefill | _Scoring, BaseException | None]] = deque()  # in the order they finished
         self._thread = threading.Thread(target=self._run, name="blt-prefill", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job, pending: Prefill) -> None:
-        self._todo.put((job, pending))
+    def submit(self, job: Job, task: Prefill | _Scoring) -> None:
+        self._todo.put((job, task))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._todo.put(None)
@@ -168,16 +180,20 @@ class _PrefillThread:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while (item := self._todo.get()) is not None:
-            job, pending = item
+            job, task = item
             error: BaseException | None = None
             t = time.perf_counter()
             try:
-                while not pending.done and not job.done:  # a cancelled job's prefill stops at a chunk's end
-                    self.engine.prefill(pending, min(self.chunk, pending.remaining) if self.chunk else pending.remaining)
+                if isinstance(task, _Scoring):
+                    if not job.done:
+                        task.entries = prompt_logprobs(self.engine, job.request, task.prompts)
+                else:
+                    while not task.done and not job.done:  # a cancelled job's prefill stops at a chunk's end
+                        self.engine.prefill(task, min(self.chunk, task.remaining) if self.chunk else task.remaining)
             except Exception as e:  # noqa: BLE001 - reported to the scheduler, which fails only this job
                 error = e
             self.metrics.prefill_thread_seconds.inc(time.perf_counter() - t)
-            self.finished.append((pending, error))
+            self.finished.append((task, error))
             self.on_finished()
 
 
@@ -216,6 +232,7 @@ class Scheduler:
         self.prefill_thread = bool(prefill_thread) and not self.speculative
         self._prefiller: _PrefillThread | None = None
         self._handed: set[int] = set()  # ids of the prefills handed to the prefill thread and not yet reported
+        self._scoring: list[_Scoring] = []  # admitted choices waiting for their prompts' scores (prefill thread)
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
@@ -283,7 +300,7 @@ class Scheduler:
             self._prefiller.stop(timeout)
 
     def _free_rows(self) -> int:
-        return self.max_batch - len(self._rows) - len(self._prefilling)
+        return self.max_batch - len(self._rows) - len(self._prefilling) - sum(len(t.indices) for t in self._scoring)
 
     def _prefill_work(self) -> bool:
         """(under the lock) can a tick advance a prefill now? Not while the prefill thread runs them all."""
@@ -312,10 +329,11 @@ class Scheduler:
                 log.exception("scheduler tick failed; failing the running requests")
                 err = APIError(500, f"internal error while decoding: {type(e).__name__}: {e}", type="server_error",
                                code="internal_error")
-                for job in {r.job for r in self._rows} | {j for j, _ in admitted} | {j for j, _, _ in self._prefilling}:
+                for job in ({r.job for r in self._rows} | {j for j, _ in admitted} | {j for j, _, _ in self._prefilling}
+                            | {t.job for t in self._scoring}):
                     self._fail(job, err, events)
                 self.engine.reset()
-                self._rows, self._logits, self._prefilling = [], None, []
+                self._rows, self._logits, self._prefilling, self._scoring = [], None, [], []
             clock = _PhaseClock(self.metrics)
             self._deliver(events)
             clock.lap("deliver")
@@ -329,9 +347,9 @@ class Scheduler:
             left = list(self._waiting)
             self._waiting.clear()
             self.metrics.queue_depth.set(0)
-        for job in {r.job for r in self._rows} | set(left) | {j for j, _, _ in self._prefilling}:
+        for job in {r.job for r in self._rows} | set(left) | {j for j, _, _ in self._prefilling} | {t.job for t in self._scoring}:
             self._fail(job, err, events)
-        self._prefilling = []
+        self._prefilling, self._scoring = [], []
         self._leave(list(range(len(self._rows))))
         self._deliver(events)
 
@@ -369,6 +387,7 @@ class Scheduler:
         if gone:
             self._leave(gone)
         self._prefilling = [p for p in self._prefilling if not p[0].done]  # their states are dropped
+        self._scoring = [t for t in self._scoring if not t.job.done]
         if admitted:
             self._admit(admitted, events)
         clock.lap("admit")
@@ -442,17 +461,34 @@ class Scheduler:
 
     # ------------------------------------------------------------------ steps of a tick
     def _admit(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
-        new: list[tuple[Job, int]] = []
+        """Admitted choices start (:meth:`_start`) once their prompts are scored, when ``echo`` + ``logprobs``
+        ask for it: here, or on the prefill thread when there is one (their rows held meanwhile)."""
+        ready: list[tuple[Job, list[int]]] = []
         for job, indices in admitted:
             if job.done:
                 continue
             req = job.request
-            try:
-                if req.echo and req.logprobs is not None:
-                    self._score_prompts(job, {i // req.n for i in indices})
-            except Exception as e:  # noqa: BLE001
-                self._fail(job, _internal(e), events)
-                continue
+            if req.echo and req.logprobs is not None:
+                todo = sorted({i // req.n for i in indices} - set(job.prompt_logprobs))
+                if todo and self._prefiller is not None:
+                    task = _Scoring(job, indices, todo)
+                    self._scoring.append(task)
+                    self._prefiller.submit(job, task)
+                    continue
+                try:
+                    job.prompt_logprobs.update(prompt_logprobs(self.engine, req, todo))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(job, _internal(e), events)
+                    continue
+            ready.append((job, indices))
+        self._start(ready, events)
+
+    def _start(self, admitted: list[tuple[Job, list[int]]], events: dict[Job, list[Event]]) -> None:
+        """Choices whose prompts are scored (if asked) start: their ``Started`` events, and a prefill each
+        (the choices of one prompt admitted together share one)."""
+        new: list[tuple[Job, int]] = []
+        for job, indices in admitted:
+            req = job.request
             for i in indices:
                 p = i // req.n
                 events.setdefault(job, []).append(Started(i, job.prompt_logprobs.get(p)))
@@ -497,15 +533,26 @@ class Scheduler:
     def _prefill_elsewhere(self, events: dict[Job, list[Event]]) -> None:
         """Hand the new prefills to the prefill thread; the rows of those it finished join the batch."""
         assert self._prefiller is not None
+        reported: dict[int, BaseException | None] = {}
+        scored: list[tuple[Job, list[int]]] = []
+        while self._prefiller.finished:
+            task, error = self._prefiller.finished.popleft()
+            if isinstance(task, _Scoring):
+                if task in self._scoring:  # (not if its job was cancelled meanwhile)
+                    self._scoring.remove(task)
+                    if error is not None:
+                        self._fail(task.job, _internal(error), events)
+                    elif not task.job.done:
+                        task.job.prompt_logprobs.update(task.entries or {})
+                        scored.append((task.job, task.indices))
+                continue
+            self._handed.discard(id(task))
+            reported[id(task)] = error
+        self._start(scored, events)
         for job, _, pending in self._prefilling:
             if id(pending) not in self._handed:  # the choices of one prompt share one prefill
                 self._handed.add(id(pending))
                 self._prefiller.submit(job, pending)
-        reported: dict[int, BaseException | None] = {}
-        while self._prefiller.finished:
-            pending, error = self._prefiller.finished.popleft()
-            self._handed.discard(id(pending))
-            reported[id(pending)] = error
         if not reported:
             return
         ready = []
@@ -554,25 +601,6 @@ class Scheduler:
             gen.manual_seed(g.seed + index if g.seed is not None else secrets.randbits(63))
         stop = StopCondition(g.max_new_bytes, g.stop, g.stop_at_eos)
         return Row(job, index, gen, stop, TextStream(stop) if job.request.stream else None, last_time=job.arrival)
-
-    def _score_prompts(self, job: Job, prompt_indices: set[int]) -> None:
-        req = job.request
-        todo = sorted(p for p in prompt_indices if p not in job.prompt_logprobs)
-        if not todo:
-            return
-        scores = self.engine.score([req.prompts[p].ids for p in todo], req.logprobs or 0)
-        for p, s in zip(todo, scores):
-            prompt = req.prompts[p]
-            entries = []
-            lps, tops, top_lps = s.logprobs.tolist(), s.top_ids.tolist(), s.top_logprobs.tolist()
-            # ids[0] is the BOS (predicted by nothing); shown ids are the last `prompt.shown`
-            for pos in range(len(prompt.ids) - prompt.shown, len(prompt.ids)):
-                if pos == 0:
-                    entries.append(TokenLogprob(prompt.ids[0], None, None))
-                else:
-                    entries.append(TokenLogprob(prompt.ids[pos], lps[pos - 1],
-                                                list(zip(tops[pos - 1], top_lps[pos - 1]))))
-            job.prompt_logprobs[p] = entries
 
     def _sample(self, events: dict[Job, list[Event]]) -> tuple[torch.Tensor, list[int]]:
         """Next id of every row (rows of jobs that fail here are marked finished); the rows that finished."""
@@ -668,6 +696,27 @@ class Scheduler:
                 job.sink(evs)
             except Exception:  # noqa: BLE001 - the loop is gone (shutdown): nobody to tell
                 job.cancel()
+
+
+def prompt_logprobs(engine: DecodeEngine, req: CompletionRequest, prompts: list[int]) -> dict[int, list[TokenLogprob]]:
+    """The ``echo`` + ``logprobs`` entries of prompts ``prompts`` of ``req`` (``engine.score``): one per shown
+    id, the BOS (predicted by nothing) without a log-probability."""
+    out: dict[int, list[TokenLogprob]] = {}
+    if not prompts:
+        return out
+    scores = engine.score([req.prompts[p].ids for p in prompts], req.logprobs or 0)
+    for p, sc in zip(prompts, scores, strict=True):
+        prompt = req.prompts[p]
+        entries = []
+        lps, tops, top_lps = sc.logprobs.tolist(), sc.top_ids.tolist(), sc.top_logprobs.tolist()
+        # ids[0] is the BOS (predicted by nothing); shown ids are the last `prompt.shown`
+        for pos in range(len(prompt.ids) - prompt.shown, len(prompt.ids)):
+            if pos == 0:
+                entries.append(TokenLogprob(prompt.ids[0], None, None))
+            else:
+                entries.append(TokenLogprob(prompt.ids[pos], lps[pos - 1], list(zip(tops[pos - 1], top_lps[pos - 1]))))
+        out[p] = entries
+    return out
 
 
 def _logprobs(logits: torch.Tensor, rows: list[Row]) -> list[tuple[torch.Tensor, list[tuple[int, float]]]]:

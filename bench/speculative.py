@@ -43,7 +43,7 @@ from torchblt.generation import GenerationConfig, generate_tokens  # noqa: E402
 from torchblt.generation import speculative as spec  # noqa: E402
 from torchblt.tokenizer import ByteTokenizer  # noqa: E402
 
-DEFAULT_MODEL = "/work/data/builtin/package"
+DEFAULT_MODEL = "builtin"  # the shipped built-in model (torchblt/builtin/model)
 DEFAULT_PROMPTS = "/work/data/corpus/valid"
 
 

@@ -157,9 +157,9 @@ class _Scoring:
 
 
 class _PrefillThread:
-    """Prefills joining rows (and scores ``echo`` + ``logprobs`` prompts) on a thread of its own, one after another in the order they were handed over,
-    in the chunks the scheduler's thread would run (``prefill_chunk`` bytes at fixed offsets), so a row's
-    caches are the same bytes whichever thread built them. Each prefill touches only its own one-row
+    """Prefills joining rows (and scores ``echo`` + ``logprobs`` prompts) on a thread of its own, one after
+    another in the order they were handed over, in the chunks the scheduler's thread would run
+    (``prefill_chunk`` bytes at fixed offsets), so a row's caches are the same bytes whichever thread built them. Each prefill touches only its own one-row
     state (:class:`~torchblt.serve.engine.Prefill`), never the running batch; the scheduler reads a
     prefill again only after it is reported in :attr:`finished` (the queue orders the two threads)."""
 

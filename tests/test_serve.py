@@ -922,6 +922,8 @@ def test_cli_serve_binds_localhost_and_drains_on_sigterm(model_dir, model):
         line = proc.stderr.readline()
         m = re.search(r"on http://([\d.]+):(\d+)/v1", line)
         assert m and m.group(1) == "127.0.0.1", line
+        # the default: one torch thread on 2 cores (the cores less one) -> the prefill thread is on
+        assert re.search(r"prefill thread (on|off)\)", line) and (os.cpu_count() != 2 or "prefill thread on" in line)
         port = int(m.group(2))
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _health(url), 60)

@@ -474,7 +474,8 @@ def run(server: BLTServer, host: str = "127.0.0.1", port: int = 8000, log_level:
     shown = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
     c = server.config
     print(f"blt serve: model {c.model_name!r} on http://{shown}:{bound[1]}/v1 (max batch {c.max_batch}, "
-          f"max queue {c.max_queue}, prompts up to {c.max_prompt_bytes} bytes)", file=sys.stderr, flush=True)
+          f"max queue {c.max_queue}, prompts up to {c.max_prompt_bytes} bytes, prefill thread "
+          f"{'on' if server.scheduler.prefill_thread else 'off'})", file=sys.stderr, flush=True)
     _uvicorn_server(server, log_level).run(sockets=[sock])
     return 0
 

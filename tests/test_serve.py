@@ -653,6 +653,36 @@ def test_echo_logprobs_prompts_are_scored_on_the_prefill_thread(model):
     assert got["gone"] == []  # cancelled while scored: never started
 
 
+def test_a_job_admitted_in_parts_scores_its_prompt_once_on_the_prefill_thread(model):
+    """``n=2`` choices of one ``echo`` + ``logprobs`` prompt while a running request holds one of 2 rows: the
+    first choice is admitted and scored; the second, admitted when the running request ends (while the
+    scoring is still running), waits for that scoring instead of scoring the prompt again. Both choices get
+    the same prompt entries and their solo texts."""
+    from torchblt.serve.metrics import Metrics
+    from torchblt.serve.scheduler import Finished, Scheduler, Started
+
+    engine = _SlowScoringEngine(model, score_delay=0.8)
+    sched = Scheduler(engine, Metrics(), max_batch=2, prefill_thread=True)
+    body = {"prompt": TEXT[:20], "max_tokens": 6, "n": 2, "temperature": 0.9, "seed": 5, "echo": True, "logprobs": 1}
+    running: list = []
+    got: list = []
+    sched.start()
+    try:
+        sched.submit(_job({"prompt": "Hello", "max_tokens": 8, "temperature": 0}, running.extend))
+        wait_until(lambda: engine.n_rows == 1)
+        sched.submit(_job(body, got.extend))
+        wait_until(lambda: any(isinstance(e, Finished) for e in running))
+        wait_until(lambda: len(sched._scoring) == 2)  # the second part waits for the first's scoring
+        wait_until(lambda: sum(isinstance(e, Finished) for e in got) == 2, 30)
+    finally:
+        sched.stop()
+    assert len(engine.score_spans) == 1
+    started = [e for e in got if isinstance(e, Started)]
+    assert len(started) == 2 and started[0].prompt_logprobs == started[1].prompt_logprobs is not None
+    texts = [e.text for e in sorted((e for e in got if isinstance(e, Finished)), key=lambda e: e.index)]
+    assert texts == generate(model, [TEXT[:20]] * 2, max_new_bytes=6, temperature=0.9, seed=5)
+
+
 def test_prefill_thread_where_it_pays(model, monkeypatch):
     """Default (None): on for a CPU engine on one torch thread with another core; off with more torch
     threads, on one core, and for --speculative; True/False as given."""

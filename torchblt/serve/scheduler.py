@@ -469,8 +469,12 @@ class Scheduler:
                 continue
             req = job.request
             if req.echo and req.logprobs is not None:
-                todo = sorted({i // req.n for i in indices} - set(job.prompt_logprobs))
-                if todo and self._prefiller is not None:
+                needed = {i // req.n for i in indices}
+                # a job admitted in parts: prompts that an earlier part's scoring has in hand are not scored
+                # again; this part waits for them (the thread reports in order)
+                in_flight = {p for t in self._scoring if t.job is job for p in t.prompts}
+                todo = sorted(needed - set(job.prompt_logprobs) - in_flight)
+                if self._prefiller is not None and (todo or needed & in_flight):
                     task = _Scoring(job, indices, todo)
                     self._scoring.append(task)
                     self._prefiller.submit(job, task)

@@ -148,10 +148,11 @@ class BLTServer:
             if patcher is None or patcher.entropy_model is None:
                 raise ValueError("speculative decoding drafts with the entropy model: this model has none (entropy "
                                  "patching with an entropy model is needed)")
-        if self.config.prefill_thread is None:
-            self.config.prefill_thread = prefill_thread_pays(self.engine) and not self.config.speculative
+        wanted = self.config.prefill_thread
         self.scheduler = Scheduler(self.engine, self.metrics, self.config.max_batch, self.config.max_queue,
-                                   self.config.prefill_chunk, self.config.speculative, self.config.prefill_thread)
+                                   self.config.prefill_chunk, self.config.speculative,
+                                   prefill_thread_pays(self.engine) if wanted is None else wanted)
+        self.config.prefill_thread = self.scheduler.prefill_thread  # as resolved (never with speculative)
         self.created = now()
         # a body bigger than this cannot be a valid request (prompts as JSON token ids, ~6 characters each)
         self.body_limit = 64 * 1024 + MAX_PROMPTS * 8 * self.config.max_prompt_bytes

@@ -227,9 +227,9 @@ class BatchEngine:
         rows = list(range(self.n_rows))
         ids = next_ids.to(self.device, torch.int64)
         # the batch's row i is slot live[i]: a row that took a free slot may sit before running rows in
-        # the slots' order even when no slot is free, so the bytes go by slot and the logits come back
-        # in the batch's order unless every row is in its own slot
-        by_slot = self.live != rows or bool(self.free)
+        # the slots' order even when no slot is free, so the bytes go by slot (free slots get EOS) and the
+        # logits come back in the batch's order unless row i is slot i for every slot
+        by_slot = self.live != list(range(self.n_slots))
         if by_slot:
             live = torch.tensor(self.live, dtype=torch.int64, device=self.device)
             ids = torch.full((self.n_slots,), self.model.config.eos_id, dtype=torch.int64,

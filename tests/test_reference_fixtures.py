@@ -59,6 +59,35 @@ def test_hash_ngram_ids_all_cases():
     assert checked > 150
 
 
+
+def test_hash_embedding_ids_equal_the_reference_ids_with_and_without_context():
+    """HashNgramEmbedding.ids hashes every table in one product; it must give the reference's ids per table,
+    also when the earlier tokens come as context (a decoding step) shorter or longer than the n-grams."""
+    from torchblt.model.hash_embedding import HashNgramEmbedding
+
+    cases: dict[tuple[str, int], dict[tuple[int, int], torch.Tensor]] = {}
+    for name, expected in HASH.items():
+        if name.startswith("hash."):
+            _, seq, g, f, m = name.split(".")
+            cases.setdefault((seq, int(m[1:])), {})[(int(f[1:]), int(g[1:]))] = expected
+    checked = 0
+    for (seq, vocab), by_table in cases.items():
+        functions = sorted({f for f, _ in by_table})
+        sizes = sorted({g for _, g in by_table})
+        if functions != list(range(len(functions))) or len(by_table) != len(functions) * len(sizes):
+            continue
+        emb = HashNgramEmbedding(sizes, vocab, len(functions), 2)
+        tokens = HASH[f"tokens.{seq}"]
+        want = [by_table[(f, g)] for f in functions for g in sizes]
+        assert [t.shape for t in emb.ids(tokens[:, :0])] == [tokens[:, :0].shape] * len(want)
+        for got, exp in zip(emb.ids(tokens), want, strict=True):
+            assert torch.equal(got, exp), seq
+        for k in {1, 2, tokens.shape[1] // 2, tokens.shape[1] - 1} & set(range(1, tokens.shape[1])):
+            for got, exp in zip(emb.ids(tokens[:, k:], context=tokens[:, :k]), want, strict=True):
+                assert torch.equal(got, exp[:, k:]), (seq, k)
+        checked += 1
+    assert checked >= 3
+
 # ----------------------------------------------------------------------------- 03 entropy model
 ENT = load_tensors("03_entropy_model/entropy_cases.safetensors")
 

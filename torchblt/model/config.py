@@ -164,6 +164,11 @@ class BLTConfig:
                 raise ValueError(f"hash.group_sizes: expected a non-empty list of positive integers, got {h.group_sizes!r}")
             if h.n_functions < 1:
                 raise ValueError(f"hash.n_functions: expected a positive integer, got {h.n_functions!r}")
+            from torchblt.model.hash_embedding import HASH_PRIMES
+
+            if h.n_functions > len(HASH_PRIMES):
+                raise ValueError(f"hash.n_functions: at most {len(HASH_PRIMES)} (the reference's hash primes), "
+                                 f"got {h.n_functions!r}")
 
 
 @dataclass

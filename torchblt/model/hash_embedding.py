@@ -79,15 +79,30 @@ class HashNgramEmbedding(nn.ModuleList):
     def ids(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hash ids for every table, in table order (function-major, then n-gram size). ``context (B, C)``:
         the tokens before ``tokens`` (a decoding step's recent bytes; zeros = BOE where a text has fewer),
-        so that the n-grams ending at ``tokens``' first positions are those of the whole text."""
+        so that the n-grams ending at ``tokens``' first positions are those of the whole text.
+
+        Every table's hash in one product: each position's window of the largest n-gram (oldest byte
+        first) times a ``(tables, g_max)`` matrix of prime powers, zero on the bytes older than a table's
+        n-gram. The same int64 sums as :func:`ngram_hash_ids` (a zero term adds nothing; wrapping addition
+        does not depend on the order), so the ids are identical; a decoding step is a handful of kernels
+        instead of eight per table."""
+        c = 0 if context is None else context.shape[1]
+        if tokens.shape[1] == 0:
+            return [tokens.new_zeros(tokens.shape, dtype=torch.int64) for _ in range(len(self))]
         if context is not None:
             tokens = torch.cat([context.to(tokens.dtype), tokens], dim=1)
-        c = 0 if context is None else context.shape[1]
-        return [
-            ngram_hash_ids(tokens, g, f, self.vocab_size)[:, c:]
-            for f in range(self.n_functions)
-            for g in self.group_sizes
-        ]
+        g = max(self.group_sizes)
+        x = tokens.to(torch.int64)
+        if c < g - 1:  # BOE before the text
+            x, c = torch.nn.functional.pad(x, (g - 1 - c, 0), value=0), g - 1
+        windows = x[:, c - (g - 1) :].unfold(1, g, 1)  # (B, n, g): the g bytes up to each position
+        powers = torch.tensor(
+            [[0] * (g - size) + _prime_powers(HASH_PRIMES[f], size)
+             for f in range(self.n_functions) for size in self.group_sizes],
+            dtype=torch.int64, device=x.device,
+        )  # (tables, g)
+        h = (windows[:, :, None, :] * powers).sum(-1)  # (B, n, tables), int64, wraps on overflow
+        return list(torch.remainder(h, self.vocab_size).unbind(-1))
 
     def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``embeds + table_0(ids_0) + table_1(ids_1) + ...`` summed in the reference's order."""

@@ -84,19 +84,22 @@ class Ring:
         return slots if keep is None else torch.where(keep, slots, self.capacity)
 
     def store(self, slots: torch.Tensor, values: list[torch.Tensor], first: int = 0,
-              rows: torch.Tensor | None = None) -> None:
+              rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None) -> None:
         """``values[j] (B, n, ...)`` into ``tensors[first + j]`` at ``slots (B, n)`` (:meth:`slots`); with
-        ``rows (R,)``: ``values[j] (R, n, ...)`` into those rows."""
-        rows = _row_index(slots, rows)
+        ``rows (R,)``: ``values[j] (R, n, ...)`` into those rows. ``row_index``: :func:`_row_index` of
+        ``slots, rows``, when the caller has it (a stack's layers all store at the same slots)."""
+        index = (_row_index(slots, rows) if row_index is None else row_index, slots)
         for store, value in zip(self.tensors[first : first + len(values)], values, strict=True):
-            store.index_put_((rows, slots), value.to(store.dtype))
+            store.index_put_(index, value if value.dtype == store.dtype else value.to(store.dtype))
 
     def store_meta(self, slots: torch.Tensor, positions: torch.Tensor, tag: torch.Tensor,
-                   keep: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
-        rows = _row_index(slots, rows)
-        self.pos.index_put_((rows, slots), positions if keep is None else torch.where(keep, positions, -1))
-        self.tag.index_put_((rows, slots), tag.to(self.tag.dtype))
-        self.pos[:, -1] = -1  # the discard slot never holds an entry
+                   keep: torch.Tensor | None, rows: torch.Tensor | None = None,
+                   row_index: torch.Tensor | None = None) -> None:
+        """Positions and tags of entries stored at ``slots`` (see :meth:`store`). The discard slot stays
+        empty: only entries that ``keep`` drops go there (:meth:`slots`), and they store position -1."""
+        index = (_row_index(slots, rows) if row_index is None else row_index, slots)
+        self.pos.index_put_(index, positions if keep is None else torch.where(keep, positions, -1))
+        self.tag.index_put_(index, tag if tag.dtype == self.tag.dtype else tag.to(self.tag.dtype))
 
     def write(self, positions: torch.Tensor, values: list[torch.Tensor], tag: torch.Tensor,
               keep: torch.Tensor | None = None) -> None:
@@ -211,11 +214,12 @@ class _LayerWriter:
     write_first: bool
     before: torch.Tensor | None = None  # (B, window - 1) slots of the entries before the new ones, in order
     rows: torch.Tensor | None = None  # (R,): a call on these rows of the cache only (the new entries' rows)
+    row_index: torch.Tensor | None = None  # _row_index(slots, rows), shared by the stack's layers
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_all, v_all = self.cache.tensors[self.index], self.cache.tensors[self.index + 1]
         if self.rows is not None:  # store first, then copy out the rows' leading slots (head-major: one copy)
-            self.cache.store(self.slots, [k, v], self.index, self.rows)
+            self.cache.store(self.slots, [k, v], self.index, self.rows, self.row_index)
             k_rows, v_rows = (t.transpose(1, 2)[self.rows, :, : self.view].transpose(1, 2) for t in (k_all, v_all))
             return k_rows, v_rows
         if self.before is not None:  # the window before the new entries, in position order (banded)
@@ -225,7 +229,7 @@ class _LayerWriter:
             k_old, v_old = k_all[:, : self.view], v_all[:, : self.view]
         if not self.write_first:  # read the old entries before the new ones overwrite them
             k_old, v_old = torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1)
-        self.cache.store(self.slots, [k, v], self.index)
+        self.cache.store(self.slots, [k, v], self.index, row_index=self.row_index)
         return k_old, v_old
 
 
@@ -286,9 +290,11 @@ class StackKV(Ring):
                 raise ValueError(f"a call on some rows stores its {positions.shape[1]} entries first: "
                                  f"capacity {self.capacity} is too small for window {self.window}")
             slots = self.slots(positions, keep)
-            self.store_meta(slots, positions, docs, keep, rows)
+            index = _row_index(slots, rows)
+            self.store_meta(slots, positions, docs, keep, rows, index)
             kpos, kdoc = self.pos[rows, :view], self.tag[rows, :view]
-            layers = [_LayerWriter(self, 2 * i, slots, view, True, rows=rows) for i in range(self.n_layers)]
+            layers = [_LayerWriter(self, 2 * i, slots, view, True, rows=rows, row_index=index)
+                      for i in range(self.n_layers)]
             return PreparedStack(positions, self._mask(positions, docs, kpos, kdoc), layers)
         if not first and keep is None and self.window is not None and band_pays(positions.shape[1], self.window):
             return self._prepare_banded(positions, docs)
@@ -297,10 +303,11 @@ class StackKV(Ring):
             kpos, kdoc = torch.cat([self.pos[:, :view], stored], 1), torch.cat([self.tag[:, :view], docs], 1)
             keep = last_kept(keep, positions, self.capacity)
         slots = self.slots(positions, keep)
-        self.store_meta(slots, positions, docs, keep)
+        index = _row_index(slots, None)
+        self.store_meta(slots, positions, docs, keep, row_index=index)
         if first:
             kpos, kdoc = self.pos[:, :view], self.tag[:, :view]
-        layers = [_LayerWriter(self, 2 * i, slots, view, first) for i in range(self.n_layers)]
+        layers = [_LayerWriter(self, 2 * i, slots, view, first, row_index=index) for i in range(self.n_layers)]
         return PreparedStack(positions, self._mask(positions, docs, kpos, kdoc), layers)
 
     def rows_of(self, rows: torch.Tensor) -> StackRows:
@@ -332,7 +339,8 @@ class StackKV(Ring):
                                  kdoc if self.documents else None, W)
         keep = last_kept(None, positions, self.capacity)
         slots = self.slots(positions, keep)
-        layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before) for i in range(self.n_layers)]
+        index = _row_index(slots, None)
+        layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before, row_index=index) for i in range(self.n_layers)]
         self.store_meta(slots, positions, docs, keep)
         return PreparedStack(positions, SelfAttentionMask(dense=None, banded=band), layers)
 

@@ -345,15 +345,15 @@ class IncrementalEngine:
             front, close, back = (self._compiled_part(p, n) for p in ("front", "close", "back"))
         else:
             front, close, back = self._front, self._close, self._back
-        h, before, after, n_close = front(state, tokens, views[0])
+        h, gdoc, after, n_close = front(state, tokens, views[0])
         # closing patches per row, padded to the most among the rows: n in a compiled call (one graph),
         # the real count in an eager one (a prefill chunk of n bytes closes ~n / patch size)
         width = int(n_close)
         closed = None
         if width and (compiled or state.batch == 1):
-            closed = close(state, before, after, views[1], n if compiled else width)
+            closed = close(state, gdoc, after, views[1], n if compiled else width)
         elif width:
-            closed = self._close_rows(state, before, after, views[1], width)
+            closed = self._close_rows(state, gdoc, after, views[1], width)
         logits, state.spans = back(state, tokens, h, after, closed, views[0])
         return logits, after
 
@@ -420,7 +420,7 @@ class IncrementalEngine:
         return fn
 
     # ------------------------------------------------------------------ the three parts
-    def _front(self, state: DecodeState, tokens: torch.Tensor, view: Any):  # noqa: ANN202 - (h, before, after, any_close)
+    def _front(self, state: DecodeState, tokens: torch.Tensor, view: Any):  # noqa: ANN202 - (h, gdoc, after, any_close)
         model, c = self.model, state.cursor
         B, n = tokens.shape
         torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
@@ -438,7 +438,10 @@ class IncrementalEngine:
             self.patcher, pos + 1, None if e_all is None else e_all[:, 2:], None if e_all is None else e_all[:, 1:-1],
             tokens, x_all[:, :-1], c.last_raw)
         after = c.advance(tokens, ent, starts, last_raw, self.eos, self.em_eos)
-        before = Cursor.zip(lambda a, b: torch.cat([a[:, None], b[:, :-1]], 1), c, after)
+        # the cursor before each byte, of the fields read: each byte's patch (the open one when it came) and
+        # that patch's global document
+        n_closed, gdoc = (torch.cat([now[:, None], then[:, :-1]], 1)
+                          for now, then in ((c.n_closed, after.n_closed), (c.global_doc, after.global_doc)))
 
         enc = model.local_encoder
         docs = c.doc[:, None] + exclusive_cumsum(tokens == self.eos)
@@ -446,12 +449,12 @@ class IncrementalEngine:
         values = [states[0]] if self.enc_cross else [h]
         if self.enc_cross:
             values += [t for kv in enc.cross_kv(states) for t in kv]
-        state.patch_bytes.write(pos, values, before.n_closed)  # each byte's patch: the open one when it came
-        return h, before, after, starts.sum(1).max()
+        state.patch_bytes.write(pos, values, n_closed)
+        return h, gdoc, after, starts.sum(1).max()
 
-    def _close(self, state: DecodeState, before: Cursor, after: Cursor, view: Any, m: int) -> _Closed | None:
+    def _close(self, state: DecodeState, gdoc: torch.Tensor, after: Cursor, view: Any, m: int) -> _Closed | None:
         """Every patch closing among the call's bytes, padded to ``m`` per row (at least the most that close
-        in a row): slots, global, decoder slots."""
+        in a row): slots, global, decoder slots. ``gdoc (B, n)``: the global document of each byte's patch."""
         model, cfg, c = self.model, self.cfg, state.cursor
         torch._check(self.model_key != 0)  # a guard on the model (see _compiled_part)
         enc, dec = model.local_encoder, model.local_decoder
@@ -462,7 +465,7 @@ class IncrementalEngine:
         k = torch.arange(m, device=dev)[None]
         valid = k < starts.sum(1, keepdim=True)  # (B, m) real closing patches
         patch = c.n_closed[:, None] + k  # their indices
-        gdoc = torch.gather(before.global_doc, 1, order)  # their global documents
+        gdoc = torch.gather(gdoc, 1, order)  # their global documents
 
         ring = state.patch_bytes
         rel = torch.where(ring.pos >= 0, ring.tag - c.n_closed[:, None], m)  # stored byte -> closing patch 0..
@@ -496,7 +499,7 @@ class IncrementalEngine:
             return None
         return _Closed(patch, values, valid)
 
-    def _close_rows(self, state: DecodeState, before: Cursor, after: Cursor, view: Any, m: int) -> _Closed | None:
+    def _close_rows(self, state: DecodeState, gdoc: torch.Tensor, after: Cursor, view: Any, m: int) -> _Closed | None:
         """Eager :meth:`_close` of a batch, on the rows that close a patch only: in a batch of ``B`` rows at
         ~4.5 bytes per patch only ~``B / 4.5`` rows close one per step, and the global model over every row
         (padding for the others) was most of a 16-row step. The rows' caches that the close part reads or
@@ -507,11 +510,11 @@ class IncrementalEngine:
         rows = after.next_start.any(1).nonzero().flatten()  # data-dependent: eager only
         B = state.batch
         if rows.numel() == B:
-            return self._close(state, before, after, view, m)
+            return self._close(state, gdoc, after, view, m)
         take = lambda cur: cur.map(lambda t: t[rows])  # noqa: E731
         sub = replace(state, cursor=take(state.cursor), patch_bytes=state.patch_bytes.take(rows),
                       global_=state.global_.rows_of(rows), patch_slots=state.patch_slots.take(rows))
-        closed = self._close(sub, take(before), take(after), view, m)
+        closed = self._close(sub, gdoc[rows], take(after), view, m)
         # what the close part wrote in the taken rings: the closing patches' decoder slots (the global
         # model's keys/values went into the rows in place)
         k = torch.arange(m, device=rows.device)[None]

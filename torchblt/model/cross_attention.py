@@ -13,6 +13,7 @@ is ``O(T * k * window)`` however many patches there are, instead of ``O(T * P * 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,25 @@ from torch import nn
 
 from torchblt.model.masks import PatchCrossMask
 from torchblt.model.transformer import Linear, RMSNorm, flex_attention, scaled_dot_product, trunc_normal_
+
+
+@dataclass
+class GuardedMask:
+    """A dense boolean mask with its empty-query guard worked out (:func:`guarded`): ``safe (B, 1, Tq, Tk)``
+    lets a query that sees no key see every key (finite numbers, no NaN gradients) and ``scale (B, Tq, 1, 1)``
+    then zeroes its output. The cross-attention layers of one call share a mask; this works it out once."""
+
+    safe: torch.Tensor
+    scale: torch.Tensor
+
+
+def guarded(mask: Any, dtype: torch.dtype) -> Any:
+    """A dense boolean ``mask (B, 1, Tq, Tk)`` as a :class:`GuardedMask` (outputs in ``dtype``); any other
+    form (a FlexAttention ``BlockMask``, a :class:`PatchCrossMask`, a ``GuardedMask``) as it is."""
+    if not isinstance(mask, torch.Tensor):
+        return mask
+    has_key = mask.any(-1, keepdim=True)  # (B, 1, Tq, 1)
+    return GuardedMask(safe=mask | ~has_key, scale=has_key[:, 0, :, :, None].to(dtype))
 
 
 def gathered_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: PatchCrossMask) -> torch.Tensor:
@@ -104,20 +124,21 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         """The attention update ``wo(attn(norm(x), norm(kv)))`` for ``x (B, Tq, D)``; ``mask (B, 1, Tq, Tk)``.
 
-        ``mask`` may also be a FlexAttention ``BlockMask`` or a :class:`PatchCrossMask`. The caller adds the residual (see :func:`double_residual`).
+        ``mask`` may also be a FlexAttention ``BlockMask``, a :class:`PatchCrossMask` or a :class:`GuardedMask`. The
+        caller adds the residual (see :func:`double_residual`).
         """
         B, Tq, _ = x.shape
         q = self.wq(self.cross_attn_norm_q(x)).view(B, Tq, self.n_heads, self.head_dim)
         k, v = projected_kv if projected_kv is not None else self.project_kv(kv)  # type: ignore[arg-type]
         if isinstance(mask, PatchCrossMask):
             return self.wo(gathered_cross_attention(q, k, v, mask).reshape(B, Tq, -1))
-        if not isinstance(mask, torch.Tensor):
+        if isinstance(mask, torch.Tensor):
+            mask = guarded(mask, q.dtype)
+        if not isinstance(mask, GuardedMask):
             return self.wo(flex_attention(q, k, v, mask).reshape(B, Tq, -1))
-        has_key = mask.any(-1, keepdim=True)  # (B, 1, Tq, 1)
-        # rows with no visible key: attend to everything (finite numbers, no NaN gradients), then zero
-        safe = mask | ~has_key
-        out = scaled_dot_product(q, k, v, safe)  # (B, Tq, H, Dh)
-        out = out * has_key[:, 0, :, :, None].to(out.dtype)
+        # queries with no visible key attend to everything (finite numbers, no NaN gradients), then get 0
+        out = scaled_dot_product(q, k, v, mask.safe)  # (B, Tq, H, Dh)
+        out = out * (mask.scale if mask.scale.dtype == out.dtype else mask.scale.to(out.dtype))
         return self.wo(out.reshape(B, Tq, -1))
 
     def init_weights(self, std: float) -> None:

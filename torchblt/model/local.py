@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchblt.model.cross_attention import CrossAttention, double_residual
+from torchblt.model.cross_attention import CrossAttention, double_residual, guarded
 from torchblt.model.transformer import Linear, RMSNorm, StackCache, StackConfig, Transformer, embedding, trunc_normal_
 
 
@@ -154,6 +154,7 @@ class LocalEncoder(Transformer):
         slot reads (``(B, 1, P*K, T)``, or any form :class:`~torchblt.model.cross_attention.CrossAttention` takes)."""
         assert self.cross_attn_layers is not None
         slots = self.init_slots(pool_states, patch_ids, n_patches)
+        cross_mask = guarded(cross_mask, slots.dtype)  # the layers share it
         for layer, source in zip(self.cross_attn_layers, kv, strict=True):
             projected = source if isinstance(source, tuple) else None
             update = layer(slots, None if projected is not None else source, cross_mask, projected_kv=projected)
@@ -285,6 +286,7 @@ class LocalDecoder(Transformer):
         the head: ``h (B, T, D)`` -> logits ``(B, T, V)`` fp32. With ``cache`` the
         bytes are new positions after the cached ones (:class:`~torchblt.model.transformer.StackCache`)."""
         mask, rope, caches = self.attention_inputs(tokens, cache)
+        cross_mask = guarded(cross_mask, h.dtype)  # the cross-attention layers share it
         for i, layer in enumerate(self.layers):
             if self.uses_cross_attn(i):
                 assert cross is not None and cross_mask is not None

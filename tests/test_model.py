@@ -200,3 +200,46 @@ def test_linear_small_rows_product_equals_linear():
     with torch.inference_mode(), mock.patch("torch.mm", wraps=torch.mm) as mm:  # bf16: F.linear
         layer.to(torch.bfloat16)(torch.randn(2, 1, 48, dtype=torch.bfloat16))
     assert not mm.called
+
+
+def test_linear_one_row_uses_onednn_on_two_threads_for_large_weights(caplog):
+    """One row, 2+ threads, a weight of at least ONEDNN_MIN_WEIGHTS, outside autograd: oneDNN's product
+    (equal to F.linear to rounding); one thread, small weights, autograd: F.linear. A oneDNN that fails its
+    check is turned off and logged once."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from torchblt.model import transformer
+
+    torch.manual_seed(0)
+    big = Linear(512, transformer.ONEDNN_MIN_WEIGHTS // 512, bias=False)
+    small = Linear(48, 40, bias=False)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, layer, x_shape, used in [(2, big, (1, 1, 512), True), (2, big, (1, 512), True),
+                                                (1, big, (1, 1, 512), False), (2, small, (1, 1, 48), False),
+                                                (2, big, (2, 1, 512), False)]:
+            torch.set_num_threads(n_threads)
+            x = torch.randn(*x_shape)
+            with torch.inference_mode(), mock.patch.object(transformer, "onednn_row_product",
+                                                           wraps=transformer.onednn_row_product) as row:
+                out = layer(x)
+            assert row.called == used, (n_threads, x_shape)
+            assert out.shape == (*x_shape[:-1], layer.out_features)
+            torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        torch.set_num_threads(2)
+        with mock.patch.object(transformer, "onednn_row_product", wraps=transformer.onednn_row_product) as row:
+            big(torch.randn(1, 512)).sum().backward()  # autograd records: F.linear
+        assert not row.called and big.weight.grad is not None
+        # a oneDNN whose op fails: F.linear, said once
+        with mock.patch.object(transformer, "_onednn_state", None), \
+                mock.patch("torch.ops.mkldnn._linear_pointwise", side_effect=RuntimeError("no such op")), \
+                caplog.at_level("WARNING"), torch.inference_mode():
+            x = torch.randn(1, 512)
+            for _ in range(3):
+                torch.testing.assert_close(big(x), F.linear(x, big.weight))
+            assert transformer._onednn_state is False
+        assert sum("oneDNN row product is off" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        torch.set_num_threads(threads)

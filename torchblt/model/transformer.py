@@ -145,7 +145,8 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq(self.inv_freq.device)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq if self.inv_freq.device == positions.device else self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32)[..., None] * inv_freq
         return torch.cos(angles), torch.sin(angles)
 
 
@@ -305,26 +306,70 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
 
 
 SMALL_ROWS = 3  # Linear: products over at most this many rows stream the weight once (CPU, fp32)
+ONEDNN_MIN_WEIGHTS = 1 << 17  # Linear: one-row products with weights this large go to oneDNN on 2+ threads
+
+_onednn_state: bool | None = None  # None: not yet checked in this process; False: unavailable (logged once)
+
+
+def onednn_row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` for one row by oneDNN's linear on the plain ``(out, in)`` weight (no packed copy), or
+    None where that is unavailable. ``torch.ops.mkldnn._linear_pointwise`` is the operator torch.compile's
+    CPU back-end calls, not a documented API: its first use is checked against ``F.linear`` and any
+    failure (op missing, wrong numbers) turns it off for the process, logged once."""
+    global _onednn_state
+    if _onednn_state is None:
+        _onednn_state = False
+        reason = "oneDNN is not available in this build"
+        if torch.backends.mkldnn.is_available():
+            try:
+                probe_w = torch.linspace(-1, 1, 96 * 80).reshape(96, 80)
+                probe_x = torch.linspace(1, -1, 80)[None]
+                got = torch.ops.mkldnn._linear_pointwise(probe_x, probe_w, None, "none", [], "")
+                _onednn_state = bool(torch.allclose(got, F.linear(probe_x, probe_w), rtol=1e-5, atol=1e-5))
+                reason = "its product differs from F.linear"
+            except (RuntimeError, AttributeError) as err:
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if not _onednn_state:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "torchblt: one-row products use F.linear (the oneDNN row product is off: %s)", reason)
+    if not _onednn_state:
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (the same parameters and state-dict keys) with a faster product for 2-3 rows.
+    """``nn.Linear`` (the same parameters and state-dict keys) with faster products for 1-3 rows.
 
-    A decoding step multiplies few rows by each weight (a batch's global step: the rows that close a
-    patch). The CPU BLAS's ``x @ W.T`` for 2-3 rows costs 1.5-2x one row (it reads ``W`` once per row),
-    while ``W @ x.T`` reads ``W`` once for all of them: the 43 weights of bench/generation.py's small
-    global model, 1 thread, 2 / 3 rows, 23.7 / 33.4 ms as ``x @ W.T`` against 13.1 / 20.8 ms
-    (``bench/small_rows.py``). Only outside autograd, on CPU, in float32, without bias and for a plain
-    (unsharded) weight; everywhere else, and for one or 4+ rows, :func:`torch.nn.functional.linear`. The two
-    products sum in different orders: equal to float32 rounding, not bitwise."""
+    A decoding step multiplies few rows by each weight: one per row of a batch (a batch's global step: the
+    rows that close a patch). Only outside autograd, on CPU, in float32, without bias and
+    for a plain (unsharded) weight; everywhere else :func:`torch.nn.functional.linear`:
+
+    * **2-3 rows**: the CPU BLAS's ``x @ W.T`` costs 1.5-2x one row (it reads ``W`` once per row), while
+      ``W @ x.T`` reads ``W`` once for all of them: the 43 weights of bench/generation.py's small global
+      model, 1 thread, 2 / 3 rows, 23.7 / 33.4 ms as ``x @ W.T`` against 13.1 / 20.8 ms
+      (``bench/small_rows.py``).
+    * **1 row, 2+ threads, weights of at least** :data:`ONEDNN_MIN_WEIGHTS`: the BLAS's one-row product
+      runs on one thread; oneDNN's (:func:`onednn_row_product`) spreads the row over the threads, on the
+      same weight in place: the small global model's 42 weights, 2 threads, 14.8 -> 9.4 ms
+      (``bench/small_rows.py --threads 2``). On one thread it is no faster, so it is not used there; nor
+      under torch.compile, which makes its own product.
+
+    The products sum in different orders: equal to float32 rounding, not bitwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if (2 <= rows <= SMALL_ROWS and self.bias is None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
-                and type(self.weight.data) is torch.Tensor):  # not a sharded (DTensor) weight
-            out = torch.mm(self.weight, x.reshape(rows, self.in_features).T).T.contiguous()
-            return out.view(*x.shape[:-1], self.out_features)
+        if (x.device.type == "cpu" and self.bias is None and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.weight.dtype == torch.float32 and type(self.weight.data) is torch.Tensor):  # not a DTensor
+            rows = x.numel() // self.in_features if self.in_features else 0
+            if 2 <= rows <= SMALL_ROWS:
+                out = torch.mm(self.weight, x.reshape(rows, self.in_features).T).T.contiguous()
+                return out.view(*x.shape[:-1], self.out_features)
+            if (rows == 1 and self.weight.numel() >= ONEDNN_MIN_WEIGHTS and not torch.compiler.is_compiling()
+                    and torch.get_num_threads() > 1):
+                out = onednn_row_product(x.reshape(1, self.in_features), self.weight)
+                if out is not None:
+                    return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -3,11 +3,12 @@
 A batch's decoding step runs the global model on the rows that close a patch only: a handful of rows per
 weight. This times, in one run, every linear layer of bench/generation.py's *small* global model (its real
 weights, cold in the cache as in a step: 42 matrices, ~170 MB) applied to ``M`` rows, ``M = 1..8``, both
-ways, outside autograd, and reports the ratio (``Linear`` takes ``W @ x.T`` for 2-3 rows, ``F.linear``
-otherwise). The median of ``--repeats`` rounds, the two ways interleaved.
+ways, outside autograd, and reports the ratio (``Linear`` takes ``W @ x.T`` for 2-3 rows, oneDNN's product
+for one row on 2+ threads, ``F.linear`` otherwise). The median of ``--repeats`` rounds, the two ways interleaved.
 
     python bench/small_rows.py                       # writes small_rows.json, prints the table
     python bench/small_rows.py --json bench/small_rows_cpu.json --threads 1
+    python bench/small_rows.py --threads 2 --rows 1 2 3 --json bench/small_rows_cpu_threads2.json
 """
 
 from __future__ import annotations

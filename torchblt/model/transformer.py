@@ -352,8 +352,8 @@ class Linear(nn.Linear):
       (``bench/small_rows.py``).
     * **1 row, 2+ threads, weights of at least** :data:`ONEDNN_MIN_WEIGHTS`: the BLAS's one-row product
       runs on one thread; oneDNN's (:func:`onednn_row_product`) spreads the row over the threads, on the
-      same weight in place: the small global model's 42 weights, 2 threads, 14.8 -> 9.4 ms
-      (``bench/small_rows.py --threads 2``). On one thread it is no faster, so it is not used there; nor
+      same weight in place: the small global model's 43 weights, 2 threads, one row, 16.6 -> 12.6 ms
+      (``bench/small_rows.py --threads 2 --rows 1 2 3 --json bench/small_rows_cpu_threads2.json``). On one thread it is no faster, so it is not used there; nor
       under torch.compile, which makes its own product.
 
     The products sum in different orders: equal to float32 rounding, not bitwise."""

@@ -359,18 +359,19 @@ class Linear(nn.Linear):
     The products sum in different orders: equal to float32 rounding, not bitwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.bias is None and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and self.weight.dtype == torch.float32 and type(self.weight.data) is torch.Tensor):  # not a DTensor
+        weight, bias = self.weight, self.bias  # one module attribute look-up each (a decoding step makes ~70 calls)
+        if (x.device.type == "cpu" and bias is None and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor):  # not a DTensor
             rows = x.numel() // self.in_features if self.in_features else 0
             if 2 <= rows <= SMALL_ROWS:
-                out = torch.mm(self.weight, x.reshape(rows, self.in_features).T).T.contiguous()
+                out = torch.mm(weight, x.reshape(rows, self.in_features).T).T.contiguous()
                 return out.view(*x.shape[:-1], self.out_features)
-            if (rows == 1 and self.weight.numel() >= ONEDNN_MIN_WEIGHTS and not torch.compiler.is_compiling()
+            if (rows == 1 and weight.numel() >= ONEDNN_MIN_WEIGHTS and not torch.compiler.is_compiling()
                     and torch.get_num_threads() > 1):
-                out = onednn_row_product(x.reshape(1, self.in_features), self.weight)
+                out = onednn_row_product(x.reshape(1, self.in_features), weight)
                 if out is not None:
                     return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, weight, bias)
 
 
 class Attention(nn.Module):

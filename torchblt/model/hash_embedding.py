@@ -14,8 +14,6 @@ order (the order matters in bf16).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -44,17 +42,14 @@ def _wrapped_int64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-@functools.lru_cache(maxsize=None)
-def _prime_powers(prime: int, group_size: int) -> tuple[int, ...]:
-    return tuple(_wrapped_int64(pow(prime, i, 1 << 64)) for i in range(group_size))
+def _prime_powers(prime: int, group_size: int) -> list[int]:
+    return [_wrapped_int64(pow(prime, i, 1 << 64)) for i in range(group_size)]
 
 
-@functools.lru_cache(maxsize=None)
-def _power_table(n_functions: int, group_sizes: tuple[int, ...]) -> list[list[int]]:
+def _power_table(n_functions: int, group_sizes: list[int]) -> list[list[int]]:
     """Rows of :meth:`HashNgramEmbedding.ids`' ``(tables, g_max)`` matrix (zeros before each n-gram)."""
     g = max(group_sizes)
-    return [[0] * (g - size) + list(_prime_powers(HASH_PRIMES[f], size))
-            for f in range(n_functions) for size in group_sizes]
+    return [[0] * (g - size) + _prime_powers(HASH_PRIMES[f], size) for f in range(n_functions) for size in group_sizes]
 
 
 def ngram_hash_ids(
@@ -86,6 +81,7 @@ class HashNgramEmbedding(nn.ModuleList):
         self.group_sizes = list(group_sizes)
         self.vocab_size = vocab_size
         self.n_functions = n_functions
+        self.power_table = _power_table(n_functions, self.group_sizes)  # computed once, not per call
 
     def ids(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Hash ids for every table, in table order (function-major, then n-gram size). ``context (B, C)``:
@@ -107,8 +103,7 @@ class HashNgramEmbedding(nn.ModuleList):
         if c < g - 1:  # BOE before the text
             x, c = torch.nn.functional.pad(x, (g - 1 - c, 0), value=0), g - 1
         windows = x[:, c - (g - 1) :].unfold(1, g, 1)  # (B, n, g): the g bytes up to each position
-        powers = torch.tensor(_power_table(self.n_functions, tuple(self.group_sizes)), dtype=torch.int64,
-                              device=x.device)  # (tables, g)
+        powers = torch.tensor(self.power_table, dtype=torch.int64, device=x.device)  # (tables, g)
         h = (windows[:, :, None, :] * powers).sum(-1)  # (B, n, tables), int64, wraps on overflow
         return list(torch.remainder(h, self.vocab_size).unbind(-1))
 

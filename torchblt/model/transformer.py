@@ -306,7 +306,10 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Ba
 
 
 SMALL_ROWS = 3  # Linear: products over at most this many rows stream the weight once (CPU, fp32)
-ONEDNN_MIN_WEIGHTS = 1 << 17  # Linear: one-row products with weights this large go to oneDNN on 2+ threads
+# Linear: one-row products with weights this large go to oneDNN on 2+ threads. 512K weights: the small
+# config's global matrices (768 x 768 and up) measured faster (bench/small_rows.py); for the local stacks'
+# matrices (256 x 768 and below) timings on the 2-core VM did not separate from noise, so they keep F.linear.
+ONEDNN_MIN_WEIGHTS = 1 << 19
 
 _onednn_state: bool | None = None  # None: not yet checked in this process; False: unavailable (logged once)
 

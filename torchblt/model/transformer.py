@@ -363,14 +363,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # one module attribute look-up each (a decoding step makes ~70 calls)
-        if (x.device.type == "cpu" and bias is None and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and weight.dtype == torch.float32 and type(weight.data) is torch.Tensor):  # not a DTensor
-            rows = x.numel() // self.in_features if self.in_features else 0
-            if 2 <= rows <= SMALL_ROWS:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if (rows <= SMALL_ROWS and x.device.type == "cpu" and bias is None and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and weight.dtype == torch.float32):
+            # ``type(weight.data) is torch.Tensor``: not a sharded (DTensor) weight; ``.data`` is an op, so last
+            if 2 <= rows and type(weight.data) is torch.Tensor:
                 out = torch.mm(weight, x.reshape(rows, self.in_features).T).T.contiguous()
                 return out.view(*x.shape[:-1], self.out_features)
             if (rows == 1 and weight.numel() >= ONEDNN_MIN_WEIGHTS and not torch.compiler.is_compiling()
-                    and torch.get_num_threads() > 1):
+                    and torch.get_num_threads() > 1 and type(weight.data) is torch.Tensor):
                 out = onednn_row_product(x.reshape(1, self.in_features), weight)
                 if out is not None:
                     return out.view(*x.shape[:-1], self.out_features)
@@ -491,6 +492,8 @@ class TransformerBlock(nn.Module):
             return h + self.feed_forward(self.ffn_norm(h))
         # nothing records autograd: norm, feed-forward and residual piece by piece into h (a fresh
         # tensor); each row gets the same kernels and values as in one call
+        if h.device.type != "cpu" or h.numel() <= CPU_ROWS * h.shape[-1]:  # one piece (a decoding step)
+            return h.add_(self.feed_forward(self.ffn_norm(h)))
         rows = h.reshape(-1, h.shape[-1])
         for piece in row_pieces(rows.shape[0], rows.device):
             r = rows[piece]

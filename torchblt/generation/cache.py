@@ -341,7 +341,7 @@ class StackKV(Ring):
         slots = self.slots(positions, keep)
         index = _row_index(slots, None)
         layers = [_LayerWriter(self, 2 * i, slots, 0, False, slots_before, row_index=index) for i in range(self.n_layers)]
-        self.store_meta(slots, positions, docs, keep)
+        self.store_meta(slots, positions, docs, keep, row_index=index)
         return PreparedStack(positions, SelfAttentionMask(dense=None, banded=band), layers)
 
 

@@ -62,11 +62,21 @@ def ngram_hash_ids(
         raise ValueError(f"hash_index must be in [0, {len(HASH_PRIMES)}), got {hash_index}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    return _hash_ids(tokens, 0, [_prime_powers(HASH_PRIMES[hash_index], group_size)], vocab_size)[..., 0]
+
+
+def _hash_ids(tokens: torch.Tensor, context: int, table: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """The hash ids of the positions of ``tokens (B, C + n)`` after its first ``context``, for every row of
+    ``table`` (``(tables, g)`` prime powers, oldest byte first: :func:`_power_table`): ``(B, n, tables)``.
+    Each position's window of the ``g`` bytes up to it (BOE = 0 before the text) times the powers, summed in
+    int64 (wrapping on overflow, as the reference's), then reduced with floor modulo."""
+    g = len(table[0])
     x = tokens.to(torch.int64)
-    padded = torch.nn.functional.pad(x, (group_size - 1, 0), value=0)  # (B, T+g-1)
-    windows = padded.unfold(1, group_size, 1)  # (B, T, g), oldest byte first
-    powers = torch.tensor(_prime_powers(HASH_PRIMES[hash_index], group_size), dtype=torch.int64, device=x.device)
-    h = (windows * powers).sum(-1)  # int64, wraps on overflow
+    if context < g - 1:  # BOE before the text
+        x, context = torch.nn.functional.pad(x, (g - 1 - context, 0), value=0), g - 1
+    windows = x[:, context - (g - 1) :].unfold(1, g, 1)  # (B, n, g): the g bytes up to each position
+    powers = torch.tensor(table, dtype=torch.int64, device=x.device)  # (tables, g)
+    h = (windows[:, :, None, :] * powers).sum(-1)  # (B, n, tables), int64, wraps on overflow
     return torch.remainder(h, vocab_size)
 
 
@@ -90,22 +100,15 @@ class HashNgramEmbedding(nn.ModuleList):
 
         Every table's hash in one product: each position's window of the largest n-gram (oldest byte
         first) times a ``(tables, g_max)`` matrix of prime powers, zero on the bytes older than a table's
-        n-gram. The same int64 sums as :func:`ngram_hash_ids` (a zero term adds nothing; wrapping addition
-        does not depend on the order), so the ids are identical; a decoding step is a handful of kernels
-        instead of eight per table."""
-        c = 0 if context is None else context.shape[1]
+        n-gram (:func:`_hash_ids`, which :func:`ngram_hash_ids` runs with one table: a zero term adds
+        nothing and wrapping addition does not depend on the order, so the ids are identical); a decoding
+        step is a handful of kernels instead of eight per table."""
         if tokens.shape[1] == 0:
             return [tokens.new_zeros(tokens.shape, dtype=torch.int64) for _ in range(len(self))]
-        if context is not None:
-            tokens = torch.cat([context.to(tokens.dtype), tokens], dim=1)
-        g = max(self.group_sizes)
-        x = tokens.to(torch.int64)
-        if c < g - 1:  # BOE before the text
-            x, c = torch.nn.functional.pad(x, (g - 1 - c, 0), value=0), g - 1
-        windows = x[:, c - (g - 1) :].unfold(1, g, 1)  # (B, n, g): the g bytes up to each position
-        powers = torch.tensor(self.power_table, dtype=torch.int64, device=x.device)  # (tables, g)
-        h = (windows[:, :, None, :] * powers).sum(-1)  # (B, n, tables), int64, wraps on overflow
-        return list(torch.remainder(h, self.vocab_size).unbind(-1))
+        if context is None:
+            return list(_hash_ids(tokens, 0, self.power_table, self.vocab_size).unbind(-1))
+        tokens = torch.cat([context.to(tokens.dtype), tokens], dim=1)
+        return list(_hash_ids(tokens, context.shape[1], self.power_table, self.vocab_size).unbind(-1))
 
     def add_to(self, embeds: torch.Tensor, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``embeds + table_0(ids_0) + table_1(ids_1) + ...`` summed in the reference's order."""

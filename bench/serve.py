@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from generation import TEXT, build  # noqa: E402
 
+from torchblt.commands.serve import PREFILL_THREAD  # noqa: E402  (argparse only: no serve extra needed)
+
 
 def build_small():
     """bench/generation.py's small config and its entropy patcher: ``(model, patcher)``."""
@@ -75,10 +77,9 @@ def serve_child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, patcher = build_small()
-    prefill_thread = {"auto": None, "on": True, "off": False}[args.prefill_thread]
     server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
                                           drain_timeout=5, prefill_chunk=args.prefill_chunk,
-                                          prefill_thread=prefill_thread),
+                                          prefill_thread=PREFILL_THREAD[args.prefill_thread]),
                        engine=BatchEngine(model, patcher))
     return run(server, port=args.port, log_level="warning")
 
@@ -433,7 +434,7 @@ def main() -> int:
         return 0
     levels = [int(c) for c in args.clients.split(",")]
     settings = args.prefill_thread.split(",")
-    if not settings or any(x not in ("auto", "on", "off") for x in settings) or len(set(settings)) != len(settings):
+    if not settings or any(x not in PREFILL_THREAD for x in settings) or len(set(settings)) != len(settings):
         raise SystemExit(f"--prefill-thread: auto, on or off, comma-separated without repeats; got {args.prefill_thread!r}")
     t_start = time.perf_counter()
     engine = engine_section(args.threads)

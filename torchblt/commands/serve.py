@@ -22,6 +22,9 @@ from typing import Any
 
 from torchblt.commands.options import add_device_option, add_dtype_option
 
+# --prefill-thread's choices as ServeConfig.prefill_thread takes them (None: decided where it pays)
+PREFILL_THREAD = {"auto": None, "on": True, "off": False}
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -45,7 +48,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt bytes prefilled between two decoding steps, so that a long prompt delays the "
                         "running requests by one chunk at a time (default 128; 0: whole prompts at once)")
-    p.add_argument("--prefill-thread", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--prefill-thread", choices=list(PREFILL_THREAD), default="auto",
                    help="prefill joining requests on a thread of their own, beside the decoding steps (auto: on "
                         "a CPU with one torch thread and another core; measured on 2 cores in docs/serving.md)")
     p.add_argument("--speculative", type=int, default=None, metavar="K",
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or _model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         max_prompt_bytes=args.max_prompt_bytes, max_tokens=args.max_tokens, api_key=args.api_key,
         drain_timeout=args.drain_timeout, prefill_chunk=args.prefill_chunk, speculative=args.speculative,
-        prefill_thread={"auto": None, "on": True, "off": False}[args.prefill_thread],
+        prefill_thread=PREFILL_THREAD[args.prefill_thread],
     )
     try:
         config.validate()

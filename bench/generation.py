@@ -372,7 +372,8 @@ def print_row(r: dict) -> None:
     ar = r.get("arithmetic")
     arith = (f"{c['ms_per_step'] / ar['ms_flops']:5.1f}x flops {c['ms_per_step'] / ar['ms_bytes']:4.1f}x bytes"
              if ar else "-")
-    print(f"{r['config']:<6} {r['threads']:>3} {r['batch']:>2} {r['new_bytes']:>4} | {bps(c)} {bps(e)} {bps(b)} {bps(f)} | "
+    print(f"{r['config']:<6} {r['threads']:>3} {r['batch']:>2} {r['new_bytes']:>4} | {bps(r.get('compiled'))} {bps(e)} "
+          f"{bps(b)} {bps(f)} | "
           f"{r.get('compiled_vs_baseline', float('nan')):5.2f}x {r.get('eager_vs_baseline', float('nan')):5.2f}x "
           f"{r.get('compiled_vs_full', float('nan')):6.1f}x | {c['ms_per_step']:5.2f} {c['ms_closing_step'] or 0:6.2f} "
           f"{c['ms_plain_step'] or 0:5.2f} {(b or {}).get('ms_per_step', float('nan')):6.2f} | {arith} | "
@@ -430,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['eager']['bytes_per_second']:.0f} B/s, compile {r['compile_seconds']:.0f} s", flush=True)
     else:
         print(HEADER)
+        if not args.compiled:
+            print("(--no-compile: the ms/step, arithmetic, cache and patch columns are the eager step's)")
         for name in args.configs:
             for threads in args.threads:
                 full = args.full and (args.full_threads is None or threads in args.full_threads)

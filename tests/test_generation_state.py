@@ -6,6 +6,8 @@ compares logits along a fixed byte sequence (teacher forcing), so each engine se
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -167,6 +169,57 @@ def test_extend_joins_a_running_batch_and_select_keeps_rows():
         assert torch.equal(seq.argmax(-1), alone[key][: len(seq)].argmax(-1)), key  # the same greedy bytes
     with pytest.raises(ValueError, match="same engine"):
         run.extend(IncrementalEngine(model, patcher, 8, lookahead=2).prefill([p1])[0])
+
+
+def test_extend_by_many_states_equals_one_at_a_time_in_one_copy(monkeypatch):
+    """``extend(*others)`` / ``DecodeState.cat`` join every state in one concatenation (each row copied once,
+    not once per state after it): the same state as pairwise extends, rings of different capacities
+    included, the key/value rings still head-major, and the same next logits."""
+    from torchblt.generation.cache import StackKV
+
+    model, patcher = entropy_setup(7)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=40)
+
+    def states() -> list[DecodeState]:
+        out = []
+        for p, extra in zip(prompts_ids(TEXT[:30], "hi", TEXT[40:75]), (8, 64, 300), strict=True):
+            s = engine.new_state(1)
+            engine.prefill_row(s, p)
+            engine.presize(s, extra)  # different capacities of the rings that grow
+            out.append(s)
+        return out
+
+    pairwise = states()
+    assert len({r.capacity for r in (s.global_ for s in pairwise)}) > 1
+    for s in pairwise[1:]:
+        pairwise[0].extend(s)
+    joining, copied = states(), []
+    real_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        out = real_cat(tensors, *args, **kwargs)
+        copied.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    at_once = DecodeState.cat(joining)
+    monkeypatch.undo()
+    a, b = pairwise[0], at_once
+    held = sum(t.numel() for r in b.rings() for t in (*r.tensors, r.pos, r.tag))
+    held += sum(getattr(b.cursor, f.name).numel() for f in dataclasses.fields(b.cursor))
+    assert sum(copied) == held  # every element copied once (pairwise: the first row once per join)
+    for name in ("pos", "tail", "entropies", "n_closed", "patch_starts", "doc"):
+        assert torch.equal(getattr(a.cursor, name), getattr(b.cursor, name)), name
+    for ra, rb in zip(a.rings(), b.rings(), strict=True):
+        assert ra.capacity == rb.capacity and torch.equal(ra.pos, rb.pos) and torch.equal(ra.tag, rb.tag)
+        for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
+            assert torch.equal(ta, tb)
+            if isinstance(rb, StackKV):
+                assert tb.transpose(1, 2).is_contiguous()  # head-major underneath, as every ring is stored
+    nxt = torch.tensor([ord("a") + 4] * 3)
+    assert torch.equal(engine.step(a, nxt), engine.step(b, nxt))
+    b.select([2, 0])
+    assert b.batch == 2 and all(t.transpose(1, 2).is_contiguous() for t in b.encoder.tensors)
 
 
 def test_put_replaces_a_row_in_place_and_the_newcomer_decodes_as_alone():

@@ -34,6 +34,7 @@ entries they replaced are still there when ``C`` has ``n`` positions to spare (t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,22 @@ class Ring:
 
     def layout(self, t: torch.Tensor) -> torch.Tensor:
         """The memory layout of a stored tensor ``(B, C + 1, ...)`` (entries contiguous here)."""
+        return self._unpacked(self._packed(t).contiguous())
+
+    @staticmethod
+    def _packed(t: torch.Tensor) -> torch.Tensor:
+        """The view of a stored tensor in which its memory is contiguous (rows first); its own inverse."""
         return t
+
+    _unpacked = _packed
+
+    def _rows(self, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``t[rows]`` in the stored layout (one copy)."""
+        return self._unpacked(self._packed(t)[rows])
+
+    def _cat(self, ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(ts)`` (rows) in the stored layout (one copy)."""
+        return self._unpacked(torch.cat([self._packed(t) for t in ts]))
 
     @property
     def capacity(self) -> int:
@@ -140,7 +156,7 @@ class Ring:
         self.pos.masked_fill_(self.pos >= first_dropped[:, None], -1)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.tensors = [self.layout(t[rows]) for t in self.tensors]
+        self.tensors = [self._rows(t, rows) for t in self.tensors]
         self.pos, self.tag = self.pos[rows], self.tag[rows]
 
     def _shell(self) -> Ring:
@@ -149,26 +165,37 @@ class Ring:
         out.__dict__.update(self.__dict__)
         return out
 
+    def _at_capacity(self, capacity: int) -> Ring:
+        """This ring, or (when smaller) a regrown ring of its rows at ``capacity`` (``grow`` writes into new
+        tensors: this one stays as it is)."""
+        if self.capacity == capacity:
+            return self
+        out = self._shell()
+        out.grow(capacity)
+        return out
+
     def _match_capacity(self, other: Ring) -> Ring:
-        """Grow this ring to ``other``'s capacity if smaller; returns ``other``, or a regrown ring of its rows
-        when it is the smaller (``grow`` writes into new tensors: ``other`` stays as it is)."""
+        """Grow this ring to ``other``'s capacity if smaller; returns ``other`` at this ring's capacity."""
         if other.capacity > self.capacity:
             self.grow(other.capacity)
-        elif other.capacity < self.capacity:
-            other = other._shell()
-            other.grow(self.capacity)
-        return other
+        return other._at_capacity(self.capacity)
 
-    def extend(self, other: Ring) -> None:
-        """Append ``other``'s rows (the smaller ring grows to the larger capacity first)."""
-        other = self._match_capacity(other)
-        self.tensors = [self.layout(torch.cat([a, b])) for a, b in zip(self.tensors, other.tensors, strict=True)]
-        self.pos, self.tag = torch.cat([self.pos, other.pos]), torch.cat([self.tag, other.tag])
+    def extend(self, *others: Ring) -> None:
+        """Append the rows of ``others``, in order (smaller rings grow to the largest capacity first). One
+        concatenation for all of them: every row is copied once, however many rings join."""
+        if not others:
+            return
+        capacity = max(r.capacity for r in (self, *others))
+        if self.capacity < capacity:
+            self.grow(capacity)
+        parts = [self, *(r._at_capacity(capacity) for r in others)]
+        self.tensors = [self._cat(ts) for ts in zip(*(r.tensors for r in parts), strict=True)]
+        self.pos, self.tag = torch.cat([r.pos for r in parts]), torch.cat([r.tag for r in parts])
 
     def take(self, rows: torch.Tensor) -> Ring:
         """A new ring holding copies of ``rows`` (this one unchanged; :meth:`put` writes them back)."""
         out = self._shell()
-        out.tensors = [self.layout(t[rows]) for t in self.tensors]
+        out.tensors = [self._rows(t, rows) for t in self.tensors]
         out.pos, out.tag = self.pos[rows], self.tag[rows]
         return out
 
@@ -257,8 +284,11 @@ class StackKV(Ring):
         return cls.empty(batch, capacity, [(n_kv_heads, head_dim)] * (2 * n_layers), dtype, device,  # type: ignore[return-value]
                          window=window, documents=documents)
 
-    def layout(self, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).contiguous().transpose(1, 2)  # a no-op when already head-major
+    @staticmethod
+    def _packed(t: torch.Tensor) -> torch.Tensor:  # head-major underneath: (B, Hkv, C + 1, Dh) is contiguous
+        return t.transpose(1, 2)
+
+    _unpacked = _packed
 
     @property
     def n_layers(self) -> int:

@@ -140,8 +140,7 @@ class Drafter:
                 part = tokens[:, a : a + chunk]
                 self._run(cache, part, zero + a, zero + int((tokens[0, :a] == self.eos).sum()))
             caches.append(cache)
-        for other in caches[1:]:
-            caches[0].extend(other)
+        caches[0].extend(*caches[1:])  # one copy of every row
         self.cache = caches[0]
         self.pos = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=self.device)
         self.doc = torch.tensor([sum(t == self.eos for t in p) for p in prompts], dtype=torch.int64,

@@ -177,16 +177,24 @@ class DecodeState:
         return self
 
     @torch.inference_mode()
-    def extend(self, other: DecodeState) -> DecodeState:
-        """Append ``other``'s rows after this state's (states of the same engine). In place; returns ``self``.
+    def extend(self, *others: DecodeState) -> DecodeState:
+        """Append the rows of ``others`` after this state's, in order (states of the same engine). In place;
+        returns ``self``. All of them in one concatenation per tensor (each row copied once).
 
         Rows never read each other, so a row that joins a running batch decodes exactly as it does alone."""
-        self._check_same_engine(other, "extend")
-        self.cursor = Cursor.zip(lambda a, b: torch.cat([a, b]), self.cursor, other.cursor)
-        if self.history is not None and other.history is not None:
-            self.history = Cursor.zip(lambda a, b: torch.cat([a, b]), self.history, other.history)
-        for mine, theirs in zip(self.rings(), other.rings(), strict=True):
-            mine.extend(theirs)
+        if not others:
+            return self
+        for other in others:
+            self._check_same_engine(other, "extend")
+
+        def cat(*ts: torch.Tensor) -> torch.Tensor:
+            return torch.cat(ts)
+
+        self.cursor = Cursor.zip(cat, self.cursor, *(o.cursor for o in others))
+        if self.history is not None:  # same lookahead (checked): every state has one
+            self.history = Cursor.zip(cat, self.history, *(o.history for o in others))  # type: ignore[misc]
+        for mine, *theirs in zip(self.rings(), *(o.rings() for o in others), strict=True):
+            mine.extend(*theirs)
         self.spans = None
         return self
 
@@ -217,11 +225,9 @@ class DecodeState:
 
     @staticmethod
     def cat(states: list[DecodeState]) -> DecodeState:
-        """One state with every row of ``states``, in order (the first is extended in place)."""
-        out = states[0]
-        for s in states[1:]:
-            out.extend(s)
-        return out
+        """One state with every row of ``states``, in order (the first is extended in place, by all the others
+        at once: each row's caches are copied once, not once per state that follows it)."""
+        return states[0].extend(*states[1:])
 
     @torch.inference_mode()
     def copy(self) -> DecodeState:

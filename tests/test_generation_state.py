@@ -222,6 +222,22 @@ def test_extend_by_many_states_equals_one_at_a_time_in_one_copy(monkeypatch):
     assert b.batch == 2 and all(t.transpose(1, 2).is_contiguous() for t in b.encoder.tensors)
 
 
+def test_take_copies_only_the_rows_taken_and_equals_copy_then_select():
+    model, patcher = entropy_setup(7)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=40, lookahead=2)
+    state, _, _ = engine.prefill(prompts_ids(TEXT[:30], "hi", TEXT[40:75]))
+    nxt = torch.tensor([ord("a") + 4] * 3)
+    engine.step(state, nxt)
+    taken, ref = state.take([2, 0]), state.copy().select([2, 0])
+    assert taken.batch == 2 and state.batch == 3  # the source is unchanged
+    for r_taken, r_ref, r_src in zip(taken.rings(), ref.rings(), state.rings(), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(r_taken.tensors, r_ref.tensors, strict=True))
+        assert all(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+                   for a, b in zip(r_taken.tensors, r_src.tensors, strict=True))  # copies, not views
+    assert sum(taken.cache_bytes().values()) < sum(state.cache_bytes().values())
+    assert torch.equal(engine.step(taken, nxt[:2]), engine.step(ref, nxt[:2]))
+
+
 def test_put_replaces_a_row_in_place_and_the_newcomer_decodes_as_alone():
     """``DecodeState.put``: a request takes the row of one that finished (no copy of the others'
     caches); the newcomer (a longer prompt: its rings are larger) and the running row decode as alone."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -228,6 +229,22 @@ class DecodeState:
         """One state with every row of ``states``, in order (the first is extended in place, by all the others
         at once: each row's caches are copied once, not once per state that follows it)."""
         return states[0].extend(*states[1:])
+
+    @torch.inference_mode()
+    def take(self, rows: list[int] | torch.Tensor) -> DecodeState:
+        """A new state holding copies of ``rows`` only (this one unchanged): ``copy().select(rows)``
+        without cloning the other rows' caches first."""
+        idx = torch.as_tensor(rows, dtype=torch.int64, device=self.cursor.pos.device)
+
+        def ring(r: Ring | None) -> Any:
+            return None if r is None else r.take(idx.to(r.pos.device))
+
+        return DecodeState(
+            cursor=self.cursor.map(lambda t: t[idx]), encoder=ring(self.encoder), global_=ring(self.global_),
+            decoder=ring(self.decoder), entropy=ring(self.entropy), patch_bytes=ring(self.patch_bytes),
+            patch_slots=ring(self.patch_slots), lookahead=self.lookahead,
+            history=None if self.history is None else self.history.map(lambda t: t[idx]),
+        )
 
     @torch.inference_mode()
     def copy(self) -> DecodeState:

@@ -244,7 +244,7 @@ class BatchEngine:
         # the batch's step failed (the state is still the one before it): step each row alone
         states, logits_list, failed = [], [], {}
         for r in rows:
-            single = self.state.copy().select([self.live[r]])
+            single = self.state.take([self.live[r]])  # a copy of this row only
             try:
                 logits_list.append(self._step(single, next_ids[r : r + 1], [r]).float())
                 states.append(single)

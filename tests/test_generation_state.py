@@ -238,6 +238,29 @@ def test_take_copies_only_the_rows_taken_and_equals_copy_then_select():
     assert torch.equal(engine.step(taken, nxt[:2]), engine.step(ref, nxt[:2]))
 
 
+def test_prefill_runs_a_repeated_prompt_once_and_its_rows_decode_as_alone(monkeypatch):
+    model, patcher = entropy_setup(7)
+    engine = IncrementalEngine(model, patcher, max_new_bytes=24)
+    p, q = prompts_ids(TEXT[:30], "hi")
+    calls = []
+    real = engine.prefill_row
+    monkeypatch.setattr(engine, "prefill_row", lambda state, ids, *a, **k: calls.append(ids) or real(state, ids, *a, **k))
+    state, logits, starts = engine.prefill([p, q, p, p])
+    assert calls == [p, q] and state.batch == 4 and logits.shape[0] == 4
+    assert starts[0] == starts[2] == starts[3] and starts[0] is not starts[2]  # equal, not one shared list
+    alone_p, lp, sp = engine.prefill([p])
+    alone_q, lq, sq = engine.prefill([q])
+    assert starts[0] == sp[0] and starts[1] == sq[0]
+    for i, ref in ((0, lp), (1, lq), (2, lp), (3, lp)):
+        assert torch.equal(logits[i : i + 1], ref)
+    feed = text_bytes(TEXT[:12])
+    for t in feed:
+        got = engine.step(state, torch.tensor([t] * 4))
+        ref_p, ref_q = engine.step(alone_p, torch.tensor([t])), engine.step(alone_q, torch.tensor([t]))
+        torch.testing.assert_close(got[[0, 2, 3]], ref_p.expand(3, -1), atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[1:2], ref_q, atol=ATOL, rtol=0)
+
+
 def test_put_replaces_a_row_in_place_and_the_newcomer_decodes_as_alone():
     """``DecodeState.put``: a request takes the row of one that finished (no copy of the others'
     caches); the newcomer (a longer prompt: its rings are larger) and the running row decode as alone."""

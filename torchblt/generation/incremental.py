@@ -274,15 +274,23 @@ class IncrementalEngine:
         the logits ``(B, V)`` of each row's next byte, and each prompt's patch-start flags."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (the BOS)")
+        # a prompt listed several times (n samples of one prompt) is prefilled once, its row repeated
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
         states, logits, starts = [], [], []
-        for ids in prompts:
+        for ids in unique:
             state = self.new_state(1)
-            last, flags = self.prefill_row(state, ids)
+            last, flags = self.prefill_row(state, list(ids))
             self.presize(state, self.max_new_bytes)
             states.append(state)
             logits.append(last)
             starts.append([True, *flags][: len(ids)])
-        return DecodeState.cat(states), torch.cat(logits).float(), starts
+        state, out = DecodeState.cat(states), torch.cat(logits).float()
+        if len(unique) < len(prompts):
+            where = {p: i for i, p in enumerate(unique)}
+            repeat = [where[tuple(p)] for p in prompts]
+            state.select(repeat)
+            out, starts = out[torch.tensor(repeat, device=out.device)], [list(starts[i]) for i in repeat]
+        return state, out, starts
 
     @torch.inference_mode()
     def prefill_row(self, state: DecodeState, ids: list[int], start: int = 0,

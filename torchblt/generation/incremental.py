@@ -98,6 +98,16 @@ def exclusive_cumsum(flags: torch.Tensor) -> torch.Tensor:
     return x.cumsum(1) - x
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int] | None]:
+    """The distinct prompts, in first-seen order, and the index into them of each prompt (None when every
+    prompt is distinct): a prompt listed several times (n samples of one prompt) is prefilled once."""
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    if len(unique) == len(prompts):
+        return [list(p) for p in unique], None
+    where = {p: i for i, p in enumerate(unique)}
+    return [list(p) for p in unique], [where[tuple(p)] for p in prompts]
+
+
 def bucket(batch: int) -> int:
     """The compiled batch size of ``batch`` rows: the next power of two."""
     return 1 << max(0, batch - 1).bit_length()
@@ -274,20 +284,17 @@ class IncrementalEngine:
         the logits ``(B, V)`` of each row's next byte, and each prompt's patch-start flags."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (the BOS)")
-        # a prompt listed several times (n samples of one prompt) is prefilled once, its row repeated
-        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        unique, repeat = distinct_prompts(prompts)  # a repeated prompt is prefilled once, its row repeated
         states, logits, starts = [], [], []
         for ids in unique:
             state = self.new_state(1)
-            last, flags = self.prefill_row(state, list(ids))
+            last, flags = self.prefill_row(state, ids)
             self.presize(state, self.max_new_bytes)
             states.append(state)
             logits.append(last)
             starts.append([True, *flags][: len(ids)])
         state, out = DecodeState.cat(states), torch.cat(logits).float()
-        if len(unique) < len(prompts):
-            where = {p: i for i, p in enumerate(unique)}
-            repeat = [where[tuple(p)] for p in prompts]
+        if repeat is not None:
             state.select(repeat)
             out, starts = out[torch.tensor(repeat, device=out.device)], [list(starts[i]) for i in repeat]
         return state, out, starts

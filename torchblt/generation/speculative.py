@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from torchblt.generation.cache import StackKV
-from torchblt.generation.incremental import IncrementalEngine, exclusive_cumsum
+from torchblt.generation.incremental import IncrementalEngine, distinct_prompts, exclusive_cumsum
 from torchblt.generation.sampling import filter_logits, sample
 from torchblt.generation.stream import StopCondition
 from torchblt.model.blt import BLT
@@ -276,14 +276,12 @@ def speculative_steps(model: BLT, prompt_ids: list[list[int]], patcher: Patcher,
     sampled_drafts = sampling and cfg.draft != "greedy"
     engine = IncrementalEngine(model, patcher, cfg.max_new_bytes + K + 1, compile=compile_step, lookahead=K + 1)
     drafter = Drafter(em, engine)
-    # identical prompts (n samples of one prompt) are prefilled once and their rows repeated
-    unique = list(dict.fromkeys(tuple(p) for p in prompt_ids))
-    where = {p: i for i, p in enumerate(unique)}
-    repeat = [where[tuple(p)] for p in prompt_ids]
+    # identical prompts (n samples of one prompt) are prefilled once, by the BLT and the drafter alike
+    unique, repeat = distinct_prompts(prompt_ids)
     with torch.inference_mode():
-        state, logits, prompt_starts = engine.prefill([list(p) for p in unique])
-        drafter.prefill([list(p) for p in unique], state)
-        if len(unique) < len(prompt_ids):
+        state, logits, prompt_starts = engine.prefill(unique)
+        drafter.prefill(unique, state)
+        if repeat is not None:
             idx = torch.tensor(repeat, dtype=torch.int64, device=state.cursor.pos.device)
             state.select(idx)
             drafter.select(idx)

@@ -31,6 +31,7 @@ Rows are independent everywhere (their own positions, documents, patches and cac
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,26 +236,25 @@ class DecodeState:
         """A new state holding copies of ``rows`` only (this one unchanged): ``copy().select(rows)``
         without cloning the other rows' caches first."""
         idx = torch.as_tensor(rows, dtype=torch.int64, device=self.cursor.pos.device)
-
-        def ring(r: Ring | None) -> Any:
-            return None if r is None else r.take(idx.to(r.pos.device))
-
-        return DecodeState(
-            cursor=self.cursor.map(lambda t: t[idx]), encoder=ring(self.encoder), global_=ring(self.global_),
-            decoder=ring(self.decoder), entropy=ring(self.entropy), patch_bytes=ring(self.patch_bytes),
-            patch_slots=ring(self.patch_slots), lookahead=self.lookahead,
-            history=None if self.history is None else self.history.map(lambda t: t[idx]),
-        )
+        return self._rebuilt(lambda t: t[idx], lambda r: r.take(idx.to(r.pos.device)), None)
 
     @torch.inference_mode()
     def copy(self) -> DecodeState:
         """An independent copy (the caches are cloned)."""
+        return self._rebuilt(torch.clone, lambda r: r.copy(), None if self.spans is None else self.spans.clone())
+
+    def _rebuilt(self, tensor: Callable[[torch.Tensor], torch.Tensor], ring: Callable[[Ring], Ring],
+                 spans: torch.Tensor | None) -> DecodeState:
+        """A new state of the same engine: ``tensor`` applied to every cursor (and history) field, ``ring``
+        to every ring."""
+        def each(r: Any) -> Any:
+            return None if r is None else ring(r)
+
         return DecodeState(
-            cursor=self.cursor.map(torch.clone), encoder=self.encoder.copy(), global_=self.global_.copy(),
-            decoder=self.decoder.copy(), entropy=None if self.entropy is None else self.entropy.copy(),
-            patch_bytes=self.patch_bytes.copy(), patch_slots=self.patch_slots.copy(), lookahead=self.lookahead,
-            history=None if self.history is None else self.history.map(torch.clone),
-            spans=None if self.spans is None else self.spans.clone(),
+            cursor=self.cursor.map(tensor), encoder=each(self.encoder), global_=each(self.global_),
+            decoder=each(self.decoder), entropy=each(self.entropy), patch_bytes=each(self.patch_bytes),
+            patch_slots=each(self.patch_slots), lookahead=self.lookahead,
+            history=None if self.history is None else self.history.map(tensor), spans=spans,
         )
 
     # ------------------------------------------------------------------ roll-back

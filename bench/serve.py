@@ -24,11 +24,13 @@ prefill of a 64- and a 512-byte prompt whole and in chunks (what ``--prefill-chu
 and what a row joining / leaving a 16-row batch costs by copying the batch (``DecodeState.extend`` /
 ``select``) against writing it into a free slot (``DecodeState.put``).
 
-With ``--prefill-thread on,off`` it starts one server per setting and runs each level on both in turn (which
-goes first alternates), so the prefill thread's gain is a ratio of one run.
+With ``--prefill-thread on,off`` (or ``--compile on,off``: the server's compiled step, each batch size compiled
+at its start) it starts one server per setting and runs each level on both in turn (which goes first
+alternates), so the setting's gain is a ratio of one run.
 
     python bench/serve.py                        # writes serve_bench.json, prints the table
     python bench/serve.py --threads 1 --prefill-thread on,off --json bench/serve_cpu.json   # ~6.5 minutes
+    python bench/serve.py --threads 1 --compile on,off --json bench/serve_compile_cpu.json  # + minutes of compiling
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from generation import TEXT, build  # noqa: E402
 
-from torchblt.commands.serve import PREFILL_THREAD  # noqa: E402  (argparse only: no serve extra needed)
+from torchblt.commands.serve import AUTO_ON_OFF  # noqa: E402  (argparse only: no serve extra needed)
 
 
 def build_small():
@@ -77,10 +79,13 @@ def serve_child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, patcher = build_small()
-    server = BLTServer(model, ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256,
-                                          drain_timeout=5, prefill_chunk=args.prefill_chunk,
-                                          prefill_thread=PREFILL_THREAD[args.prefill_thread]),
-                       engine=BatchEngine(model, patcher))
+    compile_ = AUTO_ON_OFF[args.compile] is True
+    # the bench's requests: 64-byte prompts, at most 96 new bytes (a compiled server sizes every row's caches
+    # for max_prompt_bytes + max_tokens)
+    config = ServeConfig(model_name=MODEL_NAME, max_batch=args.max_batch, max_queue=256, drain_timeout=5,
+                         prefill_chunk=args.prefill_chunk, prefill_thread=AUTO_ON_OFF[args.prefill_thread],
+                         max_prompt_bytes=256, max_tokens=128)
+    server = BLTServer(model, config, engine=BatchEngine(model, patcher, compile=compile_, context=256 + 128))
     return run(server, port=args.port, log_level="warning")
 
 
@@ -414,6 +419,8 @@ def main() -> int:
     ap.add_argument("--prefill-thread", default="auto",
                     help="the server's --prefill-thread (auto, on, off), or several comma-separated: one server "
                          "each, their levels interleaved in one run (e.g. on,off: the thread's ratio)")
+    ap.add_argument("--compile", default="off",
+                    help="the server's compiled step (on, off), or on,off: one server each, levels interleaved")
     ap.add_argument("--json", default="serve_bench.json")
     ap.add_argument("--compiled-steps", default=None, metavar="BATCHES",
                     help="only measure the compiled vs the eager engine step at these batch sizes (e.g. 1,16; "
@@ -433,9 +440,17 @@ def main() -> int:
         print(f"wrote {args.json}")
         return 0
     levels = [int(c) for c in args.clients.split(",")]
-    settings = args.prefill_thread.split(",")
-    if not settings or any(x not in PREFILL_THREAD for x in settings) or len(set(settings)) != len(settings):
-        raise SystemExit(f"--prefill-thread: auto, on or off, comma-separated without repeats; got {args.prefill_thread!r}")
+    threads_, compiles = args.prefill_thread.split(","), args.compile.split(",")
+    for name, values in (("--prefill-thread", threads_), ("--compile", compiles)):
+        if not values or any(x not in AUTO_ON_OFF for x in values) or len(set(values)) != len(values):
+            raise SystemExit(f"{name}: auto, on or off, comma-separated without repeats; got {','.join(values)!r}")
+    if len(threads_) > 1 and len(compiles) > 1:
+        raise SystemExit("compare one setting at a time: --prefill-thread or --compile with several values")
+    # setting label -> (--prefill-thread, --compile) of its server
+    varied = "compile" if len(compiles) > 1 else "prefill thread"
+    setups = ({f"compile {c}": (threads_[0], c) for c in compiles} if len(compiles) > 1
+              else {f"prefill thread {t}": (t, compiles[0]) for t in threads_})
+    settings = list(setups)
     t_start = time.perf_counter()
     engine = engine_section(args.threads)
     servers: dict[str, tuple[int, subprocess.Popen]] = {}
@@ -446,16 +461,17 @@ def main() -> int:
             servers[setting] = port, subprocess.Popen(
                 [sys.executable, __file__, "--serve-child", "--port", str(port), "--threads", str(args.threads),
                  "--max-batch", str(args.max_batch), "--prefill-chunk", str(args.prefill_chunk),
-                 "--prefill-thread", setting], env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                 "--prefill-thread", setups[setting][0], "--compile", setups[setting][1]],
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         for setting, (port, child) in servers.items():
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 1800  # a compiled server compiles every batch size first
             while True:
                 try:
                     one_request(port, prompt_for(0, 0), 8)  # up and warm
                     break
                 except OSError:
                     if child.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the server (--prefill-thread {setting}) did not start") from None
+                        raise RuntimeError(f"the server ({setting}) did not start") from None
                     time.sleep(0.5)
         print(f"{'clients':>7} {'requests':>8} | {'bytes/s':>8} | {'TTFB p50':>9} {'p99':>8} | "
               f"{'inter-byte p50':>14} {'p99':>8} | {'rows':>5} {'batches':>7}   (ms)")
@@ -471,11 +487,11 @@ def main() -> int:
                 share = " ".join(f"{k} {v:.0%}" for k, v in (row["scheduler_share"] or {}).items())
                 print(row_text(row) + f" | scheduler: {share}"
                       + (f" (round {i // len(levels) + 1})" if args.rounds > 1 else "")
-                      + (f" [prefill thread {setting}]" if len(settings) > 1 else ""), flush=True)
+                      + (f" [{setting}]" if len(settings) > 1 else ""), flush=True)
         for setting in settings:
             rows = [pool(runs[setting, n]) for n in levels]
             if args.rounds > 1 or len(settings) > 1:
-                print("pooled over the rounds" + (f" (prefill thread {setting}):" if len(settings) > 1 else ":"))
+                print("pooled over the rounds" + (f" ({setting}):" if len(settings) > 1 else ":"))
                 for row in rows:
                     print(row_text(row))
             by = {r["clients"]: r for r in rows}
@@ -496,13 +512,13 @@ def main() -> int:
         ratios = res["ratios"]
         if ratios:
             print(f"{ratios['clients']} clients vs 1"
-                  + (f" (prefill thread {setting})" if len(settings) > 1 else "")
+                  + (f" ({setting})" if len(settings) > 1 else "")
                   + f": aggregate throughput x{ratios['throughput_ratio']:.2f} (goal >= 4), "
                   f"p99 inter-byte latency x{ratios['p99_inter_byte_ratio']:.2f} (goal <= 5)")
     if len(settings) > 1:
         a, b = settings[0], settings[1]
         for ra, rb in zip(results[a]["levels"], results[b]["levels"], strict=True):
-            print(f"{ra['clients']:>3} clients: prefill thread {a} / {b}: bytes/s x"
+            print(f"{ra['clients']:>3} clients: {a} / {b}: bytes/s x"
                   f"{ra['bytes_per_second'] / rb['bytes_per_second']:.2f}, p99 inter-byte x"
                   f"{ra['inter_byte_p99_ms'] / rb['inter_byte_p99_ms']:.2f}")
     print("engine only, ms per step by batch size:", {b: round(v, 1) for b, v in engine["step_ms"].items()})
@@ -515,15 +531,16 @@ def main() -> int:
           f"{engine['one_batch_bytes_per_second']:.1f} (x{engine['one_batch_bytes_per_second'] / engine['one_row_bytes_per_second']:.2f} one row)")
     out = {
         "meta": {"torch": torch.__version__, "threads": args.threads, "max_batch": args.max_batch,
-                 "prefill_chunk": args.prefill_chunk, "prefill_thread": settings,
+                 "prefill_chunk": args.prefill_chunk, "prefill_thread": threads_, "compile": compiles,
                  "seconds_per_level": args.seconds, "ramp_seconds": args.ramp, "rounds": args.rounds,
                  "order": order, "argv": sys.argv[1:],
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "run_seconds": time.perf_counter() - t_start,
                  "load_average_at_end": os.getloadavg()},
-        "levels": results[settings[0]]["levels"],  # the first --prefill-thread setting's
+        "levels": results[settings[0]]["levels"],  # the first setting's
         "ratios": results[settings[0]]["ratios"],
-        **({"by_prefill_thread": results} if len(settings) > 1 else {}),
+        **({f"by_{varied.replace(' ', '_')}": {k.split()[-1]: v for k, v in results.items()}}
+           if len(settings) > 1 else {}),
         "engine": engine,
     }
     Path(args.json).write_text(json.dumps(out, indent=1))

@@ -426,6 +426,84 @@ def test_a_row_in_a_reused_slot_before_the_running_rows_gets_its_own_bytes(model
     _assert_solo(got, solo)
 
 
+def _eager_parts_as_compiled(monkeypatch) -> None:
+    """``compile=True`` engines run their parts eager (the compiled call's path: padded close, view markers,
+    first call of a shape on a copy) without inductor's minutes; the real compile has a slow test."""
+    import weakref
+
+    from torchblt.generation import incremental
+
+    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", lambda self, part, n: getattr(self, f"_{part}"))
+    # nothing really compiled: later generate(compile=None) calls must not take the model for a compiled one
+    monkeypatch.setattr(incremental, "_compiled_models", weakref.WeakSet())
+
+
+def _drive_compiled(engine, prompts, n_new, joins):
+    """:func:`_drive`, recording per step the slots, live rows and the rings' capacities."""
+    seen = []
+    got = _drive(engine, prompts, n_new, joins, lambda step, live: seen.append(
+        (engine.n_slots, engine.n_rows, tuple(r.capacity for r in engine.state.rings()))))
+    return got, seen
+
+
+def test_compiled_batch_engine_keeps_its_shapes_as_rows_join_and_leave(model, monkeypatch):
+    """``BatchEngine(compile=True)``: slots stay a power of two (free slots pad the batch, compaction keeps
+    the smallest power that holds the rows), every row's caches have one capacity whatever its prompt and
+    length, so the compiled step sees one shape per batch size; every row's bytes and logits are its solo run's."""
+    _eager_parts_as_compiled(monkeypatch)
+    engine = BatchEngine(model, hold_steps=3, compile=True, context=160)
+    texts, n_new = [TEXT[:30], "Hi", TEXT[40:60], TEXT[5:25], "Zürich"], [3, 30, 9, 40, 12]
+    prompts = [TOK.encode(t, add_eos=False) for t in texts]
+    solo = [_solo_greedy(model, p, n) for p, n in zip(prompts, n_new)]
+    got, seen = _drive_compiled(engine, prompts, n_new, {0: [0, 1, 2], 4: [3], 6: [4]})
+    _assert_solo(got, solo)
+    assert all(slots & (slots - 1) == 0 and slots >= rows for slots, rows, _ in seen), seen
+    assert {slots for slots, _, _ in seen} == {1, 2, 4}, seen  # 3 rows run as 4; the last one alone as 1
+    assert len({caps for _, _, caps in seen}) == 1, seen  # one capacity per ring for every batch
+    shapes = engine.engine._compiled_shapes
+    assert {s[0] for s in shapes} == {(1, 1), (2, 1), (4, 1)} and len(shapes) == 3, shapes
+    # a row that outgrows the context still decodes exactly (its caches grow: a new shape)
+    engine = BatchEngine(model, compile=True, context=16)
+    long = [TOK.encode(TEXT[:40], add_eos=False)]
+    _assert_solo(_drive(engine, long, [30], {0: [0]}), [_solo_greedy(model, long[0], 30)])
+
+
+def test_compiled_batch_engine_warm_up_compiles_each_batch_size_once(model, monkeypatch):
+    _eager_parts_as_compiled(monkeypatch)
+    engine = BatchEngine(model, compile=True, context=160)
+    assert engine.warm_up(5) == [1, 2, 4, 8]
+    before = set(engine.engine._compiled_shapes)
+    assert {s[0] for s in before} == {(1, 1), (2, 1), (4, 1), (8, 1)}, before
+    prompts = [TOK.encode(t, add_eos=False) for t in (TEXT[:30], "Hi", TEXT[40:60])]
+    _drive(engine, prompts, [10, 14, 6], {0: [0, 1], 3: [2]})
+    assert engine.engine._compiled_shapes == before  # serving met no shape the warm-up did not compile
+    assert BatchEngine(model).warm_up(4) == []  # eager: nothing to compile
+
+
+def test_server_compiles_on_cuda_only_by_default(model):
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_prompt_bytes=100, max_tokens=50))
+    assert srv.config.compile is False and srv.engine.compile is False and srv.warm_up() == []
+    srv = BLTServer(model, ServeConfig(model_name=NAME, max_prompt_bytes=100, max_tokens=50, compile=True))
+    assert srv.engine.compile and srv.engine.compile_context == 150
+    with pytest.raises(ValueError, match="compile applies to the batched steps"):
+        BLTServer(model, ServeConfig(model_name=NAME, max_batch=1, speculative=2, compile=True))
+
+
+@pytest.mark.slow
+def test_compiled_serving_equals_solo_runs_after_warm_up(model):
+    """The real compile (inductor): warm-up compiles batch sizes 1, 2 and 4; rows joining and leaving then
+    decode their solo bytes (logits within float rounding) with no further compilation."""
+    engine = BatchEngine(model, hold_steps=3, compile=True, context=160)
+    assert engine.warm_up(4) == [1, 2, 4]
+    before = set(engine.engine._compiled_shapes)
+    texts, n_new = [TEXT[:30], "Hi", TEXT[40:60]], [3, 20, 9]
+    prompts = [TOK.encode(t, add_eos=False) for t in texts]
+    solo = [_solo_greedy(model, p, n) for p, n in zip(prompts, n_new)]
+    got, _ = _drive_compiled(engine, prompts, n_new, {0: [0, 1], 4: [2]})
+    _assert_solo(got, solo)
+    assert engine.engine._compiled_shapes == before
+
+
 class _LoggingEngine(BatchEngine):
     """Logs the engine's calls: ("prefill", prompt bytes done, rows decoding) and ("step", rows)."""
 
@@ -953,7 +1031,8 @@ def test_cli_serve_binds_localhost_and_drains_on_sigterm(model_dir, model):
         m = re.search(r"on http://([\d.]+):(\d+)/v1", line)
         assert m and m.group(1) == "127.0.0.1", line
         # the default: one torch thread on 2 cores (the cores less one) -> the prefill thread is on
-        assert re.search(r"prefill thread (on|off)\)", line) and (os.cpu_count() != 2 or "prefill thread on" in line)
+        assert re.search(r"prefill thread (on|off),", line) and (os.cpu_count() != 2 or "prefill thread on" in line)
+        assert "compiled step off)" in line  # --compile auto on a CPU
         port = int(m.group(2))
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _health(url), 60)
@@ -992,6 +1071,8 @@ def test_cli_bad_options_exit_2(model_dir, capsys):
     assert "--prefill-thread: invalid choice: 'maybe'" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir), "--speculative", "2"]) == 2  # --max-batch 16
     assert "--speculative needs --max-batch 1" in capsys.readouterr().err
+    assert blt_main(["serve", str(model_dir), "--speculative", "2", "--max-batch", "1", "--compile", "on"]) == 2
+    assert "--compile on applies to the batched steps" in capsys.readouterr().err
     assert blt_main(["serve", str(model_dir / "missing")]) == 2
     assert blt_main(["serve", str(model_dir / "entropy_model")]) == 2
     assert "entropy model" in capsys.readouterr().err

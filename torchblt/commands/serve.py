@@ -22,8 +22,8 @@ from typing import Any
 
 from torchblt.commands.options import add_device_option, add_dtype_option
 
-# --prefill-thread's choices as ServeConfig.prefill_thread takes them (None: decided where it pays)
-PREFILL_THREAD = {"auto": None, "on": True, "off": False}
+# --prefill-thread and --compile: their choices as ServeConfig takes them (None: decided where it pays)
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 def register(subparsers: Any) -> None:
@@ -48,12 +48,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt bytes prefilled between two decoding steps, so that a long prompt delays the "
                         "running requests by one chunk at a time (default 128; 0: whole prompts at once)")
-    p.add_argument("--prefill-thread", choices=list(PREFILL_THREAD), default="auto",
+    p.add_argument("--prefill-thread", choices=list(AUTO_ON_OFF), default="auto",
                    help="prefill joining requests on a thread of their own, beside the decoding steps (auto: on "
                         "a CPU with one torch thread and another core; measured on 2 cores in docs/serving.md)")
     p.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="speculative decoding: the entropy model drafts up to K bytes that the BLT verifies in one "
                         "step (same bytes greedy, same distribution sampling); needs --max-batch 1")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="run the batched decoding step compiled (inductor on CPU, CUDA graphs on GPU), each batch "
+                        "size compiled at start-up (minutes on a CPU); caches are then sized for --max-prompt-bytes + "
+                        "--max-tokens bytes per row (default auto: on for CUDA, off on CPU)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default 30)")
@@ -101,12 +105,15 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or _model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         max_prompt_bytes=args.max_prompt_bytes, max_tokens=args.max_tokens, api_key=args.api_key,
         drain_timeout=args.drain_timeout, prefill_chunk=args.prefill_chunk, speculative=args.speculative,
-        prefill_thread=PREFILL_THREAD[args.prefill_thread],
+        prefill_thread=AUTO_ON_OFF[args.prefill_thread],
+        compile=AUTO_ON_OFF[args.compile],
     )
     try:
         config.validate()
     except ValueError as e:  # "max_batch must be ..." -> "--max-batch must be ..."
         field, _, rest = str(e).partition(" ")
+        if field == "compile":
+            raise ValueError("--compile on applies to the batched steps: --speculative runs eager (use one of them)") from None
         if field == "speculative" and rest.startswith("decoding"):
             raise ValueError(f"--speculative needs --max-batch 1 (one request at a time), got --max-batch "
                              f"{args.max_batch}") from None

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 # (:class:`~torchblt.model.masks.PatchCrossMask`), so memory is bounded by the chunk, the windows and the
 # global model's patches, and time is linear in the prompt (test_generation_state.py checks both).
 PREFILL_CHUNK = 2048  # light config, 32 KB prompt, 1 thread (busy machine): 512: 32.5 s, 2048: 21.3 s, 4096: 23.3 s
+# Bytes of the patches still to close that a presized state holds (``presize(total=True)``) without growing:
+# patches of real text are far shorter, so rows presized together keep one capacity
+PATCH_SPAN_PRESIZED = 256
 DENSE_CROSS_MAX = 1 << 18  # slots x bytes of the encoder's closing cross-attention kept as a dense mask
 
 
@@ -316,9 +319,12 @@ class IncrementalEngine:
             flags += after.next_start[0].tolist()
         return out[:, -1], flags
 
-    def presize(self, state: DecodeState, n_bytes: int) -> None:
-        """Grow the caches that grow so that ``n_bytes`` more bytes fit without re-allocating."""
-        self._reserve(state, n_bytes + 1)
+    def presize(self, state: DecodeState, n_bytes: int, *, total: bool = False) -> None:
+        """Grow the caches that grow so that ``n_bytes`` more bytes fit without re-allocating. ``total``:
+        ``n_bytes`` counts the bytes already in the state too, and every such cache gets the capacity of
+        ``n_bytes`` whatever the row holds, so that rows presized to one bound have equal capacities (a
+        compiled batch whose rows join and leave keeps its shapes: :class:`~torchblt.serve.BatchEngine`)."""
+        self._reserve(state, n_bytes + 1, total=total)
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -342,14 +348,18 @@ class IncrementalEngine:
             shape = (tuple(tokens.shape), tuple(r.capacity for r in state.rings()))
             if shape not in self._compiled_shapes:
                 try:
-                    self._run(state.copy(), tokens, compiled=True)
+                    self._run(state.copy(), tokens, compiled=True, trial=True)
                     self._compiled_shapes.add(shape)
                     _compiled_models.add(self.model)
                 except compile_errors() as err:
                     _compiling_failed(err)
         return self._run(state, tokens, compiled and _compile_failure is None)
 
-    def _run(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
+    def _run(self, state: DecodeState, tokens: torch.Tensor, compiled: bool,
+             trial: bool = False) -> tuple[torch.Tensor, Cursor]:
+        """One call. ``trial`` (a compiled call's first run of a shape, on a copy): the close part runs even
+        when no patch closes (the padding rows' work, discarded), so that it compiles now, where a failure
+        falls back to eager, not at the first closing step."""
         n = tokens.shape[1]
         spans = self._reserve(state, n)
         # attention reads the slots that can hold an entry after this call (bytes, patches)
@@ -365,21 +375,28 @@ class IncrementalEngine:
         # the real count in an eager one (a prefill chunk of n bytes closes ~n / patch size)
         width = int(n_close)
         closed = None
-        if width and (compiled or state.batch == 1):
-            closed = close(state, gdoc, after, views[1], n if compiled else width)
+        if compiled and (width or trial):
+            closed = close(state, gdoc, after, views[1], n)
+        elif width and state.batch == 1:
+            closed = close(state, gdoc, after, views[1], width)
         elif width:
             closed = self._close_rows(state, gdoc, after, views[1], width)
         logits, state.spans = back(state, tokens, h, after, closed, views[0])
         return logits, after
 
-    def _reserve(self, state: DecodeState, n: int) -> list[int]:
+    def _reserve(self, state: DecodeState, n: int, total: bool = False) -> list[int]:
         """Grow the rings without a window so that a call over ``n`` more bytes fits (host-side, before
-        the call; a compiled step then sees new shapes and recompiles — rare: :meth:`presize`). Returns
-        :meth:`_spans` (read back from the previous call: the one host round trip of a step)."""
+        the call; a compiled step then sees new shapes and recompiles — rare: :meth:`presize`). ``total``:
+        to a span of ``n`` (at least what each ring holds), not ``n`` more; the encoder's byte ring (the bytes
+        of the patches still to close) to :data:`PATCH_SPAN_PRESIZED`. Returns :meth:`_spans` (read back from the previous call: the
+        one host round trip of a step)."""
         spans = [int(v) for v in (state.spans if state.spans is not None else self._spans(state)).tolist()]
         bytes_span, global_span, local_span = spans[:3]
+        if total:
+            global_span, local_span = (max(s - n, 0) for s in (global_span, local_span))
         c = state.cursor
-        state.patch_bytes.reserve(bytes_span + n, self._first_needed(c))
+        state.patch_bytes.reserve(max(bytes_span, PATCH_SPAN_PRESIZED) if total else bytes_span + n,
+                                  self._first_needed(c))
         keep_global = c.global_doc_start if uses_documents(self.cfg.global_.attention) else None
         state.global_.reserve(global_span + n, keep_global)
         for ring in (state.encoder, state.decoder, state.entropy):

@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from torchblt.eval.bpb import default_context
 from torchblt.model.blt import BLT
 from torchblt.serve.engine import BatchEngine, DecodeEngine
 from torchblt.serve.metrics import Metrics
@@ -78,6 +79,9 @@ class ServeConfig:
     # prefill joining requests on a thread of their own, beside the steps; None: where it pays
     # (:func:`prefill_thread_pays`: a CPU engine on one torch thread, with another core)
     prefill_thread: bool | None = None
+    # run the batched steps compiled (BatchEngine(compile=True): slots at powers of two, caches sized for
+    # max_prompt_bytes + max_tokens bytes per row, each batch size compiled before serving); None: on CUDA
+    compile: bool | None = None
 
     def validate(self) -> None:
         for name in ("max_batch", "max_tokens"):
@@ -92,6 +96,8 @@ class ServeConfig:
         if self.speculative and self.max_batch != 1:
             raise ValueError(f"speculative decoding runs one request at a time: it needs max_batch 1, got "
                              f"{self.max_batch}")
+        if self.compile and self.speculative:
+            raise ValueError("compile applies to the batched steps: speculative decoding runs eager (use one of them)")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.drain_timeout < 0:
@@ -138,7 +144,17 @@ class BLTServer:
     def __init__(self, model: BLT, config: ServeConfig | None = None, engine: DecodeEngine | None = None) -> None:
         self.config = dataclasses.replace(config or ServeConfig())
         self.config.validate()
-        self.engine = engine if engine is not None else BatchEngine(model)
+        c = self.config
+        if engine is None:
+            context = default_context(model)
+            if c.max_prompt_bytes is None:
+                c.max_prompt_bytes = max(1, (context or 4096) - 1)
+            if c.compile is None:
+                c.compile = not c.speculative and next(model.parameters()).device.type == "cuda"
+            engine = BatchEngine(model, compile=c.compile, context=c.max_prompt_bytes + c.max_tokens)
+        else:
+            c.compile = bool(getattr(engine, "compile", False))
+        self.engine = engine
         self.context = int(getattr(self.engine, "context", 0)) or None
         if self.config.max_prompt_bytes is None:
             self.config.max_prompt_bytes = max(1, (self.context or 4096) - 1)
@@ -179,6 +195,12 @@ class BLTServer:
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop)
+
+    def warm_up(self) -> list[int]:
+        """Compile the engine's step for every batch size the server runs (``compile``; minutes on a CPU) before
+        it takes requests, so that no request waits for a compilation. Returns the batch sizes compiled."""
+        warm = getattr(self.engine, "warm_up", None)
+        return warm(self.config.max_batch) if warm is not None and self.config.compile else []
 
     def begin_drain(self) -> None:
         """Stop taking requests; the running ones have ``drain_timeout`` seconds, then get a 503 error."""
@@ -474,9 +496,19 @@ def run(server: BLTServer, host: str = "127.0.0.1", port: int = 8000, log_level:
     bound = sock.getsockname()
     shown = bound[0] if ":" not in bound[0] else f"[{bound[0]}]"
     c = server.config
+    if c.compile:
+        print(f"blt serve: compiling the decoding step for batch sizes up to {c.max_batch} (minutes on a CPU) ...",
+              file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        sizes = server.warm_up()
+        row = getattr(server.engine, "row_cache_bytes", 0)
+        print(f"blt serve: compiled batch sizes {', '.join(map(str, sizes))} in {time.perf_counter() - t:.0f} s; "
+              f"caches of {row / 2**20:.0f} MiB per row (sized for {c.max_prompt_bytes} + {c.max_tokens} bytes: "
+              f"--max-prompt-bytes and --max-tokens bound them)", file=sys.stderr, flush=True)
     print(f"blt serve: model {c.model_name!r} on http://{shown}:{bound[1]}/v1 (max batch {c.max_batch}, "
           f"max queue {c.max_queue}, prompts up to {c.max_prompt_bytes} bytes, prefill thread "
-          f"{'on' if server.scheduler.prefill_thread else 'off'})", file=sys.stderr, flush=True)
+          f"{'on' if server.scheduler.prefill_thread else 'off'}, compiled step {'on' if c.compile else 'off'})",
+          file=sys.stderr, flush=True)
     _uvicorn_server(server, log_level).run(sockets=[sock])
     return 0
 

@@ -46,8 +46,10 @@ import torch
 from torchblt.eval.bpb import _forward_batch, default_context, make_windows
 from torchblt.generation import DecodeState, IncrementalEngine
 from torchblt.generation.api import resolve_patcher
+from torchblt.generation.incremental import bucket
 from torchblt.model.blt import BLT
 from torchblt.patching import Patcher
+from torchblt.tokenizer import ByteTokenizer
 
 
 @dataclass
@@ -128,13 +130,24 @@ class BatchEngine:
     (``DecodeState.put``). Free slots are stepped with EOS bytes (their output is dropped; EOS keeps
     their documents, and so the caches they need, short) until a row reuses them, or the batch is
     compacted (one ``select``): when a slot has been free ``hold_steps`` steps, or more slots are
-    free than a quarter of the live rows."""
+    free than a quarter of the live rows.
+
+    ``compile=True``: the steps run compiled (``IncrementalEngine(compile=True)``: inductor on CPU, CUDA graphs
+    on GPU), which needs shapes that do not change from step to step: the slots are kept at a power of two
+    (the free ones pad the batch; a compaction keeps the smallest power of two that holds the live rows), and
+    every joining row's growing caches are presized to hold ``context`` bytes (prompt and new bytes: the
+    server's ``max_prompt_bytes + max_tokens``), so that all rows have the same cache capacities. Each batch
+    size then compiles once (:meth:`warm_up` compiles them before serving); a row that would need more than
+    ``context`` bytes still decodes exactly, after a recompile."""
 
     def __init__(self, model: BLT, patcher: Patcher | None = None, score_batch_size: int = 8,
-                 hold_steps: int = 16) -> None:
+                 hold_steps: int = 16, *, compile: bool = False, context: int | None = None) -> None:
         self.model = model.eval()
         self.patcher = resolve_patcher(model, patcher, None)
-        self.engine = IncrementalEngine(model, self.patcher, 0)
+        self.compile = bool(compile)
+        self.engine = IncrementalEngine(model, self.patcher, 0, compile=self.compile)
+        # prefills and the row-by-row retry of a failed step run eager (a retry's one-row batch would compile)
+        self.eager = IncrementalEngine(model, self.patcher, 0) if self.compile else self.engine
         self.device = self.engine.device
         self.state: DecodeState | None = None
         self.live: list[int] = []  # the slot of each row, in the batch's order
@@ -142,7 +155,13 @@ class BatchEngine:
         self.hold_steps = hold_steps
         self.score_batch_size = score_batch_size
         self.context = default_context(model)
+        # bytes per row (prompt + new) the compiled shapes are sized for
+        self.compile_context = context if context is not None else 2 * self.context
+        if self.compile_context < 1:
+            raise ValueError(f"context must be >= 1 byte, got {self.compile_context}")
         self.compactions = 0  # selects that dropped free slots (tests, metrics)
+        self.row_cache_bytes = 0  # caches of one presized row, measured by warm_up
+        self._retrying = False  # stepping the rows of a failed step one by one
 
     @property
     def n_rows(self) -> int:
@@ -175,9 +194,9 @@ class BatchEngine:
         """Prefill the next ``n_bytes`` (at least 1) of ``pending``'s prompt into its own state
         (``IncrementalEngine.prefill_row``: the engine's prefill, in parts)."""
         if pending.state is None:
-            pending.state = self.engine.new_state(1)
+            pending.state = self.eager.new_state(1)
         end = min(len(pending.ids), pending.done_bytes + max(1, n_bytes))
-        last, _ = self.engine.prefill_row(pending.state, pending.ids, pending.done_bytes, end)
+        last, _ = self.eager.prefill_row(pending.state, pending.ids, pending.done_bytes, end)
         pending.done_bytes, pending.logits = end, last.float()
 
     @torch.inference_mode()
@@ -194,7 +213,7 @@ class BatchEngine:
                 states.append(first[id(p)].copy())
                 continue
             # no cache grows while the row decodes (nor while its slot is held after it)
-            self.engine.presize(p.state, max(q.max_new_bytes for q in pendings if q is p) + self.hold_steps)
+            self._presize(p.state, len(p.ids), max(q.max_new_bytes for q in pendings if q is p))
             first[id(p)] = p.state
             states.append(p.state)
         for p in pendings:
@@ -210,14 +229,52 @@ class BatchEngine:
         rest = states[len(reuse) :]
         if rest:
             first = self.n_slots
-            new = DecodeState.cat(rest)
+            pad = self._slots_for(first + len(rest)) - first - len(rest)  # free slots that pad a compiled batch
+            new = DecodeState.cat(rest + [rest[-1]] * pad)
             self.state = new if self.state is None else self.state.extend(new)
             self.live += list(range(first, first + len(rest)))
+            self.free.update((first + len(rest) + i, 0) for i in range(pad))
         return logits
 
+    def _slots_for(self, rows: int) -> int:
+        """Slots a batch of ``rows`` rows runs: a power of two when compiled (one graph per power)."""
+        return bucket(rows) if self.compile else rows
+
+    def _presize(self, state: DecodeState, prompt_bytes: int, max_new_bytes: int) -> None:
+        """Size a joining row's growing caches: for its own bytes, or (compiled) for ``compile_context`` bytes,
+        the same capacities for every row whatever its prompt."""
+        need = max_new_bytes + self.hold_steps
+        if self.compile:
+            self.engine.presize(state, max(self.compile_context, prompt_bytes + need), total=True)
+        else:
+            self.engine.presize(state, need)
+
+    @torch.inference_mode()
+    def warm_up(self, max_batch: int) -> list[int]:
+        """Compile the step of every batch size up to ``max_batch`` (the powers of two) before serving: a dummy
+        batch of each size is prefilled with the start of a short text and stepped through the rest (the first
+        step compiles every part). Returns the batch sizes compiled; nothing without ``compile``."""
+        if not self.compile:
+            return []
+        import torch._dynamo
+
+        sizes = [1 << i for i in range(bucket(max_batch).bit_length())]
+        # one graph per batch size and part (all engines share the parts' code): room for every size
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 4)
+        ids = ByteTokenizer().encode("Warm-up: the compiled step, once per batch size.\n", add_eos=False)
+        for b in sizes:
+            state, _, _ = self.eager.prefill([ids[:8]])
+            self._presize(state, 8, len(ids))
+            state.select([0] * b)
+            for t in ids[8:]:
+                self.engine.step(state, torch.full((b,), t, dtype=torch.int64, device=self.device))
+            self.row_cache_bytes = sum(state.cache_bytes().values()) // b
+        return sizes
+
     def _step(self, state: DecodeState, next_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """One step of ``state`` (the batch's ``rows``, by their index in the batch); a test hook."""
-        return self.engine.step(state, next_ids)
+        """One step of ``state`` (the batch's ``rows``, by their index in the batch; while ``_retrying``, a row
+        stepped alone after its batch's step failed: eager); a test hook."""
+        return (self.eager if self._retrying else self.engine).step(state, next_ids)
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> StepOutput:
@@ -243,24 +300,34 @@ class BatchEngine:
             pass
         # the batch's step failed (the state is still the one before it): step each row alone
         states, logits_list, failed = [], [], {}
-        for r in rows:
-            single = self.state.take([self.live[r]])  # a copy of this row only
-            try:
-                logits_list.append(self._step(single, next_ids[r : r + 1], [r]).float())
-                states.append(single)
-            except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
-                failed[r] = e
-        self.state = DecodeState.cat(states) if states else None
-        self.live, self.free = list(range(len(states))), {}
+        self._retrying = True
+        try:
+            for r in rows:
+                single = self.state.take([self.live[r]])  # a copy of this row only
+                try:
+                    logits_list.append(self._step(single, next_ids[r : r + 1], [r]).float())
+                    states.append(single)
+                except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
+                    failed[r] = e
+        finally:
+            self._retrying = False
+        pad = self._slots_for(len(states)) - len(states) if states else 0
+        self.state = DecodeState.cat(states + [states[-1]] * pad) if states else None
+        self.live, self.free = list(range(len(states))), {len(states) + i: 0 for i in range(pad)}
         V = self.model.config.vocab_size
         return StepOutput(torch.cat(logits_list) if logits_list else torch.zeros(0, V, device=self.device), failed)
 
     def _maybe_compact(self) -> None:
-        """Drop the free slots (one ``select``) when they are held too long or cost too much."""
-        if self.free and (max(self.free.values()) >= self.hold_steps or len(self.free) > max(1, self.n_rows // 4)):
+        """Drop the free slots (one ``select``) when they are held too long or cost too much (compiled: down
+        to the smallest power of two that holds the live rows, the rest free; only when that is smaller)."""
+        target = self._slots_for(self.n_rows)
+        spare = self.n_slots - target
+        if spare > 0 and (max(self.free.values()) >= self.hold_steps or spare > max(1, self.n_rows // 4)):
             assert self.state is not None
-            self.state.select(self.live)
-            self.live, self.free = list(range(len(self.live))), {}
+            pad = target - self.n_rows
+            self.state.select(self.live + self.live[:1] * pad)
+            self.live = list(range(self.n_rows))
+            self.free = {self.n_rows + i: 0 for i in range(pad)}
             self.compactions += 1
 
     def leave(self, rows: list[int]) -> None:

@@ -5,8 +5,9 @@
 #                             roll-back; a tiny
 #                             training run on the GPU: safe checkpoint reading, damaged-checkpoint fallback,
 #                             run folder -> model
-#      tests/test_serve.py    blt serve on a CUDA model: concurrent clients == their single runs (needs the
-#                             serve extra and openai; skipped without them)
+#      tests/test_serve.py    blt serve on a CUDA model, eager and compiled (--compile: CUDA graphs, each batch
+#                             size compiled first): concurrent clients == their single runs (needs the serve
+#                             extra and openai; skipped without them)
 #      tests/test_train_scale.py  hash tables with row gradients + fused AdamW on CUDA == plain tables
 #   2. bench/generation.py    the compiled step (torch.compile mode="reduce-overhead") and the eager one on
 #                             blt-1b (random weights), bf16, batch 1 and 8 (goal: >= 1,000 new bytes/s at batch 1)

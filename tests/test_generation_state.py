@@ -400,10 +400,16 @@ def test_state_is_a_typed_tree_with_cache_sizes():
 def test_compiled_step_equals_full_recompute():
     """The compiled (inductor) step, on a model small enough to compile in seconds: same bytes, same
     boundaries and logits within 1e-4 of the full recompute, batch rows included; plus a roll-back."""
+    from torch._dynamo.utils import counters
+
     model = tiny_model(seed=12, window=8, changes={"hash": None, "decoder.n_layers": 1, "global_.n_layers": 1})
     patcher = Patcher("space", max_patch_length=4)
+    counters.clear()
     out = assert_same(model, patcher, prompts_ids(TEXT[:19], "Ok"), n_new=14, compile=True)
     assert sum(out.patch_starts[0]) >= 3
+    # each part (front, close, back) compiled once: no recompile when the prefill's state (views of its
+    # per-byte results) meets a compiled step's (row-major: state.row_major)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
 
 
 def test_compile_failure_falls_back_to_eager_logged_once(monkeypatch, caplog):

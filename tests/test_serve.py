@@ -1102,11 +1102,13 @@ def test_drain_finishes_running_requests_then_cancels_what_is_left(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_serving_on_cuda_equals_single_runs(model_dir):
-    """The server on a CUDA model (CUDA generators for seeded sampling): 8 concurrent clients, each output equal
-    to its own torchblt.generate run on the GPU."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_serving_on_cuda_equals_single_runs(model_dir, compiled):
+    """The server on a CUDA model (CUDA generators for seeded sampling), eager and compiled (CUDA graphs, every
+    batch size compiled first): 8 concurrent clients, each output equal to its own torchblt.generate run on the GPU."""
     gpu = load_model(model_dir, device="cuda")
-    srv = BLTServer(gpu, ServeConfig(model_name=NAME))
+    srv = BLTServer(gpu, ServeConfig(model_name=NAME, compile=compiled, max_prompt_bytes=200, max_tokens=64))
+    assert srv.warm_up() == ([1, 2, 4, 8, 16] if compiled else [])
     jobs = [(TEXT[i * 7 : i * 7 + 10], {"temperature": 0.0} if i % 2 else {"temperature": 0.9, "seed": i})
             for i in range(8)]
     expected = [alone(gpu, p, 40, **kw) for p, kw in jobs]

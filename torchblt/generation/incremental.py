@@ -47,7 +47,7 @@ import torch
 
 from torchblt.generation.boundaries import check_incremental, decide_starts
 from torchblt.generation.cache import Ring, StackKV
-from torchblt.generation.state import Cursor, DecodeState
+from torchblt.generation.state import Cursor, DecodeState, row_major
 from torchblt.model.blt import BLT
 from torchblt.model.entropy_model import EntropyModel, entropy
 from torchblt.model.local import concat_patches, pool_patches
@@ -343,6 +343,9 @@ class IncrementalEngine:
     # ------------------------------------------------------------------ one call
     def _call(self, state: DecodeState, tokens: torch.Tensor, compiled: bool) -> tuple[torch.Tensor, Cursor]:
         if compiled and _compile_failure is None:
+            # one layout for the cursor's tensors (an eager call leaves views of its per-byte results, a compiled
+            # one contiguous tensors): a graph guards on strides, and a second layout recompiled every part
+            state.cursor = state.cursor.map(row_major)
             # the first call of each shape compiles: try it on a copy, so that a failure leaves the state
             # as it was for the eager step
             shape = (tuple(tokens.shape), tuple(r.capacity for r in state.rings()))

@@ -140,6 +140,18 @@ class Cursor:
 CURSOR_FIELDS = tuple(f.name for f in dataclasses.fields(Cursor))
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides, copied if it has others, size-1 dimensions included (a compiled graph
+    guards on exact strides, and ``contiguous()`` keeps a ``(1, 8)`` view's stride ``(9, 1)``)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class DecodeState:
     """Everything incremental decoding keeps for a batch of rows (see the module docstring).
@@ -262,6 +274,8 @@ class DecodeState:
         """Make ``after`` (the cursor after each byte of a call, ``(B, n, ...)``) current and keep the
         last ``lookahead + 1`` of them for :meth:`truncate`."""
         self.cursor = after.at(-1)
+        if torch.compiler.is_compiling():  # row-major outputs: what the next compiled call's guards expect
+            self.cursor = self.cursor.map(row_major)
         if self.history is None:
             return
         H = self.history.pos.shape[1]

@@ -245,7 +245,7 @@ class BatchEngine:
         the same capacities for every row whatever its prompt."""
         need = max_new_bytes + self.hold_steps
         if self.compile:
-            self.engine.presize(state, max(self.compile_context, prompt_bytes + need), total=True)
+            self.engine.presize(state, max(self.compile_context + self.hold_steps, prompt_bytes + need), total=True)
         else:
             self.engine.presize(state, need)
 
@@ -260,7 +260,7 @@ class BatchEngine:
 
         sizes = [1 << i for i in range(bucket(max_batch).bit_length())]
         # one graph per batch size and part (all engines share the parts' code): room for every size
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 4)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(sizes) + 4)
         ids = ByteTokenizer().encode("Warm-up: the compiled step, once per batch size.\n", add_eos=False)
         for b in sizes:
             state, _, _ = self.eager.prefill([ids[:8]])

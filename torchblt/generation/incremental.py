@@ -346,6 +346,8 @@ class IncrementalEngine:
             # one layout for the cursor's tensors (an eager call leaves views of its per-byte results, a compiled
             # one contiguous tensors): a graph guards on strides, and a second layout recompiled every part
             state.cursor = state.cursor.map(row_major)
+            if not tokens.is_inference():  # a caller's tensor from outside inference mode: one more guard failed
+                tokens = tokens.clone()
             # the first call of each shape compiles: try it on a copy, so that a failure leaves the state
             # as it was for the eager step
             shape = (tuple(tokens.shape), tuple(r.capacity for r in state.rings()))

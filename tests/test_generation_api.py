@@ -186,6 +186,28 @@ def test_cli_stream_and_show_patches(capsys, cases):
     assert plain.strip("\n") == cases[0]["prompt"] + cases[0]["generated_text"]
 
 
+def test_cli_compile_option_reaches_the_engine(capsys, cases, monkeypatch):
+    """``blt generate --compile on|off|auto`` (and ``generate_stream``'s ``compile``) choose the engine's step; the
+    engine built here runs eager whatever was asked (the compiled step's exactness has its own tests)."""
+    from torchblt.generation import api
+
+    asked, real = [], api.IncrementalEngine
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.pop("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "IncrementalEngine", spy)
+    prompt, want = cases[0]["prompt"], cases[0]["generated_text"]
+    for flag, stream in (("on", False), ("off", False), ("auto", False), ("on", True)):
+        assert main(["generate", *MODEL_ARGS, prompt, "--max-new-bytes", "40", "--no-stop-at-eos", "--compile", flag,
+                     *(["--stream"] if stream else [])]) == 0
+        assert prompt + want in capsys.readouterr().out
+    assert asked == [True, False, False, True]  # auto: 40 new bytes on CPU do not pay for a compile
+    assert main(["generate", *MODEL_ARGS, prompt, "--compile", "maybe"]) == 2
+    assert "--compile: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
 def test_cli_jsonl_batch(tmp_path, cases, capsys):
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": c["prompt"], "id": i}) for i, c in enumerate(cases)) + "\n")

@@ -80,10 +80,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--draft-threshold", type=_draft_threshold, default=None, metavar="X|patch",
                    help="with --speculative: end a draft after a byte whose entropy exceeds X ('patch': the "
                         "patch threshold)")
+    p.add_argument("--compile", choices=list(COMPILE), default="auto",
+                   help="run the decoding step torch.compile'd (inductor on CPU, CUDA graphs on GPU; same output): "
+                        "auto (default) compiles on CUDA and on CPU from ~10 K new bytes, where the minute of "
+                        "compiling pays (docs/generation.md)")
     add_device_option(p, "cpu", "default cpu")
     add_dtype_option(p, "fp32", "default fp32")
     p.set_defaults(func=run)
     p.__class__ = _IntermixedParser
+
+
+COMPILE = {"auto": None, "on": True, "off": False}  # --compile -> GenerationConfig.compile
 
 
 def _draft_threshold(value: str) -> float | str:
@@ -211,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = GenerationConfig(
         max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=list(args.stop), stop_at_eos=not args.no_stop_at_eos, use_cache=not args.no_cache,
-        speculative=args.speculative, draft_threshold=args.draft_threshold,
+        speculative=args.speculative, draft_threshold=args.draft_threshold, compile=COMPILE[args.compile],
     )
     cfg.validate()  # bad flags fail before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
@@ -221,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     stop = StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos)
     kwargs = dict(max_new_bytes=cfg.max_new_bytes, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                   seed=cfg.seed, stop=cfg.stop, stop_at_eos=cfg.stop_at_eos, use_cache=cfg.use_cache,
-                  speculative=cfg.speculative, draft_threshold=cfg.draft_threshold)
+                  speculative=cfg.speculative, draft_threshold=cfg.draft_threshold, compile=cfg.compile)
 
     results: list[dict[str, Any]] = []
     if args.stream:

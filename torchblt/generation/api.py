@@ -126,8 +126,9 @@ def compile_pays(model: BLT, n_rows: int, max_new_bytes: int) -> bool:
 
 
 # New bytes (rows x max_new_bytes) from which compiling pays on CPU: bench/generation.py's break-even (a cold
-# compile of 28-68 s against the time it saves per byte) measured 3.5 K - 10.2 K bytes on its configs
-# (bench/generation_cpu.json, 2-core VM); below it the eager step finishes first.
+# compile of 42-75 s against the time it saves per byte) measured 10.6 K - 10.8 K bytes on its configs
+# (bench/generation_cpu.json, 2-core VM, 2026-12-02; 3.5 K - 14.9 K in earlier runs); below it the eager step
+# finishes first.
 CPU_COMPILE_MIN_BYTES = 10_240
 
 
@@ -228,10 +229,10 @@ def generate_tokens(
 
 
 def _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative=None,
-            draft_threshold=None) -> GenerationConfig:
+            draft_threshold=None, compile=None) -> GenerationConfig:
     return GenerationConfig(max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=list(stop or []), stop_at_eos=stop_at_eos, use_cache=use_cache,
-                            speculative=speculative, draft_threshold=draft_threshold)
+                            speculative=speculative, draft_threshold=draft_threshold, compile=compile)
 
 
 def generate(
@@ -251,11 +252,12 @@ def generate(
     use_cache: bool = True,
     speculative: int | None = None,
     draft_threshold: float | str | None = None,
+    compile: bool | None = None,
 ) -> list[str]:
     """Generate a continuation for every prompt (the prompt itself is not repeated). Returns texts.
-    ``speculative`` / ``draft_threshold``: see :class:`GenerationConfig`."""
+    ``speculative`` / ``draft_threshold`` / ``compile``: see :class:`GenerationConfig`."""
     cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative,
-                  draft_threshold)
+                  draft_threshold, compile)
     out = generate_tokens(model, encode_prompts(prompts), patcher, entropy_model=entropy_model, config=cfg,
                           generator=generator)
     return out.texts
@@ -279,6 +281,7 @@ def generate_stream(
     with_patches: bool = False,
     speculative: int | None = None,
     draft_threshold: float | str | None = None,
+    compile: bool | None = None,
 ) -> Iterator[str] | Iterator[StreamPiece]:
     """Yield the continuation of one prompt as it is generated: ``str`` pieces, or :class:`StreamPiece`
     (text + patch index + whether that byte starts a patch) with ``with_patches=True``. No piece splits a
@@ -286,7 +289,7 @@ def generate_stream(
     if not isinstance(prompt, (str, bytes)):
         raise ValueError(f"generate_stream takes one prompt (str or bytes), got {type(prompt).__name__}")
     cfg = _config(max_new_bytes, temperature, top_k, top_p, seed, stop, stop_at_eos, use_cache, speculative,
-                  draft_threshold)
+                  draft_threshold, compile)
     patcher = resolve_patcher(model, patcher, entropy_model)
     prompt_ids = encode_prompts([prompt])
     stream = TextStream(StopCondition(cfg.max_new_bytes, cfg.stop, cfg.stop_at_eos))

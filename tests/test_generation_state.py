@@ -410,6 +410,16 @@ def test_compiled_step_equals_full_recompute():
     # each part (front, close, back) compiled once: no recompile when the prefill's state (views of its
     # per-byte results) meets a compiled step's (row-major: state.row_major)
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # a later engine on the model reuses the graphs, fed bytes made inside and outside inference mode (a
+    # guard on the tensor's kind once recompiled every part when a server's bytes were of the other kind)
+    engine = IncrementalEngine(model, patcher, 14, compile=True)
+    logits = engine.start(prompts_ids(TEXT[:19], "Ok"))
+    for i in range(4):
+        with torch.inference_mode(i % 2 == 0):
+            ids = torch.tensor(logits.argmax(-1).tolist())
+        assert ids.is_inference() == (i % 2 == 0)
+        logits = engine.advance(ids)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
 
 
 def test_compile_failure_falls_back_to_eager_logged_once(monkeypatch, caplog):

@@ -480,6 +480,15 @@ def test_compiled_batch_engine_warm_up_compiles_each_batch_size_once(model, monk
     assert BatchEngine(model).warm_up(4) == []  # eager: nothing to compile
 
 
+def test_compiled_caches_that_cannot_fit_are_refused_with_the_fix():
+    from torchblt.serve.engine import check_cache_memory
+
+    check_cache_memory(100 << 20, 16, 4 << 30, 8192)  # 3.1 GiB of 4: fits
+    with pytest.raises(ValueError, match=r"8192 bytes \(100 MiB per row\): 16 slots need ~3.1 GiB, 2.0 GiB are "
+                                         r"free; lower --max-prompt-bytes / --max-tokens / --max-batch"):
+        check_cache_memory(100 << 20, 16, 2 << 30, 8192)
+
+
 def test_server_compiles_on_cuda_only_by_default(model):
     srv = BLTServer(model, ServeConfig(model_name=NAME, max_prompt_bytes=100, max_tokens=50))
     assert srv.config.compile is False and srv.engine.compile is False and srv.warm_up() == []

@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="speculative decoding: the entropy model drafts up to K bytes that the BLT verifies in one "
                         "step (same bytes greedy, same distribution sampling); needs --max-batch 1")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--compile", choices=list(AUTO_ON_OFF), default="auto",
                    help="run the batched decoding step compiled (inductor on CPU, CUDA graphs on GPU), each batch "
                         "size compiled at start-up (minutes on a CPU); caches are then sized for --max-prompt-bytes + "
                         "--max-tokens bytes per row (default auto: on for CUDA, off on CPU)")

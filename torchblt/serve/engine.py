@@ -121,6 +121,17 @@ class DecodeEngine(Protocol):
     def cache_bytes(self) -> int: ...
 
 
+def check_cache_memory(row_bytes: int, slots: int, free_bytes: int, context: int) -> None:
+    """Refuse a compiled batch whose caches cannot fit: ``slots`` rows of ``row_bytes`` each, twice (the first
+    call of each batch size runs on a copy of the state), in ``free_bytes`` of device memory."""
+    need = 2 * row_bytes * slots
+    if need > free_bytes:
+        raise ValueError(
+            f"the compiled step sizes every row's caches for {context} bytes ({row_bytes / 2**20:.0f} MiB per row): "
+            f"{slots} slots need ~{need / 2**30:.1f} GiB, {free_bytes / 2**30:.1f} GiB are free; lower "
+            "--max-prompt-bytes / --max-tokens / --max-batch, or serve with --compile off")
+
+
 class BatchEngine:
     """:class:`DecodeEngine` on one :class:`IncrementalEngine` state holding every running row.
 
@@ -265,10 +276,14 @@ class BatchEngine:
         for b in sizes:
             state, _, _ = self.eager.prefill([ids[:8]])
             self._presize(state, 8, len(ids))
+            if b == 1:
+                self.row_cache_bytes = sum(state.cache_bytes().values())
+                if self.device.type == "cuda":
+                    check_cache_memory(self.row_cache_bytes, sizes[-1], torch.cuda.mem_get_info(self.device)[0],
+                                       self.compile_context)
             state.select([0] * b)
             for t in ids[8:]:
                 self.engine.step(state, torch.full((b,), t, dtype=torch.int64, device=self.device))
-            self.row_cache_bytes = sum(state.cache_bytes().values()) // b
         return sizes
 
     def _step(self, state: DecodeState, next_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""The exactness matrix of ``test_generation_exact.py`` through the compiled step's path, its parts run eager.
+
+A compiled call differs from an eager one in more than the compiler: the batch is padded to a power of two, the
+close part runs padded to ``n`` patches per row (and on the first call of a shape even when no patch closes),
+attention views come in as dynamic-size markers, the cursor is made row-major. Compiling every configuration would
+take minutes each (one real compile runs in ``test_generation_state.py``); here every engine takes that path with
+``_compiled_part`` returning the eager functions, so each architecture, patching mode and batch shape is checked
+against the full recompute on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_generation_exact import (  # noqa: F401  (collected again here, on the compiled path)
+    test_architectures,
+    test_batch_rows_equal_single_runs_and_finish_early,
+    test_entropy_variants,
+    test_multi_document_text_and_generated_eos,
+    test_other_modes,
+)
+from torchblt.generation import incremental
+
+
+@pytest.fixture(autouse=True)
+def compiled_path(monkeypatch):
+    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", lambda self, part, n: getattr(self, f"_{part}"))
+    real_init = incremental.IncrementalEngine.__init__
+    seen = []
+
+    def init(self, *args, **kwargs):
+        kwargs["compile"] = True
+        real_init(self, *args, **kwargs)
+        seen.append(self)
+
+    monkeypatch.setattr(incremental.IncrementalEngine, "__init__", init)
+    yield
+    assert seen and all(e._compiled_shapes for e in seen if e.state is not None)  # the compiled path ran

@@ -397,16 +397,18 @@ class IncrementalEngine:
         one host round trip of a step)."""
         spans = [int(v) for v in (state.spans if state.spans is not None else self._spans(state)).tolist()]
         bytes_span, global_span, local_span = spans[:3]
-        if total:
-            global_span, local_span = (max(s - n, 0) for s in (global_span, local_span))
+        if total:  # fixed spans, whatever each ring holds
+            bytes_need, global_need, local_need = (max(bytes_span, PATCH_SPAN_PRESIZED), max(global_span, n),
+                                                   max(local_span, n))
+        else:
+            bytes_need, global_need, local_need = bytes_span + n, global_span + n, local_span + n
         c = state.cursor
-        state.patch_bytes.reserve(max(bytes_span, PATCH_SPAN_PRESIZED) if total else bytes_span + n,
-                                  self._first_needed(c))
+        state.patch_bytes.reserve(bytes_need, self._first_needed(c))
         keep_global = c.global_doc_start if uses_documents(self.cfg.global_.attention) else None
-        state.global_.reserve(global_span + n, keep_global)
+        state.global_.reserve(global_need, keep_global)
         for ring in (state.encoder, state.decoder, state.entropy):
             if ring is not None and ring.window is None:
-                ring.reserve(local_span + n, c.doc_start if ring.documents and ring is not state.entropy else None)
+                ring.reserve(local_need, c.doc_start if ring.documents and ring is not state.entropy else None)
         return spans
 
     def _first_needed(self, c: Cursor) -> torch.Tensor:

@@ -145,19 +145,16 @@ class BLTServer:
         self.config = dataclasses.replace(config or ServeConfig())
         self.config.validate()
         c = self.config
+        self.context = (int(getattr(engine, "context", 0)) if engine is not None else default_context(model)) or None
+        if c.max_prompt_bytes is None:
+            c.max_prompt_bytes = max(1, (self.context or 4096) - 1)
         if engine is None:
-            context = default_context(model)
-            if c.max_prompt_bytes is None:
-                c.max_prompt_bytes = max(1, (context or 4096) - 1)
             if c.compile is None:
                 c.compile = not c.speculative and next(model.parameters()).device.type == "cuda"
             engine = BatchEngine(model, compile=c.compile, context=c.max_prompt_bytes + c.max_tokens)
         else:
             c.compile = bool(getattr(engine, "compile", False))
         self.engine = engine
-        self.context = int(getattr(self.engine, "context", 0)) or None
-        if self.config.max_prompt_bytes is None:
-            self.config.max_prompt_bytes = max(1, (self.context or 4096) - 1)
         self.metrics = Metrics()
         if self.config.speculative:
             patcher = getattr(self.engine, "patcher", None)

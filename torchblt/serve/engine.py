@@ -237,15 +237,19 @@ class BatchEngine:
             for s in reuse:
                 del self.free[s]
             self.live += reuse
-        rest = states[len(reuse) :]
-        if rest:
-            first = self.n_slots
-            pad = self._slots_for(first + len(rest)) - first - len(rest)  # free slots that pad a compiled batch
-            new = DecodeState.cat(rest + [rest[-1]] * pad)
-            self.state = new if self.state is None else self.state.extend(new)
-            self.live += list(range(first, first + len(rest)))
-            self.free.update((first + len(rest) + i, 0) for i in range(pad))
+        if states[len(reuse) :]:
+            self._append(states[len(reuse) :])
         return logits
+
+    def _append(self, states: list[DecodeState]) -> None:
+        """Append rows after the slots (one copy of each; a compiled batch is padded to its power of two with
+        copies of the last row, as free slots)."""
+        first, n = self.n_slots, len(states)
+        pad = self._slots_for(first + n) - first - n
+        padded = states + states[-1:] * pad
+        self.state = DecodeState.cat(padded) if self.state is None else self.state.extend(*padded)
+        self.live += list(range(first, first + n))
+        self.free.update((first + n + i, 0) for i in range(pad))
 
     def _slots_for(self, rows: int) -> int:
         """Slots a batch of ``rows`` rows runs: a power of two when compiled (one graph per power)."""
@@ -326,9 +330,9 @@ class BatchEngine:
                     failed[r] = e
         finally:
             self._retrying = False
-        pad = self._slots_for(len(states)) - len(states) if states else 0
-        self.state = DecodeState.cat(states + [states[-1]] * pad) if states else None
-        self.live, self.free = list(range(len(states))), {len(states) + i: 0 for i in range(pad)}
+        self.state, self.live, self.free = None, [], {}  # rebuilt from the rows that stepped
+        if states:
+            self._append(states)
         V = self.model.config.vocab_size
         return StepOutput(torch.cat(logits_list) if logits_list else torch.zeros(0, V, device=self.device), failed)
 

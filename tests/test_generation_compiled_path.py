@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.generation import eager_compiled_parts
 from tests.test_generation_exact import (  # noqa: F401  (collected again here, on the compiled path)
     test_architectures,
     test_batch_rows_equal_single_runs_and_finish_early,
@@ -24,7 +25,7 @@ from torchblt.generation import incremental
 
 @pytest.fixture(autouse=True)
 def compiled_path(monkeypatch):
-    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", lambda self, part, n: getattr(self, f"_{part}"))
+    eager_compiled_parts(monkeypatch)
     real_init = incremental.IncrementalEngine.__init__
     seen = []
 

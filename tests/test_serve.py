@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from tests.helpers.generation import eager_compiled_parts  # noqa: E402
 from torchblt import generate, load_model, save_model  # noqa: E402
 from torchblt.formats.common import build_model  # noqa: E402
 from torchblt.model.config import tiny_blt, tiny_entropy  # noqa: E402
@@ -426,18 +427,6 @@ def test_a_row_in_a_reused_slot_before_the_running_rows_gets_its_own_bytes(model
     _assert_solo(got, solo)
 
 
-def _eager_parts_as_compiled(monkeypatch) -> None:
-    """``compile=True`` engines run their parts eager (the compiled call's path: padded close, view markers,
-    first call of a shape on a copy) without inductor's minutes; the real compile has a slow test."""
-    import weakref
-
-    from torchblt.generation import incremental
-
-    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", lambda self, part, n: getattr(self, f"_{part}"))
-    # nothing really compiled: later generate(compile=None) calls must not take the model for a compiled one
-    monkeypatch.setattr(incremental, "_compiled_models", weakref.WeakSet())
-
-
 def _drive_compiled(engine, prompts, n_new, joins):
     """:func:`_drive`, recording per step the slots, live rows and the rings' capacities."""
     seen = []
@@ -450,7 +439,7 @@ def test_compiled_batch_engine_keeps_its_shapes_as_rows_join_and_leave(model, mo
     """``BatchEngine(compile=True)``: slots stay a power of two (free slots pad the batch, compaction keeps
     the smallest power that holds the rows), every row's caches have one capacity whatever its prompt and
     length, so the compiled step sees one shape per batch size; every row's bytes and logits are its solo run's."""
-    _eager_parts_as_compiled(monkeypatch)
+    eager_compiled_parts(monkeypatch)
     engine = BatchEngine(model, hold_steps=3, compile=True, context=160)
     texts, n_new = [TEXT[:30], "Hi", TEXT[40:60], TEXT[5:25], "Zürich"], [3, 30, 9, 40, 12]
     prompts = [TOK.encode(t, add_eos=False) for t in texts]
@@ -469,7 +458,7 @@ def test_compiled_batch_engine_keeps_its_shapes_as_rows_join_and_leave(model, mo
 
 
 def test_compiled_batch_engine_warm_up_compiles_each_batch_size_once(model, monkeypatch):
-    _eager_parts_as_compiled(monkeypatch)
+    eager_compiled_parts(monkeypatch)
     engine = BatchEngine(model, compile=True, context=160)
     assert engine.warm_up(5) == [1, 2, 4, 8]
     before = set(engine.engine._compiled_shapes)

@@ -95,3 +95,15 @@ def paths_agree(model, patcher, prompts, n_steps=40, compile_steps=(False, True)
         diff = (results[compiled][1] - ref).abs().max().item()
         assert diff < 1e-4, f"compile={compiled}: logits differ from the full recompute by {diff}"
     return results
+
+
+def eager_compiled_parts(monkeypatch) -> None:
+    """``compile=True`` engines take the compiled call's path (padded batch and close part, the first call of a
+    shape on a copy, view markers, row-major cursor) with their parts run eager: no inductor minutes. Nothing
+    really compiled, so the model is not recorded as compiled (later ``compile=None`` calls stay eager)."""
+    import weakref
+
+    from torchblt.generation import incremental
+
+    monkeypatch.setattr(incremental.IncrementalEngine, "_compiled_part", lambda self, part, n: getattr(self, f"_{part}"))
+    monkeypatch.setattr(incremental, "_compiled_models", weakref.WeakSet())

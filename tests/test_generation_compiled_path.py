@@ -37,3 +37,29 @@ def compiled_path(monkeypatch):
     monkeypatch.setattr(incremental.IncrementalEngine, "__init__", init)
     yield
     assert seen and all(e._compiled_shapes for e in seen if e.state is not None)  # the compiled path ran
+
+
+def test_many_rows_close_patches_on_the_closing_rows_only(monkeypatch):
+    """A compiled batch of at least ``CLOSE_ROWS_MIN_BATCH`` rows of which at most half close a patch runs the
+    close part on those rows (``_close_rows``, eager) instead of the compiled close over every row: each row
+    still equals the full recompute, and the path was taken (and not taken with the threshold out of reach)."""
+    from tests.helpers.generation import TEXT, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
+    from torchblt import Patcher
+
+    model, em = tiny_model(seed=3), tiny_em()
+    patcher = Patcher("entropy", threshold=median_entropy(em), entropy_model=em)
+    prompts = prompts_ids(*(TEXT[i : i + 9 + i % 5] for i in range(0, 45, 5)))  # 9 rows: a batch of 16 slots
+    real = incremental.IncrementalEngine._close_rows
+    outs = {}
+    for threshold in (incremental.CLOSE_ROWS_MIN_BATCH, 1 << 30):
+        monkeypatch.setattr(incremental, "CLOSE_ROWS_MIN_BATCH", threshold)
+        calls = []
+
+        def spy(self, *args, **kwargs):
+            calls.append(self.state.batch if self.state is not None else None)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(incremental.IncrementalEngine, "_close_rows", spy)
+        outs[threshold] = assert_same(model, patcher, prompts, n_new=24).tokens
+        assert bool(calls) == (threshold < 1 << 30), calls
+    assert outs[incremental.CLOSE_ROWS_MIN_BATCH] == outs[1 << 30]

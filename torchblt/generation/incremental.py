@@ -72,6 +72,9 @@ PREFILL_CHUNK = 2048  # light config, 32 KB prompt, 1 thread (busy machine): 512
 # patches of real text are far shorter, so rows presized together keep one capacity
 PATCH_SPAN_PRESIZED = 256
 DENSE_CROSS_MAX = 1 << 18  # slots x bytes of the encoder's closing cross-attention kept as a dense mask
+# A compiled step of at least this many rows (on CPU) runs the close part eager on the rows that close a
+# patch, when at most half of them do (measured: bench/serve.py --compile on,off)
+CLOSE_ROWS_MIN_BATCH = 8
 
 
 # Inductor on CPU: one- and two-row matrix products become a multiply-and-sum that inductor generates
@@ -381,7 +384,13 @@ class IncrementalEngine:
         width = int(n_close)
         closed = None
         if compiled and (width or trial):
-            closed = close(state, gdoc, after, views[1], n)
+            if (not trial and n == 1 and state.batch >= CLOSE_ROWS_MIN_BATCH
+                    and 2 * int(after.next_start.any(1).sum()) <= state.batch):
+                # few of many rows close a patch: the global model on those rows only (eager, in place) costs
+                # less than the compiled close part over every row (padding for the others)
+                closed = self._close_rows(state, gdoc, after, views[1], 1)
+            else:
+                closed = close(state, gdoc, after, views[1], n)
         elif width and state.batch == 1:
             closed = close(state, gdoc, after, views[1], width)
         elif width:

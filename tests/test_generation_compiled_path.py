@@ -55,7 +55,7 @@ def test_many_rows_close_patches_on_the_closing_rows_only(monkeypatch):
         monkeypatch.setattr(incremental, "CLOSE_ROWS_MIN_BATCH", threshold)
         calls = []
 
-        def spy(self, *args, **kwargs):
+        def spy(self, *args, calls=calls, **kwargs):
             calls.append(self.state.batch if self.state is not None else None)
             return real(self, *args, **kwargs)
 

@@ -384,10 +384,11 @@ class IncrementalEngine:
         width = int(n_close)
         closed = None
         if compiled and (width or trial):
-            if (not trial and n == 1 and state.batch >= CLOSE_ROWS_MIN_BATCH
+            if (not trial and n == 1 and self.device.type == "cpu" and state.batch >= CLOSE_ROWS_MIN_BATCH
                     and 2 * int(after.next_start.any(1).sum()) <= state.batch):
-                # few of many rows close a patch: the global model on those rows only (eager, in place) costs
-                # less than the compiled close part over every row (padding for the others)
+                # few of many rows close a patch: on CPU the global model on those rows only (eager, in place)
+                # costs less than the compiled close part over every row (padding for the others); on a GPU the
+                # extra rows are nearly free and the eager part would leave the CUDA graphs (not measured)
                 closed = self._close_rows(state, gdoc, after, views[1], 1)
             else:
                 closed = close(state, gdoc, after, views[1], n)

@@ -7,8 +7,9 @@ how many of them are rolled back. Each seed draws one combination and checks it 
 * greedy generation, cached (eager and the compiled call's path, its parts run eager) against plain;
 * speculative greedy (the entropy model drafts; another one where the patcher has none) against plain greedy.
 
-The same checks over ~750 more seeds passed when this file was written (an ad-hoc loop); these seeds keep a
-sample in the suite."""
+When this file was written an ad-hoc loop ran the first test's checks with the greedy ones on 1,557 more seeds,
+and speculative greedy, sampled cached == plain and rows joining / leaving a batch on 792: all passed; these
+seeds keep a sample in the suite."""
 
 from __future__ import annotations
 

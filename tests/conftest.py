@@ -67,3 +67,15 @@ def one_line_error(capsys):
         return err[0]
 
     return read
+
+
+@pytest.fixture
+def stdin_bytes(monkeypatch):
+    """``stdin_bytes(data)``: standard input becomes ``data`` (a command reading ``-``)."""
+    import io
+    import sys
+
+    def set_to(data: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    return set_to

@@ -208,6 +208,29 @@ def test_cli_compile_option_reaches_the_engine(capsys, cases, monkeypatch):
     assert "--compile: invalid choice: 'maybe'" in capsys.readouterr().err
 
 
+def test_cli_prompt_and_jsonl_from_standard_input(tmp_path, cases, capsys, stdin_bytes):
+    """``blt generate -``: standard input is one prompt (UTF-8, one trailing newline dropped); ``--input -``:
+    JSON lines from standard input, errors naming ``<stdin>`` and the line."""
+    prompt, want = cases[0]["prompt"], cases[0]["generated_text"]
+    run = ["generate", *MODEL_ARGS, "--max-new-bytes", "40", "--no-stop-at-eos"]
+    for ending in ("\n", "\r\n", ""):
+        stdin_bytes((prompt + ending).encode())
+        assert main([*run, "-"]) == 0
+        assert capsys.readouterr().out == prompt + want + "\n"
+    stdin_bytes(("\n".join(json.dumps({"prompt": c["prompt"], "id": i}) for i, c in enumerate(cases)) + "\n").encode())
+    dst = tmp_path / "out.jsonl"
+    assert main([*run, "--input", "-", "--output", str(dst)]) == 0
+    assert [json.loads(line)["generation"] for line in dst.read_text().splitlines()] == [c["generated_text"] for c in cases]
+    stdin_bytes(b'{"prompt": "ok"}\n{"text": 1}\n')
+    assert main([*run, "--input", "-"]) == 2
+    assert "<stdin>:2: expected" in capsys.readouterr().err
+    stdin_bytes(b"\xff")
+    assert main([*run, "-"]) == 2
+    assert "PROMPT - (standard input) is not valid UTF-8 (byte 0xff at offset 0)" in capsys.readouterr().err
+    assert main([*run, "-", "-"]) == 2
+    assert "PROMPT - (standard input) can be given once" in capsys.readouterr().err
+
+
 def test_cli_jsonl_batch(tmp_path, cases, capsys):
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps({"prompt": c["prompt"], "id": i}) for i, c in enumerate(cases)) + "\n")

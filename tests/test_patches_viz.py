@@ -119,3 +119,19 @@ def test_cli_patches(tmp_path, capsys):
     assert "entropy model" in capsys.readouterr().err
     assert blt_main(["patches", blt]) == 2
     assert "either as an argument or with --file" in capsys.readouterr().err
+
+
+def test_cli_patches_reads_standard_input(capsys, stdin_bytes):
+    """``blt patches -``: standard input as the text (one trailing newline dropped); ``--file -``: its bytes
+    as they are (the newline is a byte of the text)."""
+    emdir = str(FIX / "entropy_model")
+    stdin_bytes(b"one two\n")
+    assert blt_main(["patches", emdir, "-", "--patching", "space", "--no-color"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "one |two"
+    stdin_bytes(b"one two\n")
+    assert blt_main(["patches", emdir, "--file", "-", "--patching", "space", "--no-color"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("one |two") and out[0] != "one |two" and "8 bytes" in out[1]
+    stdin_bytes(b"\xffab")
+    assert blt_main(["patches", emdir, "-", "--patching", "space"]) == 2
+    assert "TEXT - (standard input) is not valid UTF-8 (byte 0xff at offset 0)" in capsys.readouterr().err

@@ -10,7 +10,9 @@ Examples::
     blt generate ./blt-1b --input prompts.jsonl --output out.jsonl --stop "\\n\\n"
 
 ``--input`` reads JSON lines, each ``{"prompt": "..."}`` (other fields are copied to the output) or a
-JSON string; every line is checked before anything is generated (the error names the line).
+JSON string; every line is checked before anything is generated (the error names the line). ``--input -``
+reads them from standard input, and a PROMPT ``-`` is standard input as one prompt (UTF-8, one trailing
+newline dropped): ``cat story.txt | blt generate - --max-new-bytes 200``.
 ``--output`` writes one object per prompt with ``generation`` and ``finish_reason`` added, all at once
 (a temporary file renamed at the end: a failed run leaves no partial file), never over an existing file
 without ``--overwrite``.
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torchblt.commands.options import OneLineParser, add_device_option, add_dtype_option
+from torchblt.commands.options import STDIN, OneLineParser, add_device_option, add_dtype_option, stdin_bytes, stdin_text
 from torchblt.validation import non_negative_int, positive_int
 
 # two background colours that alternate from patch to patch (256-colour ANSI), then reset
@@ -58,7 +60,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("model", nargs="?", default=None,
                    help="model folder or hub repo id (anything load_model reads); omitted: the built-in model")
-    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text(s); several are generated as a batch")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text(s); several are generated as a batch; - reads one from standard input")
     p.add_argument("--entropy-model", default=None, help="entropy model folder/repo (entropy patching)")
     p.add_argument("--max-new-bytes", type=non_negative_int, default=256, help="bytes to generate per prompt (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -69,7 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep generating after an EOS")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
     p.add_argument("--show-patches", action="store_true", help="colour patch boundaries (alternating backgrounds)")
-    p.add_argument("--input", default=None, help="prompts from a JSON-lines file")
+    p.add_argument("--input", default=None, help="prompts from a JSON-lines file (- : standard input)")
     p.add_argument("--output", default=None, help="write results as JSON lines here")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --output file")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch with --input (default 8)")
@@ -107,15 +109,20 @@ def _draft_threshold(value: str) -> float | str:
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """JSON lines -> records with a ``prompt`` string; raises ``ValueError`` naming the file, line and problem.
+    ``path`` ``-``: standard input (named ``<stdin>`` in errors).
 
     Everything is checked before any generation: UTF-8, JSON, the record's shape, and that every string
     can be written back as UTF-8 (JSON allows lone surrogates such as ``"\\ud800"``; UTF-8 does not).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--input {path}: no such file")
+    if path == STDIN:
+        data, path = stdin_bytes(), "<stdin>"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--input {path}: no such file")
+        data = file.read_bytes()
     records = []
-    for n, raw in enumerate(file.read_bytes().splitlines(), start=1):
+    for n, raw in enumerate(data.splitlines(), start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -211,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
         refuse_existing([args.output], args.overwrite)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompts.count(STDIN) > 1:
+        raise ValueError("PROMPT - (standard input) can be given once")
+    args.prompts = [stdin_text("PROMPT -") if p == STDIN else p for p in args.prompts]
     records = read_prompts(args.input) if args.input else [{"prompt": p} for p in args.prompts]
     for i, p in enumerate(args.prompts, start=1):
         if _not_utf8(p) is not None:  # undecodable command-line bytes arrive as surrogates

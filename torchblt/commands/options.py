@@ -4,6 +4,7 @@ library's arguments (not a command: it has no ``register``)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from torchblt.data.config import TRAIN_PATCHING_MODES
@@ -15,6 +16,26 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+STDIN = "-"  # a text or file argument that reads standard input
+
+
+def stdin_bytes() -> bytes:
+    """All of standard input, as bytes."""
+    return sys.stdin.buffer.read()
+
+
+def stdin_text(what: str) -> str:
+    """Standard input as one text argument (``-``): UTF-8, with one trailing newline dropped (``echo`` and
+    most editors end a text with one; a text that needs it can come from a file). ``what`` names the
+    argument in the error."""
+    data = stdin_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} (standard input) is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 # PatchingConfig field -> the argparse dest of its override flag

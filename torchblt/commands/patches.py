@@ -12,14 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from torchblt.commands.options import add_patching_options, patching_changes
+from torchblt.commands.options import STDIN, add_patching_options, patching_changes, stdin_bytes, stdin_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("patches", help="visualise patch boundaries and per-byte entropies of a text")
     p.add_argument("model", nargs="?", default=None, help="BLT folder, or an entropy model folder (omitted: builtin)")
-    p.add_argument("text", nargs="?", help="the text (or use --file)")
-    p.add_argument("--file", help="read the text from this file (bytes as they are)")
+    p.add_argument("text", nargs="?", help="the text (or use --file); - reads it from standard input")
+    p.add_argument("--file", help="read the text from this file (bytes as they are; - : standard input)")
     p.add_argument("--entropy-model", help="entropy model folder (default: MODEL/entropy_model)")
     add_patching_options(p)
     p.add_argument("--entropies", action="store_true", help="print the per-byte entropy table")
@@ -65,13 +65,16 @@ def run(args: argparse.Namespace) -> int:
         args.text = rest[0] if rest else None
     if (args.text is None) == (args.file is None):
         raise ValueError("give the text either as an argument or with --file (not both)")
-    if args.file is not None:
+    text: str | bytes
+    if args.file == STDIN:
+        text = stdin_bytes()
+    elif args.file is not None:
         path = Path(args.file)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        text: str | bytes = path.read_bytes()
+        text = path.read_bytes()
     else:
-        text = args.text
+        text = stdin_text("TEXT -") if args.text == STDIN else args.text
     from torchblt.outputs import refuse_existing
 
     refuse_existing([p for p in (args.plot, args.html) if p is not None], args.overwrite)

@@ -189,3 +189,21 @@ def test_cli_eval_files_and_json(tmp_path, capsys):
     assert "record 1" in capsys.readouterr().err
     assert blt_main(["eval", em_dir, str(tmp_path / "a.txt"), "--context-bytes", "1"]) == 2
     assert blt_main(["eval", em_dir, str(tmp_path / "a.txt"), "--patching", "byte"]) == 2
+
+
+def test_cli_eval_standard_input_is_one_document(tmp_path, capsys, stdin_bytes):
+    """``blt eval MODEL -``: standard input is one document, its bytes as they are (the same numbers as that
+    text in a .txt file), named ``<stdin>``; given once; empty is an error."""
+    em_dir = str(FIX / "entropy_model")
+    text = "Standard input is one document: ü.\n".encode()
+    (tmp_path / "same.txt").write_bytes(text)
+    stdin_bytes(text)
+    assert blt_main(["eval", em_dir, "-", str(tmp_path / "same.txt"), "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert set(files) == {"<stdin>", str(tmp_path / "same.txt")}
+    assert files["<stdin>"] == files[str(tmp_path / "same.txt")] and files["<stdin>"]["n_documents"] == 1
+    stdin_bytes(b"")
+    assert blt_main(["eval", em_dir, "-"]) == 2
+    assert "<stdin>: no document to evaluate (standard input is empty)" in capsys.readouterr().err
+    assert blt_main(["eval", em_dir, "-", "-"]) == 2
+    assert "- (standard input) can be given once" in capsys.readouterr().err

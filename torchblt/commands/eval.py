@@ -1,6 +1,7 @@
 """``blt eval MODEL DATA...``: bits per byte (and nats per byte, mean patch length) per file and in total.
 
-See :mod:`torchblt.eval.bpb` for exactly what is counted.
+See :mod:`torchblt.eval.bpb` for exactly what is counted. DATA ``-`` is standard input as one document (its
+bytes as they are, like a ``.txt`` file): ``cat notes.txt | blt eval -``.
 """
 
 from __future__ import annotations
@@ -8,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from torchblt.commands.options import (
+    STDIN,
     add_device_option,
     add_dtype_option,
     add_patching_options,
     patching_changes,
     refuse_patching_options,
+    stdin_bytes,
 )
 from torchblt.validation import non_negative_int, positive_int
 
@@ -29,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model folder (any supported format) or hub repo id; omitted (the first argument "
                    "is a data file): the built-in model")
-    p.add_argument("data", nargs="*", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files")
+    p.add_argument("data", nargs="*", help=".txt (one document per file), .jsonl[.gz], .parquet or .arrow files; - : standard input "
+                   "as one document")
     p.add_argument("--entropy-model", help="entropy model folder for entropy patching (default: MODEL/entropy_model)")
     add_patching_options(p)
     p.add_argument("--context-bytes", type=int, help="window length in tokens (default: the model's)")
@@ -45,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+STDIN_NAME = "<stdin>"  # DATA - in the table and the errors
+
+
 def run(args: argparse.Namespace) -> int:
     from torchblt.data.sources import new_stats
     from torchblt.eval.bpb import BPBResult, evaluate_bpb
@@ -58,10 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from torchblt.builtin import split_model_argument
     from torchblt.data.sources import SUPPORTED_SUFFIXES
 
-    args.model, args.data = split_model_argument(args.model, args.data, lambda w: not w.endswith(SUPPORTED_SUFFIXES))
+    args.model, args.data = split_model_argument(args.model, args.data,
+                                                 lambda w: w != STDIN and not w.endswith(SUPPORTED_SUFFIXES))
     if not args.data:
         raise ValueError("no data: give the files to evaluate (.txt, .jsonl[.gz], .parquet, .arrow)")
-    sources = [check_source(p) for p in args.data]
+    if args.data.count(STDIN) > 1:
+        raise ValueError("- (standard input) can be given once")
+    sources: list[Path | str] = [STDIN if p == STDIN else check_source(p) for p in args.data]
+    stdin_doc = stdin_bytes() if STDIN in args.data else None  # read before the model loads, like the files' checks
     model = load_model(args.model, device=args.device, dtype=args.dtype, entropy_model=args.entropy_model)
     patcher = None
     if isinstance(model, BLT):
@@ -73,11 +85,14 @@ def run(args: argparse.Namespace) -> int:
 
     per_file: dict[str, BPBResult] = {}
     skipped: dict[str, str] = {}
-    for src in sources:
+    for source in sources:
         stats = new_stats()
-        per_file[str(src)] = evaluate_bpb(
+        src = STDIN_NAME if source == STDIN else str(source)
+        docs = (iter([stdin_doc] if stdin_doc else []) if source == STDIN
+                else iter_file_documents(source, args.text_field, stats, args.on_bad_record))
+        per_file[src] = evaluate_bpb(
             model,
-            iter_file_documents(src, args.text_field, stats, args.on_bad_record),
+            docs,
             patcher=patcher,
             context_bytes=args.context_bytes,
             batch_size=args.batch_size,
@@ -87,12 +102,14 @@ def run(args: argparse.Namespace) -> int:
         )
         note = skipped_summary(stats)
         if note:
-            skipped[str(src)] = note
+            skipped[src] = note
             print(f"blt eval: {src}: {note}", file=sys.stderr)
-        if per_file[str(src)].n_documents == 0:
+        if per_file[src].n_documents == 0:
+            if source == STDIN:
+                raise ValueError(f"{src}: no document to evaluate (standard input is empty)")
             raise ValueError(f"{src}: no documents to evaluate ({note or 'the file is empty'}; check --text-field)")
         if not args.json:
-            _print_row(str(src), per_file[str(src)])
+            _print_row(src, per_file[src])
     total = BPBResult.combine(list(per_file.values()))
     if args.json:
         out = total.to_dict()

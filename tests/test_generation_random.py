@@ -9,8 +9,9 @@ how many of them are rolled back. Each seed draws one combination and checks it 
 * seeded sampling, cached against plain.
 
 The default suite runs a few seeds; ``python -m pytest -m slow tests/test_generation_random.py`` runs 300 more of
-each test (600 passed in 6 min 55 s on 2 cores, 2026-12-02, with a serving stress loop running). When this file was written an ad-hoc loop ran the same checks on 1,557
-seeds (and speculative greedy, sampled and rows joining / leaving on 792): all passed."""
+each test (600 passed in 6 min 55 s on 2 cores, 2026-12-02, other jobs running). When this file was written an
+ad-hoc loop ran the same checks on 1,557 seeds (and speculative greedy, sampled and rows joining / leaving on
+792): all passed."""
 
 from __future__ import annotations
 

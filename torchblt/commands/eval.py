@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torchblt.commands.options import (
     STDIN,
+    STDIN_NAME,
     add_device_option,
     add_dtype_option,
     add_patching_options,
@@ -48,9 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_option(p, "fp32", "default fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object (totals + per-file breakdown)")
     p.set_defaults(func=run)
-
-
-STDIN_NAME = "<stdin>"  # DATA - in the table and the errors
 
 
 def run(args: argparse.Namespace) -> int:

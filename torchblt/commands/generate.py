@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torchblt.commands.options import STDIN, OneLineParser, add_device_option, add_dtype_option, stdin_bytes, stdin_text
+from torchblt.commands.options import STDIN, STDIN_NAME, OneLineParser, add_device_option, add_dtype_option, stdin_bytes, stdin_text
 from torchblt.validation import non_negative_int, positive_int
 
 # two background colours that alternate from patch to patch (256-colour ANSI), then reset
@@ -115,7 +115,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
     can be written back as UTF-8 (JSON allows lone surrogates such as ``"\\ud800"``; UTF-8 does not).
     """
     if path == STDIN:
-        data, path = stdin_bytes(), "<stdin>"
+        data, path = stdin_bytes(), STDIN_NAME
     else:
         file = Path(path)
         if not file.is_file():

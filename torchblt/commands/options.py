@@ -19,6 +19,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 STDIN = "-"  # a text or file argument that reads standard input
+STDIN_NAME = "<stdin>"  # standard input in tables and errors
 
 
 def stdin_bytes() -> bytes:

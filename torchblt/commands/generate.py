@@ -26,7 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torchblt.commands.options import STDIN, STDIN_NAME, OneLineParser, add_device_option, add_dtype_option, stdin_bytes, stdin_text
+from torchblt.commands.options import (
+    STDIN,
+    STDIN_NAME,
+    OneLineParser,
+    add_device_option,
+    add_dtype_option,
+    stdin_bytes,
+    stdin_text,
+)
 from torchblt.validation import non_negative_int, positive_int
 
 # two background colours that alternate from patch to patch (256-colour ANSI), then reset

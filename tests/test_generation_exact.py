@@ -12,10 +12,18 @@ import json
 import pytest
 import torch
 
-from tests.helpers.generation import TEXT, TOK, assert_same, median_entropy, prompts_ids, tiny_em, tiny_model
+from tests.helpers.generation import (
+    ARCHITECTURES,
+    TEXT,
+    TOK,
+    assert_same,
+    median_entropy,
+    prompts_ids,
+    tiny_em,
+    tiny_model,
+)
 from torchblt import Patcher, load_model
 from torchblt.generation import GenerationConfig, generate_tokens
-from torchblt.model.config import HashConfig
 from torchblt.tokenizer import EOS_ID
 
 FIX = "tests/fixtures/reference/06_generation/"
@@ -82,23 +90,7 @@ def test_other_modes(patcher):
 # ------------------------------------------------------------------ architecture variants
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"cross_attn.all_layers_encoder": True, "encoder.n_layers": 2},
-        {"cross_attn.window_encoder": 2, "cross_attn.window_decoder": 3},
-        {"cross_attn.all_layers_decoder": False},
-        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "max"},
-        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "avg,min,max"},
-        {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "", "patching.patch_size": 3},
-        {"hash": None},
-        {"hash": HashConfig(group_sizes=[3, 5], vocab_size=97, n_functions=2)},
-        {"global_.attention": "causal", "encoder.attention": "block_causal", "decoder.attention": "causal"},
-        {"global_.n_kv_heads": 2, "decoder.n_kv_heads": 1},
-    ],
-    ids=["enc-all-layers", "cross-windows", "dec-first-layer", "pool-max", "pool-3", "concat", "no-hash",
-         "hash-2fn", "causal", "gqa"],
-)
+@pytest.mark.parametrize("changes", list(ARCHITECTURES.values()), ids=list(ARCHITECTURES))
 def test_architectures(changes):
     model = tiny_model(seed=5, changes=changes)
     patcher = Patcher("space", max_patch_length=5)

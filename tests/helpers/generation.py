@@ -8,10 +8,24 @@ import torch
 from torchblt import ByteTokenizer
 from torchblt.formats.common import build_model
 from torchblt.generation import FullRecomputeEngine, GenerationConfig, IncrementalEngine, generate_tokens
-from torchblt.model.config import tiny_blt, tiny_entropy
+from torchblt.model.config import HashConfig, tiny_blt, tiny_entropy
 
 TOK = ByteTokenizer()
 TEXT = "The quick brown fox jumps over the lazy dog. def f(x):\n    return x * 2  # Zürich 日本 🙂 ok."
+
+# Architecture variants of :func:`tiny_model` (its ``changes``), by name: the exactness tests run each one
+ARCHITECTURES: dict[str, dict] = {
+    "enc-all-layers": {"cross_attn.all_layers_encoder": True, "encoder.n_layers": 2},
+    "cross-windows": {"cross_attn.window_encoder": 2, "cross_attn.window_decoder": 3},
+    "dec-first-layer": {"cross_attn.all_layers_decoder": False},
+    "pool-max": {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "max"},
+    "pool-3": {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "avg,min,max"},
+    "concat": {"cross_attn.encoder": False, "cross_attn.decoder": False, "pooling": "", "patching.patch_size": 3},
+    "no-hash": {"hash": None},
+    "hash-2fn": {"hash": HashConfig(group_sizes=[3, 5], vocab_size=97, n_functions=2)},
+    "causal": {"global_.attention": "causal", "encoder.attention": "block_causal", "decoder.attention": "causal"},
+    "gqa": {"global_.n_kv_heads": 2, "decoder.n_kv_heads": 1},
+}
 
 
 def tiny_model(seed: int = 0, window: int = 12, changes: dict | None = None) -> torch.nn.Module:

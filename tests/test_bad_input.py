@@ -256,3 +256,20 @@ def test_the_validation_layer():
     assert check_device("cuda:3", "train.device", check_available=False) == "cuda:3"  # a config written elsewhere
     with pytest.raises(ValueError, match=r"^train\.device: expected cpu, cuda, cuda:N or mps, got 'gpu0'$"):
         check_device("gpu0", "train.device")
+
+
+def test_a_closed_standard_output_ends_a_command_quietly():
+    """``blt ... | head``: the reader closes the pipe; the command stops with exit 141 and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails (EPIPE)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torchblt.cli", "patches", "Zürich ist schön", "--patching",
+                               "space", "--no-color"], stdout=write_end, stderr=subprocess.PIPE, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode() and "BrokenPipe" not in proc.stderr.decode()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -55,12 +56,21 @@ def user_error(e: BaseException) -> str | None:
 
 def run_reporting_errors(prog: str, fn: Callable[[], int | None]) -> int:
     """``fn()``'s exit code; a user error is printed as ``PROG: error: ...`` (exit 2), Ctrl-C as ``PROG:
-    interrupted`` (exit 130); anything else propagates with its traceback."""
+    interrupted`` (exit 130), standard output closed by its reader (``blt generate ... | head``) ends the
+    command quietly (exit 141, a shell's code for SIGPIPE); anything else propagates with its traceback."""
     try:
         return int(fn() or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # what is still buffered for the closed pipe would fail again when Python flushes at exit
+        # (the recipe of the signal module's documentation, "Note on SIGPIPE")
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (a test's capture)
+            pass
+        return 141
     except Exception as e:
         message = user_error(e)
         if message is None:
